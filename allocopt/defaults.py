@@ -1,0 +1,37 @@
+"""The single source of default values. Library, CLI, problem files and docs all read from here."""
+from __future__ import annotations
+
+SEED = 42
+
+# Default model and data: the embedded testbed (see allocopt.testbed).
+MODEL = "testbed"
+CALIBRATION_DATA = "testbed:mix"
+SEARCH_DATA = "testbed:mix"
+
+# Calibration (observer) set size.
+CALIBRATION_SEQS = 64
+CALIBRATION_SEQ_LEN = 256
+
+# Search (ESAP) set size.
+SEARCH_SEQS = 16
+SEARCH_SEQ_LEN = 256
+
+# Objective.
+OBJECTIVE = "esap"
+ESAP_TOLERANCE = 1e-4          # certified bound width of the sparse teacher cache
+
+# Allocation problem.
+SPARSITY = 0.5
+CRITERION = "reap"
+OPTIMIZER = "ga"
+
+# Search budget (EvoESAP paper defaults where they apply: P=32, m=4, dmax=4, tmax=3).
+POPULATION = 32
+ELITES = 4
+MUTATION_MAX_DELTA = 4
+MUTATION_MAX_MOVES = 3
+MUTATION_ATTEMPTS = 32
+EVALUATIONS = 300
+
+# Where runs land.
+STUDIES_DIR = "studies"

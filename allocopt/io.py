@@ -1,0 +1,77 @@
+"""Atomic file and directory writes: an interrupted or failed write never leaves a half-written output."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from allocopt.errors import AllocoptError
+
+
+def _check_writable_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AllocoptError(f"cannot create output directory {directory}: {exc.strerror}; choose a writable location") from exc
+    if not os.access(directory, os.W_OK):
+        raise AllocoptError(f"output directory {directory} is not writable; choose a writable location")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    _check_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise AllocoptError(f"could not write {path}: {exc.strerror or exc}; free disk space or choose another location") from exc
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    On any exception the temporary directory is removed and ``path`` is left exactly as it was.
+    """
+    path = Path(path)
+    non_empty = path.is_dir() and any(path.iterdir())
+    if not overwrite and (non_empty or path.is_file()):
+        raise AllocoptError(f"output directory {path} already exists and is not empty; pass --overwrite or choose another --out")
+    _check_writable_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AllocoptError(f"could not write {path}: {exc.strerror or exc}; free disk space or choose another location") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
