@@ -1,0 +1,128 @@
+"""One calibration pass that records, per MoE layer and expert, what the criteria need.
+
+How routing is captured (transformers-moe.md §A.5): every fused experts module is called as
+``experts(hidden [T,H], top_k_index [T,K], top_k_weights [T,K])``. Those arguments ARE the family's routing
+decision: the selected experts and the gate weights the model applies, after selection biases, grouping,
+renormalisation and scaling. So the observer never re-derives gates from router logits (no second softmax,
+no top-k on the wrong tensor). It wraps ``experts.forward`` and
+
+* runs the module's own forward on ``hidden.repeat_interleave(K)`` with one expert per row and weight 1,
+  giving each (token, slot)'s unweighted expert output f [T,K,H] at the cost of the normal forward;
+* accumulates n, sum g, sum ||f||, sum g||f||, sum ||f||^2, sum g^2||f||^2 and max |f_i| over REAL tokens
+  (the attention mask of the batch, flattened in the same [B*T] order as the block's hidden rows);
+* returns ``(f * w).sum(slots)``, so the model's output is what it would have been.
+
+Expert similarity (for GRAPE-style redundancy): for at most ``similarity_tokens`` real tokens per batch,
+evenly spaced over the batch's real tokens, every expert is run once; the similarity of experts i, j is the
+mean over those tokens of cos(f_i(x), f_j(x)). Cosine (not CKA/MSE) because it is scale-free, bounded in
+[-1, 1] and accumulates as a plain running mean.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from allocopt.calibration.stats import RoutingStats
+from allocopt.data.tokens import TokenSet
+from allocopt.errors import AllocoptError
+from allocopt.models import describe, find_moe_blocks
+
+
+class _LayerRecorder:
+    """Accumulators of one MoE layer; ``mask`` is set to the current batch's flattened real-token mask."""
+
+    def __init__(self, stats: RoutingStats, layer: int, num_experts: int, similarity_tokens: int):
+        self.stats, self.layer, self.num_experts = stats, layer, num_experts
+        self.similarity_tokens = similarity_tokens
+        self.mask: torch.Tensor | None = None
+        self.sim_sum = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+        self.sim_count = 0
+
+    def __call__(self, forward, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t, k = idx.shape
+        if self.mask is None or self.mask.numel() != t:
+            raise AllocoptError(f"layer {self.layer}: experts saw {t} token rows but the batch has "
+                                f"{None if self.mask is None else self.mask.numel()}; this model calls its experts in an unsupported way")
+        ones = torch.ones(t * k, 1, dtype=w.dtype, device=w.device)
+        f = forward(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1), ones).view(t, k, -1)
+        self._accumulate(idx, w, f)
+        if self.similarity_tokens > 0:
+            self._similarity(forward, hidden, w.dtype)
+        return (f * w[..., None]).sum(1).to(hidden.dtype)
+
+    def _accumulate(self, idx: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> None:
+        real = self.mask.to(idx.device)
+        idx, g, f = idx[real].reshape(-1).cpu(), w[real].reshape(-1).double().cpu(), f[real].double()
+        norm = f.norm(dim=-1).reshape(-1).cpu()
+        peak = f.abs().amax(dim=-1).reshape(-1).float().cpu()
+        s, n = self.stats, self.layer
+        e = self.num_experts
+        s.count[n] += torch.bincount(idx, minlength=e).double()
+        s.gate_sum[n] += torch.bincount(idx, weights=g, minlength=e)
+        s.norm_sum[n] += torch.bincount(idx, weights=norm, minlength=e)
+        s.gate_norm_sum[n] += torch.bincount(idx, weights=g * norm, minlength=e)
+        s.sq_norm_sum[n] += torch.bincount(idx, weights=norm * norm, minlength=e)
+        s.gate2_sq_norm_sum[n] += torch.bincount(idx, weights=(g * norm) ** 2, minlength=e)
+        s.max_act[n] = torch.maximum(s.max_act[n], torch.zeros(e, dtype=torch.float64).scatter_reduce(0, idx, peak.double(), "amax"))
+
+    def _similarity(self, forward, hidden: torch.Tensor, wdtype: torch.dtype) -> None:
+        rows = self.mask.nonzero().squeeze(1)
+        if rows.numel() > self.similarity_tokens:  # evenly spaced, deterministic
+            pick = torch.linspace(0, rows.numel() - 1, self.similarity_tokens).round().long()
+            rows = rows[pick]
+        e, m = self.num_experts, rows.numel()
+        if m == 0:
+            return
+        x = hidden[rows.to(hidden.device)].repeat_interleave(e, 0)
+        experts = torch.arange(e, device=hidden.device).repeat(m).view(-1, 1)
+        ones = torch.ones(m * e, 1, dtype=wdtype, device=hidden.device)
+        f = torch.nn.functional.normalize(forward(x, experts, ones).view(m, e, -1).double(), dim=-1)
+        self.sim_sum += torch.einsum("tih,tjh->ij", f, f).cpu()
+        self.sim_count += m
+
+    def finish(self) -> None:
+        if self.sim_count:
+            self.stats.similarity[self.layer] = (self.sim_sum / self.sim_count).float()
+
+
+@contextmanager
+def _wrapped(blocks, recorders) -> Iterator[None]:
+    """Shadow each ``experts.forward`` with an instance attribute; always restored."""
+    try:
+        for b, rec in zip(blocks, recorders):
+            own = b.experts.forward
+            b.experts.forward = lambda h, i, w, _own=own, _rec=rec: _rec(_own, h, i, w)
+        yield
+    finally:
+        for b in blocks:
+            b.experts.__dict__.pop("forward", None)
+
+
+def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = 8, progress: bool = True,
+            similarity_tokens: int = 256) -> RoutingStats:
+    """Run ``tokens`` through ``model`` once and return the per-expert routing statistics.
+
+    Memory is bounded by the accumulators (O(E^2) per layer); nothing grows with the number of tokens.
+    """
+    if batch_size < 1:
+        raise AllocoptError(f"batch_size must be >= 1 (got {batch_size}); pass a positive --batch-size")
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise AllocoptError("the model has no MoE layers to observe; pass a Mixture-of-Experts checkpoint")
+    stats = RoutingStats.empty(describe(model).fingerprint, tokens.fingerprint(),
+                               {b.index: b.info.num_experts for b in blocks})
+    recorders = [_LayerRecorder(stats, b.index, b.info.num_experts, similarity_tokens) for b in blocks]
+    device = next(model.parameters()).device
+    with torch.inference_mode(), _wrapped(blocks, recorders):
+        for batch in tqdm(list(tokens.batches(batch_size)), desc="observe", disable=not progress, unit="batch"):
+            real = batch.attention_mask.reshape(-1).bool()  # [B*T], the row order of the blocks' flattened hidden
+            for rec in recorders:
+                rec.mask = real
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            stats.num_tokens += int(real.sum())
+    for rec in recorders:
+        rec.finish()
+    return stats
