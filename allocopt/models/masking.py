@@ -1,0 +1,110 @@
+"""Run-time expert masking that is exactly equivalent to structural removal (spec transformers-moe A.3).
+
+A pruned expert must be unselectable and the survivors must renormalise as if it were gone, so -inf is
+added to the router's logits *before* the family's own softmax/sigmoid/top-k. We cannot hook the
+router's output (top-k has already run), so the router's own forward runs inside a ``TorchFunctionMode``
+that adds the mask to the first ``F.linear`` result of router width. Selection-only biases (DeepSeek
+``e_score_correction_bias``, ERNIE ``moe_statics``) are set to -inf at pruned ids, or a large bias could
+still pick an expert whose probability is 0. Nothing is copied but the few bias entries that change.
+
+Example::
+
+    with mask_experts(model, {1: [0, 2, 5], 2: [1, 3]}):
+        logits = model(ids).logits
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from allocopt.errors import AllocoptError
+from allocopt.models.adapter import MoEBlock, find_moe_blocks
+from allocopt.models.families import family_for
+
+
+class _RouterLogitMask(TorchFunctionMode):
+    """Adds ``add`` ([R], 0 or -inf) to the first ``F.linear`` output of width R, then gets out of the way."""
+
+    def __init__(self, add: torch.Tensor):
+        super().__init__()
+        self.add, self.done = add, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.done and func is F.linear and out.shape[-1] == self.add.shape[-1]:
+            self.done = True
+            out = out + self.add.to(out.device, out.dtype)
+        return out
+
+
+def _masked_forward(forward: Callable[..., Any], add: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    with _RouterLogitMask(add):
+        return forward(*args, **kwargs)
+
+
+def _pruned_ids(block: MoEBlock, kept: Sequence[int]) -> list[int]:
+    n, k = block.info.num_experts, block.info.top_k
+    keep = {int(e) for e in kept}
+    bad = sorted(e for e in keep if not 0 <= e < n)
+    if bad:
+        raise AllocoptError(f"layer {block.layer}: expert ids {bad} are outside 0..{n - 1}; use ids of this model's experts")
+    if len(keep) < k:
+        raise AllocoptError(f"layer {block.layer} keeps {len(keep)} experts, fewer than its top-k {k}; keep at least top-k experts per layer")
+    return sorted(set(range(n)) - keep)
+
+
+@contextlib.contextmanager
+def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterator[nn.Module]:
+    """Inside the context only ``kept[layer]`` experts are routable in each listed MoE layer; layers not in
+    ``kept`` are untouched. On exit the model is exactly as before (outputs ``torch.equal``)."""
+    blocks = {b.layer: b for b in find_moe_blocks(model)}
+    unknown = sorted(set(kept) - set(blocks))
+    if unknown:
+        raise AllocoptError(f"layers {unknown} are not MoE layers of {type(model).__name__} (MoE layers: {sorted(blocks)}); "
+                            "use decoder-layer indices from `allocopt info`")
+    family = family_for(getattr(model.config, "model_type", "") or "")
+    plan = [(blocks[l], ids) for l, ids in ((l, _pruned_ids(blocks[l], kept[l])) for l in sorted(kept)) if ids]
+    undo: list[Callable[[], None]] = []
+    try:
+        for block, ids in plan:
+            undo.append(_mask_router(block, ids))
+            for bias in block.selection_biases(family):
+                undo.append(_mask_bias(bias, ids))
+        yield model
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def _mask_router(block: MoEBlock, ids: list[int]) -> Callable[[], None]:
+    router = block.router
+    weight = block.router_weight
+    add = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    add[ids] = float("-inf")
+    had_own = "forward" in router.__dict__            # an enclosing mask_experts already shadows forward
+    previous = router.__dict__.get("forward")
+    router.forward = lambda *a, **k: _masked_forward(previous or type(router).forward.__get__(router), add, *a, **k)
+
+    def restore() -> None:
+        if had_own:
+            router.forward = previous
+        else:
+            del router.forward
+    return restore
+
+
+def _mask_bias(bias: torch.Tensor, ids: list[int]) -> Callable[[], None]:
+    idx = torch.tensor(ids, device=bias.device)
+    with torch.no_grad():
+        saved = bias.data.index_select(-1, idx).clone()
+        bias.data.index_fill_(-1, idx, float("-inf"))
+
+    def restore() -> None:
+        with torch.no_grad():
+            bias.data.index_copy_(-1, idx, saved)
+    return restore
