@@ -112,9 +112,13 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = 8, progr
     blocks = find_moe_blocks(model)
     if not blocks:
         raise AllocoptError("the model has no MoE layers to observe; pass a Mixture-of-Experts checkpoint")
+    unsupported = [b.info.path for b in blocks if b.info.storage != "fused"]
+    if unsupported:
+        raise AllocoptError(f"{', '.join(unsupported)} store experts as a module list; the observer needs fused experts "
+                            "called as experts(hidden, top_k_index, top_k_weights) (transformers >= 5 MoE classes)")
     stats = RoutingStats.empty(describe(model).fingerprint, tokens.fingerprint(),
-                               {b.index: b.info.num_experts for b in blocks})
-    recorders = [_LayerRecorder(stats, b.index, b.info.num_experts, similarity_tokens) for b in blocks]
+                               {b.info.index: b.info.num_experts for b in blocks})
+    recorders = [_LayerRecorder(stats, b.info.index, b.info.num_experts, similarity_tokens) for b in blocks]
     device = next(model.parameters()).device
     with torch.inference_mode(), _wrapped(blocks, recorders):
         for batch in tqdm(list(tokens.batches(batch_size)), desc="observe", disable=not progress, unit="batch"):
