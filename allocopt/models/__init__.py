@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from allocopt.models.adapter import MoEBlock, MoELayerInfo, ModelInfo, describe, find_moe_blocks, model_fingerprint
 from allocopt.models.export import load_pruned, prune_model, save_pruned
-from allocopt.models.families import FAMILIES, Family, family_for
+from allocopt.models.families import Family, family_for
 from allocopt.models.loading import load_model
 from allocopt.models.masking import mask_experts
 
-__all__ = ["FAMILIES", "Family", "MoEBlock", "MoELayerInfo", "ModelInfo", "describe", "family_for", "find_moe_blocks",
+__all__ = ["Family", "MoEBlock", "MoELayerInfo", "ModelInfo", "describe", "family_for", "find_moe_blocks",
            "load_model", "load_pruned", "mask_experts", "model_fingerprint", "prune_model", "save_pruned"]
