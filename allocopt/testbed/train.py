@@ -1,0 +1,153 @@
+"""Train the testbed MoE from scratch on the offline corpus (python -m allocopt.testbed.train).
+
+Plain on purpose, in the spirit of nanoGPT's train.py: build the tokenizer, build an OLMoE config, then loop
+over fixed-composition batches (some rows of every domain, so the loss curve is logged per domain) with AdamW and
+a cosine schedule. The router's load-balancing loss keeps every expert in use so experts can specialise.
+Everything is seeded and the schedule is defined in steps, so the same seed reproduces the same model;
+``--minutes`` is only a safety cap (a capped run is logged as such).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import OlmoeConfig, OlmoeForCausalLM
+
+from allocopt.io import atomic_write_json
+from allocopt.testbed import corpus, path
+from allocopt.testbed.tokenizer import save_tokenizer, train_tokenizer
+
+SEQ_LEN = 256
+ROWS = {"math": 8, "code": 5, "prose": 3}    # rows of each domain in every batch; math weighted for its EM goal
+STEPS = 2000
+WARMUP = 150
+LR, MIN_LR, WEIGHT_DECAY, GRAD_CLIP = 3e-3, 3e-4, 0.1, 1.0
+LOG_EVERY = 25
+
+
+def model_config(vocab_size: int, eos_id: int, pad_id: int) -> OlmoeConfig:
+    return OlmoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        num_experts=16, num_experts_per_tok=4, router_aux_loss_coef=0.01, output_router_logits=False,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=False,
+    )
+
+
+class Stream:
+    """Random fixed-length windows from one domain's training documents joined by EOS."""
+
+    def __init__(self, ids: list[int], generator: torch.Generator):
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.generator = generator
+
+    def rows(self, n: int) -> torch.Tensor:
+        starts = torch.randint(0, len(self.ids) - SEQ_LEN - 1, (n,), generator=self.generator)
+        return torch.stack([self.ids[s:s + SEQ_LEN + 1] for s in starts.tolist()])
+
+
+class MathStream:
+    """Fresh training-split worksheets every batch: the problem space is small, so sample it, don't store it."""
+
+    def __init__(self, tokenizer, rng: random.Random):
+        self.tokenizer, self.rng = tokenizer, rng
+
+    def rows(self, n: int) -> torch.Tensor:
+        out = []
+        for _ in range(n):
+            ids: list[int] = []
+            while len(ids) < SEQ_LEN + 1:
+                text = corpus.math_worksheet(self.rng, "train").text
+                ids += [self.tokenizer.eos_token_id] + self.tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
+            out.append(torch.tensor(ids[:SEQ_LEN + 1]))
+        return torch.stack(out)
+
+
+def lr_at(step: int, steps: int) -> float:
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    progress = (step - WARMUP) / max(1, steps - WARMUP)
+    return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
+
+
+def encode_domain(tokenizer, domain: str) -> list[int]:
+    ids: list[int] = []
+    for doc in corpus.documents(domain, "train"):
+        ids += [tokenizer.eos_token_id] + tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def train(out: Path, steps: int, minutes: float, seed: int) -> dict:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = train_tokenizer()
+    streams = {"math": MathStream(tokenizer, random.Random(seed)),
+               "code": Stream(encode_domain(tokenizer, "code"), generator),
+               "prose": Stream(encode_domain(tokenizer, "prose"), generator)}
+
+    config = model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = OlmoeForCausalLM(config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M, vocab {len(tokenizer)}, {steps} steps of {sum(ROWS.values())}x{SEQ_LEN}")
+
+    log: dict = {"seed": seed, "steps": steps, "rows": ROWS, "seq_len": SEQ_LEN, "params": n_params, "curve": []}
+    t0 = time.time()
+    model.train()
+    for step in range(steps):
+        batch = torch.cat([streams[d].rows(n) for d, n in ROWS.items()])
+        x, y = batch[:, :-1], batch[:, 1:]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps)
+        outputs = model(input_ids=x, output_router_logits=True)
+        token_loss = F.cross_entropy(outputs.logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        loss = token_loss.mean() + config.router_aux_loss_coef * outputs.aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+
+        if step % LOG_EVERY == 0 or step == steps - 1:
+            row_loss = token_loss.detach().mean(1)
+            per_domain, i = {}, 0
+            for d, n in ROWS.items():
+                per_domain[d] = round(float(row_loss[i:i + n].mean()), 4)
+                i += n
+            elapsed = time.time() - t0
+            log["curve"].append({"step": step, "lr": lr_at(step, steps), "loss": per_domain,
+                                 "aux_loss": round(outputs.aux_loss.item(), 4), "elapsed_s": round(elapsed, 1)})
+            print(f"step {step:5d} | {per_domain} | aux {float(outputs.aux_loss):.3f} | {elapsed:6.0f}s", flush=True)
+        if time.time() - t0 > minutes * 60:
+            log["capped_at_step"] = step + 1
+            print(f"stopped by the --minutes {minutes} cap after {step + 1} steps", flush=True)
+            break
+
+    log["train_seconds"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tokenizer, out)
+    atomic_write_json(out / "train_log.json", log)
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=path(), help="checkpoint directory (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock safety cap")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    train(args.out, args.steps, args.minutes, args.seed)
+
+
+if __name__ == "__main__":
+    main()
