@@ -35,3 +35,11 @@ EVALUATIONS = 300
 
 # Where runs land.
 STUDIES_DIR = "studies"
+
+# Per-layer density bounds of the allocation space (fraction of a layer's experts kept; top-k is always a floor).
+MIN_DENSITY = 0.0
+MAX_DENSITY = 1.0
+
+# Where the model runs during `allocopt run` and how many rows go through it at once.
+DEVICE = "cpu"
+CALIBRATION_BATCH_SIZE = 8

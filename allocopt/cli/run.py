@@ -1,0 +1,62 @@
+"""`allocopt run`: parse options, build a RunConfig, call run_search, print uniform vs best."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from allocopt import defaults as D
+from allocopt.cli.options import json_option, model_option, opt, parse_key_values, seed_option, trust_remote_code_option
+from allocopt.errors import AllocoptError
+
+
+@click.command("run")
+@opt("--problem", type=click.Path(dir_okay=False), help="Problem file (TOML); command-line options override it.")
+@model_option
+@trust_remote_code_option
+@opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
+@opt("--optimizer", default=D.OPTIMIZER, help="ga, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
+@opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
+@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall (or use --keep).")
+@opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
+@opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
+@opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
+@opt("--data", metavar="SPEC", default=D.SEARCH_DATA,
+     help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset dir.")
+@opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
+@opt("--search-data", metavar="SPEC", help="Search (objective) data only (overrides --data).")
+@opt("--seq-len", type=int, default=D.SEARCH_SEQ_LEN, help="Tokens per row, calibration and search.")
+@opt("--num-seqs", "search_num_seqs", type=int, default=D.SEARCH_SEQS, help="Rows of search data.")
+@opt("--calib-num-seqs", type=int, default=D.CALIBRATION_SEQS, help="Rows of calibration data.")
+@opt("--evals", type=int, default=D.EVALUATIONS, help="Distinct plans evaluated.")
+@opt("--generations", type=int, help="Shorthand for --evals GENERATIONS*POPULATION.")
+@opt("--population", type=int, default=D.POPULATION, help="Population size (evolutionary optimizers).")
+@seed_option
+@opt("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="Optimizer option, repeatable (e.g. elites=4).")
+@opt("--tolerance", type=float, default=D.ESAP_TOLERANCE, help="Certified bound width of the teacher cache.")
+@opt("--device", default=D.DEVICE, help="torch device for the model.")
+@opt("--dtype", help="Load the model in this dtype (default: the checkpoint's).")
+@opt("--storage", metavar="URL", help="Optuna storage URL [default: sqlite:///<studies dir>/<name>.db].")
+@opt("--out", type=click.Path(file_okay=False), help=f"Run directory [default: {D.STUDIES_DIR}/<name>/].")
+@opt("--name", "run_name", help="Run and study name [default: from the options, e.g. testbed-reap-ga-s50-seed42].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@json_option
+def run(problem, option_pairs, quiet, as_json, **given) -> None:
+    """Search how many experts each MoE layer keeps and write plan.json."""
+    from allocopt.config import RunConfig
+    from allocopt.search.runner import run_search
+
+    if given["sparsity"] is not None and given["keep"] is not None:
+        raise AllocoptError("--sparsity and --keep are mutually exclusive; give only one of them")
+    if option_pairs:
+        given["options"] = parse_key_values(option_pairs)
+    config = RunConfig.from_sources(problem, given)
+    result = run_search(config, progress=not quiet)
+    s = result.summary
+    click.echo(f"uniform  {s['objective']} {s['uniform_esap']:.6f}")
+    click.echo(f"best     {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
+               f"{s['evaluations']} evaluations, {s['wall_time_s']:.1f} s)")
+    click.echo(f"counts   {s['counts']}")
+    click.echo(f"plan     {result.plan_path}")
+    if as_json:
+        click.echo(json.dumps(s))

@@ -1,0 +1,212 @@
+"""One typed configuration for `allocopt run`: defaults < problem file (TOML) < command-line options.
+
+Every key of a problem file is a :class:`RunConfig` field (or one of the shorthands in ``ALIASES``); the file
+is parsed as data with ``tomllib`` and never executed. Unknown keys, wrong types and unknown criterion /
+optimizer / objective names are refused with one line that lists what is accepted.
+
+    cfg = RunConfig.from_sources("problems/testbed-50.toml", {"optimizer": "tpe", "evals": 100})
+    cfg.run_name, cfg.run_dir, cfg.storage_url
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from allocopt import defaults as D
+from allocopt.errors import AllocoptError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model
+    model: str = D.MODEL                            # local checkpoint dir or "testbed"
+    trust_remote_code: bool = False
+    dtype: str | None = None                         # None: the checkpoint's own dtype
+    device: str = D.DEVICE
+    # what is searched
+    criterion: str = D.CRITERION                     # within-layer ranking, e.g. "reap" or "unified:b=1,alpha=0,beta=2"
+    optimizer: str = D.OPTIMIZER
+    objective: str = D.OBJECTIVE
+    tolerance: float = D.ESAP_TOLERANCE
+    sparsity: float | None = D.SPARSITY              # fraction of routed experts removed (exclusive with keep)
+    keep: int | None = None                          # total routed experts kept (exclusive with sparsity)
+    min_density: float = D.MIN_DENSITY
+    max_density: float = D.MAX_DENSITY
+    # data
+    calib_data: str = D.CALIBRATION_DATA
+    calib_seq_len: int = D.CALIBRATION_SEQ_LEN
+    calib_num_seqs: int = D.CALIBRATION_SEQS
+    calib_batch_size: int = D.CALIBRATION_BATCH_SIZE
+    search_data: str = D.SEARCH_DATA
+    search_seq_len: int = D.SEARCH_SEQ_LEN
+    search_num_seqs: int = D.SEARCH_SEQS
+    # budget of the search
+    evals: int = D.EVALUATIONS                       # distinct plans evaluated
+    generations: int | None = None                   # shorthand: evals = generations * population
+    population: int = D.POPULATION
+    seed: int = D.SEED
+    options: dict = field(default_factory=dict)     # optimizer-specific, e.g. {elites = 4, mutation_max_delta = 4}
+    # where results go
+    storage: str | None = None                       # Optuna storage URL; None: sqlite:///<studies dir>/<run name>.db
+    out: str | None = None                           # run directory; None: studies/<run name>/
+    run_name: str | None = None                      # None: derived from the options (see default_run_name)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_sources(cls, problem: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
+        """Merge defaults, the problem file and ``overrides`` (None values mean "not given"), then validate."""
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        if problem is not None:
+            layers.append((f"problem file {problem}", read_problem(problem)))
+        if overrides:
+            layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+        values: dict[str, Any] = {}
+        for source, raw in layers:
+            layer = _expand(raw, source)
+            options = {**values.get("options", {}), **layer.pop("options", {})}   # merged key by key
+            values.update(layer, options=options)
+        return cls(**values).validate()
+
+    # ---- derived --------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.run_name or self.default_run_name()
+
+    def default_run_name(self) -> str:
+        """Readable and stable, e.g. ``testbed-reap-ga-s50-seed42``: the same options resume the same study."""
+        model = self.model if self.model == "testbed" else Path(self.model).name or "model"
+        budget = f"k{self.keep}" if self.keep is not None else f"s{self.sparsity * 100:g}"
+        parts = [model.lower(), _slug(self.criterion), self.optimizer]
+        if self.objective != D.OBJECTIVE:
+            parts.append(self.objective)
+        return "-".join([*parts, budget, f"seed{self.seed}"])
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(D.STUDIES_DIR) / self.name
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{(self.run_dir.parent / f'{self.name}.db').resolve()}"
+
+    @property
+    def max_evals(self) -> int:
+        return self.generations * self.population if self.generations is not None else self.evals
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- validation -----------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Range checks and registry look-ups; every failure names the option and the accepted values."""
+        if self.sparsity is not None and self.keep is not None:
+            raise AllocoptError(f"sparsity ({self.sparsity}) and keep ({self.keep}) are both set; give only one of them")
+        if self.sparsity is None and self.keep is None:
+            raise AllocoptError("neither sparsity nor keep is set; give one of them (e.g. sparsity = 0.5)")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise AllocoptError(f"sparsity must lie strictly between 0 and 1, got {self.sparsity}; e.g. 0.5 removes half the experts")
+        if self.keep is not None and self.keep < 1:
+            raise AllocoptError(f"keep must be a positive number of experts, got {self.keep}; raise it")
+        if not 0.0 <= self.min_density <= self.max_density <= 1.0:
+            raise AllocoptError(f"need 0 <= min_density <= max_density <= 1, got {self.min_density} and {self.max_density}; fix the density bounds")
+        for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
+                         ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1)):
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
+        if self.tolerance < 0:
+            raise AllocoptError(f"tolerance must be >= 0, got {self.tolerance}; use e.g. {D.ESAP_TOLERANCE}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise AllocoptError(f"run name {self.run_name!r} must be non-empty and contain no '/'; pick a plain name")
+        _check_names(self)
+        return self
+
+
+# Shorthand keys of a problem file / the CLI that set several fields at once (a specific key wins).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "data": ("calib_data", "search_data"),
+    "seq_len": ("calib_seq_len", "search_seq_len"),
+    "name": ("run_name",),
+}
+FIELDS: dict[str, Any] = typing.get_type_hints(RunConfig)
+
+
+def read_problem(path: str | Path) -> dict[str, Any]:
+    """Parse a problem file as TOML data (never executed)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise AllocoptError(f"problem file {path} does not exist; pass one of problems/*.toml or your own TOML file") from exc
+    except OSError as exc:
+        raise AllocoptError(f"cannot read problem file {path} ({exc.strerror}); check the path and permissions") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AllocoptError(f"problem file {path} is not valid TOML ({exc}); fix the syntax") from exc
+
+
+def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Resolve aliases, reject unknown keys and wrong types; sparsity/keep given here clear the other one."""
+    unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
+    if unknown:
+        valid = ", ".join(sorted([*FIELDS, *ALIASES]))
+        raise AllocoptError(f"{source}: unknown key {unknown[0]!r}; valid keys are {valid}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        for target in ALIASES.get(key, ()):
+            _check_type(target, value, source, shown=key)
+            out.setdefault(target, value)
+    for key, value in raw.items():
+        if key in FIELDS:
+            _check_type(key, value, source)
+            out[key] = value
+    if "sparsity" in out and "keep" in out:
+        raise AllocoptError(f"{source} sets both sparsity and keep; give only one of them")
+    if "keep" in out:
+        out["sparsity"] = None
+    elif "sparsity" in out:
+        out["keep"] = None
+    return out
+
+
+def _check_type(key: str, value: Any, source: str, shown: str | None = None) -> None:
+    hint = FIELDS[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    allowed = tuple(typing.get_origin(t) or t for t in allowed if t is not type(None))
+    ok = any(_is_instance(value, t) for t in allowed)
+    if not ok:
+        want = " or ".join(t.__name__ for t in allowed)
+        raise AllocoptError(f"{source}: {shown or key} must be {want}, got {type(value).__name__} {value!r}; fix its value")
+
+
+def _is_instance(value: Any, kind: type) -> bool:
+    if kind is float:       # TOML writes 1 for 1.0; bool is an int subclass but never a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Criterion, optimizer and objective must be registered; the message lists the registered names."""
+    from allocopt.criteria import get_criterion
+    from allocopt.objectives import available_objectives
+    from allocopt.search.optimizers import available_optimizers
+
+    get_criterion(cfg.criterion)
+    for what, name, names in (("optimizer", cfg.optimizer, available_optimizers()),
+                              ("objective", cfg.objective, available_objectives())):
+        if name not in names:
+            raise AllocoptError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(names))}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")

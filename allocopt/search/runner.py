@@ -1,0 +1,232 @@
+"""`allocopt run` as a library call: problem -> statistics -> ranking -> objective -> optimizer -> plan.json.
+
+Work that costs nothing comes first (config and budget checks), so an impossible request fails before any
+weights load. Expensive results are reused: routing statistics are cached in the run directory (and found in
+sibling run directories with the same model and calibration data), and every evaluated plan is an Optuna
+trial, so re-running the same command evaluates nothing twice.
+
+    result = run_search(RunConfig.from_sources("problems/testbed-50.toml"))
+    result.summary["esap"], result.summary["uniform_esap"], result.plan_path
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from allocopt.config import RunConfig
+from allocopt.errors import AllocoptError
+from allocopt.io import atomic_write_json
+from allocopt.plan import Plan
+
+STATS_FILE = "calibration.safetensors"
+PLAN_FILE = "plan.json"
+FRONT_FILE = "front.json"
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    summary: dict[str, Any]          # plan.json's top-level fields (everything but the layers)
+    plan_path: Path
+    front_path: Path | None          # nsga2 only
+    new_evaluations: int             # plans evaluated by this call (0 when the study already had them all)
+    calibration_reused: bool
+
+
+def run_search(config: RunConfig, progress: bool = True) -> RunResult:
+    """Search the allocation described by ``config`` and write ``plan.json`` (and ``front.json``) to its run dir."""
+    from allocopt.criteria import get_criterion, rank
+    from allocopt.data import load_tokens
+    from allocopt.models import describe, load_model
+    from allocopt.objectives import Evaluator
+    from allocopt.search.optimizers import SearchContext, get_optimizer
+    from allocopt.search.study import StudyRecorder
+
+    start = time.perf_counter()
+    peek_space(config)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
+                                  trust_remote_code=config.trust_remote_code)
+    if tokenizer is None:
+        raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
+    info = describe(model)
+    space = space_for(config, info.num_experts, info.top_k, info.bytes_per_expert)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    stats, reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
+    criterion = get_criterion(config.criterion)
+    ranking = rank(stats, criterion)
+    scores = criterion(stats)
+
+    tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
+    evaluator = Evaluator(model, tokens, objective=config.objective, tolerance=config.tolerance)
+    counter = {"plans": 0}
+    values: dict[tuple[int, ...], Any] = {}
+
+    def evaluate_plans(counts: np.ndarray) -> list[Any]:
+        """counts [n, L] -> objective values; kept ids of layer l are the first counts[l] of its ranking."""
+        kept = [{l: ranking[l][: int(c)] for l, c in zip(space.layers, row)} for row in np.asarray(counts)]
+        out = evaluator.evaluate(kept)
+        counter["plans"] += len(kept)
+        values.update({tuple(int(c) for c in row): v for row, v in zip(np.asarray(counts), out)})
+        return out
+
+    attrs = {"model": config.model, "model_fingerprint": info.fingerprint, "calibration_fingerprint": stats.data_fingerprint,
+             "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
+             "tolerance": config.tolerance, "budget": int(space.budget), "layers": list(space.layers)}
+    recorder = StudyRecorder(config.storage_url, config.name, ["maximize"], attrs=attrs, metric_names=[config.objective])
+    evaluate = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
+
+    uniform = space.uniform()
+    uniform_value = float(evaluate(uniform[None, :])[0])
+    with _progress_bar(config.max_evals, progress) as on_generation:
+        ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
+                            population=config.population, ranking=ranking, scores=scores, stats=stats,
+                            on_generation=on_generation, options=dict(config.options))
+        result = get_optimizer(config.optimizer).run(ctx)
+
+    # The uniform plan was evaluated too; never hand back something worse than the baseline we report.
+    best, best_value = (np.asarray(result.best), float(result.best_value))
+    if not best_value >= uniform_value:
+        best, best_value = uniform, uniform_value
+    counts = {l: int(c) for l, c in zip(space.layers, best)}
+    total = int(space.num_experts.sum())
+    summary = {
+        "esap": best_value,
+        "uniform_esap": uniform_value,
+        "evaluations": int(result.evaluations),
+        "optimizer": config.optimizer,
+        "criterion": config.criterion,
+        "objective": config.objective,
+        "bound": _bound(values, recorder, best),
+        "seed": config.seed,
+        "model": config.model,
+        "sparsity": 1.0 - int(best.sum()) / total,
+        "counts": [int(c) for c in best],
+        "run_name": config.name,
+        "storage": config.storage_url,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+    plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts, **summary)
+    plan_path = plan.save(run_dir / PLAN_FILE)
+    front_path = None
+    if result.front is not None:
+        front_path = atomic_write_json(run_dir / FRONT_FILE, {
+            "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
+            "points": [{"counts": [int(c) for c in x], "value": float(v), "memory_bytes": int(m)} for x, v, m in result.front]})
+    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused)
+
+
+# ---- budget ----------------------------------------------------------------------------------------
+
+def space_for(config: RunConfig, num_experts, top_k, bytes_per_expert):
+    from allocopt.search.space import make_space
+
+    return make_space(num_experts, top_k, bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
+                      min_density=config.min_density, max_density=config.max_density)
+
+
+def peek_space(config: RunConfig):
+    """Check the budget from the model's config alone (weights on the meta device), before loading anything.
+
+    Pruned exports and remote-code models are checked right after loading instead (returns None).
+    """
+    import torch
+    import transformers
+
+    from allocopt.models import find_moe_blocks
+    from allocopt.models.export import LAYER_COUNTS_FIELD
+    from allocopt.models.loading import resolve
+
+    path = resolve(config.model)
+    if config.trust_remote_code:
+        return None
+    model_config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(model_config, LAYER_COUNTS_FIELD, None) is not None:
+        return None
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(model_config)
+    blocks = find_moe_blocks(skeleton)
+    return space_for(config, {b.layer: b.info.num_experts for b in blocks}, {b.layer: b.info.top_k for b in blocks},
+                     {b.layer: b.info.bytes_per_expert for b in blocks})
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+
+def calibration_stats(model, tokenizer, model_fp: str, config: RunConfig, progress: bool):
+    """Routing statistics for (model, calibration data): from a cache when the fingerprints match, else observed.
+
+    Returns ``(stats, reused)``. The cache is this run's ``calibration.safetensors`` or a sibling run's, so
+    trying another criterion or budget on the same model and data never observes again.
+    """
+    from allocopt.calibration import RoutingStats, observe
+    from allocopt.data import load_tokens
+
+    tokens = load_tokens(config.calib_data, tokenizer, config.calib_seq_len, config.calib_num_seqs, split="calibration")
+    data_fp = tokens.fingerprint()
+    target = config.run_dir / STATS_FILE
+    for candidate in [target, *sorted(config.run_dir.parent.glob(f"*/{STATS_FILE}"))]:
+        if _stats_fingerprints(candidate) == (model_fp, data_fp):
+            stats = RoutingStats.load(candidate)
+            if candidate != target:
+                stats.save(target)
+            return stats, True
+    stats = observe(model, tokens, batch_size=config.calib_batch_size, progress=progress)
+    stats.save(target)
+    return stats, False
+
+
+def _stats_fingerprints(path: Path) -> tuple[str, str] | None:
+    """(model, data) fingerprints from a statistics file's header, without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("allocopt", "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return meta.get("model_fingerprint"), meta.get("data_fingerprint")
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+
+def _bound(values: dict[tuple[int, ...], Any], recorder, best: np.ndarray) -> list[float] | None:
+    """[lo, hi] certified around the best plan's value: from this call, else from its stored trial."""
+    key = tuple(int(c) for c in best)
+    if key in values:
+        return [float(values[key].lo), float(values[key].hi)]
+    for trial in recorder.study.get_trials(deepcopy=False):
+        if tuple(trial.user_attrs.get("allocation", ())) == key and "bound" in trial.user_attrs:
+            return [float(b) for b in trial.user_attrs["bound"]]
+    return None
+
+
+class _progress_bar:
+    """A tqdm bar over evaluations showing the best value so far; a no-op callback when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self) -> Callable[[int, float], None] | None:
+        if not self.enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="search", unit="eval")
+
+        def update(evaluations: int, best: float) -> None:
+            self.bar.update(max(0, min(evaluations, self.total) - self.bar.n))
+            self.bar.set_postfix(best=f"{best:.5f}", refresh=False)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
