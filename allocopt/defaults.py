@@ -43,3 +43,6 @@ MAX_DENSITY = 1.0
 # Where the model runs during `allocopt run` and how many rows go through it at once.
 DEVICE = "cpu"
 CALIBRATION_BATCH_SIZE = 8
+
+# Observer: real tokens per batch on which every expert runs once to estimate the E x E expert-output similarity.
+SIMILARITY_TOKENS = 256

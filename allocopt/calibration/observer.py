@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from allocopt import defaults
 from allocopt.calibration.stats import RoutingStats
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
@@ -101,8 +102,8 @@ def _wrapped(blocks, recorders) -> Iterator[None]:
             b.experts.__dict__.pop("forward", None)
 
 
-def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = 8, progress: bool = True,
-            similarity_tokens: int = 256) -> RoutingStats:
+def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults.CALIBRATION_BATCH_SIZE, progress: bool = True,
+            similarity_tokens: int = defaults.SIMILARITY_TOKENS) -> RoutingStats:
     """Run ``tokens`` through ``model`` once and return the per-expert routing statistics.
 
     Memory is bounded by the accumulators (O(E^2) per layer); nothing grows with the number of tokens.

@@ -1,0 +1,40 @@
+"""``allocopt observe``: one calibration pass -> routing statistics file."""
+from __future__ import annotations
+
+import time
+
+import click
+
+from allocopt import defaults
+
+
+@click.command("observe")
+@click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
+@click.option("--data", default=defaults.CALIBRATION_DATA, show_default=True,
+              help="Calibration data spec: testbed:NAME, a .txt/.jsonl file or a dataset directory.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Statistics file to write (.safetensors).")
+@click.option("--seq-len", default=defaults.CALIBRATION_SEQ_LEN, show_default=True, type=int, help="Tokens per row.")
+@click.option("--num-seqs", default=defaults.CALIBRATION_SEQS, show_default=True, type=int, help="Rows of calibration data.")
+@click.option("--batch-size", default=defaults.CALIBRATION_BATCH_SIZE, show_default=True, type=int, help="Rows per forward pass.")
+@click.option("--similarity-tokens", default=defaults.SIMILARITY_TOKENS, show_default=True, type=int,
+              help="Real tokens per batch on which every expert runs once (expert similarity); 0 turns it off.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, batch_size: int, similarity_tokens: int,
+            progress: bool) -> None:
+    """Collect per-expert routing statistics (counts, gate and output-norm sums, expert similarity)."""
+    from allocopt.calibration import observe as run_observer
+    from allocopt.data import load_tokens
+    from allocopt.errors import AllocoptError
+    from allocopt.models import load_model
+
+    model, tokenizer = load_model(model_spec)
+    if tokenizer is None:
+        raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer next to the checkpoint")
+    tokens = load_tokens(data, tokenizer, seq_len, num_seqs, split="calibration")
+    start = time.perf_counter()
+    stats = run_observer(model, tokens, batch_size=batch_size, progress=progress, similarity_tokens=similarity_tokens)
+    seconds = time.perf_counter() - start
+    path = stats.save(out)
+    click.echo(f"observed {stats.num_tokens} tokens in {len(tokens)} rows over {len(stats.layers)} MoE layers "
+               f"{stats.layers} in {seconds:.1f} s ({stats.num_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+    click.echo(f"wrote {path}")
