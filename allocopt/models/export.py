@@ -184,8 +184,12 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
         raise AllocoptError(f"{path} has no config.json; pass a directory written by `allocopt prune`")
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     cls = pruned_class(_stock_class(config, path))
-    model, report = cls.from_pretrained(path, config=config, dtype=dtype or "auto", use_safetensors=True,
-                                        trust_remote_code=False, output_loading_info=True)
+    try:
+        model, report = cls.from_pretrained(path, config=config, dtype=dtype or "auto", use_safetensors=True,
+                                            trust_remote_code=False, output_loading_info=True)
+    except RuntimeError as exc:          # transformers refuses mis-shaped weights itself
+        raise AllocoptError(f"checkpoint {path} does not match its config ({str(exc).splitlines()[0]}); "
+                            "re-export it with `allocopt prune`") from exc
     problems = {k: sorted(v) for k, v in report.items() if v}
     if problems:
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
