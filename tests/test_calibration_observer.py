@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from allocopt.calibration import observe
 from allocopt.data.tokens import TokenSet
 from allocopt.models import find_moe_blocks
-from allocopt.models.tiny import build_tiny_model
+from allocopt.models.tiny import FAMILIES, build_tiny_model
 
 
 def _tokens(seed: int = 0, rows: int = 5, seq: int = 24, pad_rows: dict[int, int] | None = None) -> TokenSet:
@@ -134,7 +134,7 @@ def test_similarity_sample_is_bounded_and_deterministic():
         assert torch.equal(a.count[layer], full.count[layer])                # routing stats do not depend on it
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_observer_does_not_change_model_output(family):
     model = build_tiny_model(family, seed=0)
     tokens = _tokens(seed=5, rows=4, seq=16, pad_rows={0: 10})
@@ -198,3 +198,33 @@ def test_deepseek_v3_counts_follow_bias_corrected_selection():
                                     minlength=b.info.num_experts).double()
         differs |= not torch.equal(naive, stats.count[layer])
     assert differs
+
+
+def _ernie_router(router, k):
+    """ERNIE-4.5: fp32 softmax, select top-k of prob + correction bias, weight by the unbiased probs renormalised
+    with a clamp at moe_norm_min."""
+    def route(x):
+        probs = torch.softmax(x.float() @ router.weight.T.float(), dim=-1)
+        idx = (probs + router.moe_statics.e_score_correction_bias[0]).topk(k, dim=-1).indices
+        w = probs.gather(1, idx)
+        return idx, w / w.sum(-1, keepdim=True).clamp(min=router.norm_min)
+    return route
+
+
+def test_ernie_counts_follow_bias_corrected_selection():
+    model = build_tiny_model("ernie4_5_moe", seed=6)
+    tokens = _tokens(seed=8, rows=4, seq=20, pad_rows={0: 13})
+    stats, seen, masks = _observe_recording(model, tokens, batch_size=4)
+    for b in find_moe_blocks(model):
+        layer = b.info.index
+        _compare(stats, layer, _brute_force(b.experts, _ernie_router(b.router, b.info.top_k), seen[layer], masks,
+                                            b.info.num_experts))
+
+
+def test_wrappers_are_removed_when_the_forward_fails():
+    model = build_tiny_model("olmoe", seed=0)
+    tokens = _tokens(rows=2, seq=8)
+    tokens.input_ids[1, 3] = 10_000  # outside the 256-token vocabulary: the embedding raises mid-pass
+    with pytest.raises(IndexError):
+        observe(model, tokens, batch_size=1, progress=False)
+    assert all("forward" not in b.experts.__dict__ for b in find_moe_blocks(model))

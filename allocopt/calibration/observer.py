@@ -51,38 +51,38 @@ class _LayerRecorder:
         f = forward(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1), ones).view(t, k, -1)
         self._accumulate(idx, w, f)
         if self.similarity_tokens > 0:
-            self._similarity(forward, hidden, w.dtype)
+            self._similarity(forward, hidden, w.dtype, rows_per_call=t * k)
         return (f * w[..., None]).sum(1).to(hidden.dtype)
 
     def _accumulate(self, idx: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> None:
+        # per-(token, slot) reductions first, in fp32, so no full-size fp64 copy of f is ever made
         real = self.mask.to(idx.device)
-        idx, g, f = idx[real].reshape(-1).cpu(), w[real].reshape(-1).double().cpu(), f[real].double()
-        norm = f.norm(dim=-1).reshape(-1).cpu()
-        peak = f.abs().amax(dim=-1).reshape(-1).float().cpu()
-        s, n = self.stats, self.layer
-        e = self.num_experts
+        norm = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)[real].reshape(-1).double().cpu()
+        peak = f.abs().amax(dim=-1)[real].reshape(-1).double().cpu()
+        idx, g = idx[real].reshape(-1).cpu(), w[real].reshape(-1).double().cpu()
+        s, n, e = self.stats, self.layer, self.num_experts
         s.count[n] += torch.bincount(idx, minlength=e).double()
         s.gate_sum[n] += torch.bincount(idx, weights=g, minlength=e)
         s.norm_sum[n] += torch.bincount(idx, weights=norm, minlength=e)
         s.gate_norm_sum[n] += torch.bincount(idx, weights=g * norm, minlength=e)
         s.sq_norm_sum[n] += torch.bincount(idx, weights=norm * norm, minlength=e)
         s.gate2_sq_norm_sum[n] += torch.bincount(idx, weights=(g * norm) ** 2, minlength=e)
-        s.max_act[n] = torch.maximum(s.max_act[n], torch.zeros(e, dtype=torch.float64).scatter_reduce(0, idx, peak.double(), "amax"))
+        s.max_act[n] = s.max_act[n].scatter_reduce(0, idx, peak, "amax")
 
-    def _similarity(self, forward, hidden: torch.Tensor, wdtype: torch.dtype) -> None:
+    def _similarity(self, forward, hidden: torch.Tensor, wdtype: torch.dtype, rows_per_call: int) -> None:
         rows = self.mask.nonzero().squeeze(1)
         if rows.numel() > self.similarity_tokens:  # evenly spaced, deterministic
-            pick = torch.linspace(0, rows.numel() - 1, self.similarity_tokens).round().long()
-            rows = rows[pick]
-        e, m = self.num_experts, rows.numel()
-        if m == 0:
-            return
-        x = hidden[rows.to(hidden.device)].repeat_interleave(e, 0)
-        experts = torch.arange(e, device=hidden.device).repeat(m).view(-1, 1)
-        ones = torch.ones(m * e, 1, dtype=wdtype, device=hidden.device)
-        f = torch.nn.functional.normalize(forward(x, experts, ones).view(m, e, -1).double(), dim=-1)
-        self.sim_sum += torch.einsum("tih,tjh->ij", f, f).cpu()
-        self.sim_count += m
+            rows = rows[torch.linspace(0, rows.numel() - 1, self.similarity_tokens).round().long()]
+        e = self.num_experts
+        chunk = max(1, rows_per_call // e)  # keep each extra call no larger than the routed forward
+        for part in rows.split(chunk):
+            m = part.numel()
+            x = hidden[part.to(hidden.device)].repeat_interleave(e, 0)
+            experts = torch.arange(e, device=hidden.device).repeat(m).view(-1, 1)
+            ones = torch.ones(m * e, 1, dtype=wdtype, device=hidden.device)
+            unit = torch.nn.functional.normalize(forward(x, experts, ones).view(m, e, -1).float(), dim=-1)
+            self.sim_sum += torch.einsum("tih,tjh->ij", unit, unit).double().cpu()
+            self.sim_count += m
 
     def finish(self) -> None:
         if self.sim_count:
