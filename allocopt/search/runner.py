@@ -31,7 +31,7 @@ FRONT_FILE = "front.json"
 @dataclass
 class RunResult:
     config: RunConfig
-    summary: dict[str, Any]          # plan.json's top-level fields (everything but the layers)
+    summary: dict[str, Any]          # plan.json's top-level fields (everything but "layers")
     plan_path: Path
     front_path: Path | None          # nsga2 only
     new_evaluations: int             # plans evaluated by this call (0 when the study already had them all)
@@ -114,6 +114,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     }
     plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts, **summary)
     plan_path = plan.save(run_dir / PLAN_FILE)
+    summary = {k: v for k, v in plan.to_json().items() if k != "layers"}
     front_path = None
     if result.front is not None:
         front_path = atomic_write_json(run_dir / FRONT_FILE, {

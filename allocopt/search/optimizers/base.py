@@ -1,0 +1,51 @@
+"""What every optimizer receives and returns; optimizers only ever see plans as count vectors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from allocopt.errors import AllocoptError
+from allocopt.search.problem import EvaluationCache
+from allocopt.search.space import AllocationSpace
+
+
+@dataclass
+class SearchContext:
+    space: AllocationSpace
+    evaluate: Callable[[np.ndarray], np.ndarray]     # counts [n, L] -> values [n] (higher is better; NaN = failed)
+    seed: int
+    max_evals: int                                   # distinct plans evaluated
+    population: int
+    ranking: dict[int, list[int]]                    # best-first expert ids per layer
+    scores: dict[int, np.ndarray]                    # criterion scores per layer (for `global`)
+    stats: Any = None                                # RoutingStats (for `grape`: similarity[layer] [E, E])
+    on_generation: Callable[[int, float], None] | None = None
+    options: dict = field(default_factory=dict)
+
+    def cache(self) -> EvaluationCache:
+        return EvaluationCache(self.evaluate, self.max_evals, self.on_generation)
+
+
+@dataclass
+class SearchResult:
+    best: np.ndarray
+    best_value: float
+    evaluations: int
+    history: list[tuple[np.ndarray, float]]
+    front: list[tuple[np.ndarray, float, int]] | None = None
+
+
+class Optimizer(Protocol):
+    name: str
+
+    def run(self, ctx: SearchContext) -> SearchResult: ...
+
+
+def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int]] | None = None) -> SearchResult:
+    best, value = cache.best()
+    if not np.isfinite(value):
+        raise AllocoptError(f"all {cache.evaluations} evaluated plans failed (NaN objective); check the objective "
+                            "log above and the model/data settings")
+    return SearchResult(best, value, cache.evaluations, list(cache.history), front)

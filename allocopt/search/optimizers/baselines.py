@@ -1,0 +1,46 @@
+"""Search-free allocations, each evaluated once so it gets a value: uniform and one global ranking."""
+from __future__ import annotations
+
+import numpy as np
+
+from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.space import AllocationSpace
+
+
+def evaluate_single(ctx: SearchContext, x: np.ndarray) -> SearchResult:
+    cache = ctx.cache()
+    cache(np.asarray(x)[None])
+    return result_from(cache)
+
+
+class UniformAllocation:
+    name = "uniform"
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        return evaluate_single(ctx, ctx.space.uniform())
+
+
+def global_allocation(space: AllocationSpace, ranking: dict[int, list[int]], scores: dict[int, np.ndarray]
+                      ) -> np.ndarray:
+    """MC-SMoE style: each layer keeps its lower bound, then the globally best remaining experts fill the budget.
+
+    Scores are divided by their layer mean so layers with different scales/widths compete fairly
+    (an average expert scores 1 everywhere). Ties: earlier layer, then better within-layer rank.
+    """
+    x = space.lower.copy()
+    candidates = []
+    for i, layer in enumerate(space.layers):
+        s = np.asarray(scores[layer], dtype=float)
+        norm = s / (np.abs(s).mean() or 1.0)
+        for pos, expert in enumerate(ranking[layer][x[i]:space.upper[i]]):
+            candidates.append((-norm[expert], i, pos))
+    for _, i, _ in sorted(candidates)[: space.budget - int(x.sum())]:
+        x[i] += 1
+    return x
+
+
+class GlobalRanking:
+    name = "global"
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        return evaluate_single(ctx, global_allocation(ctx.space, ctx.ranking, ctx.scores))

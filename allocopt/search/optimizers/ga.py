@@ -1,0 +1,58 @@
+"""The default search: a steady elitist GA that works as a local search around the uniform plan.
+
+Why these choices (optimizers.md §4.3, measured on the toy and the testbed in benchmarks/search_efficiency.py):
+the optimum sits near uniform and step size matters more than the library, so generation 0 is the uniform
+plan plus level-switch neighbours of it (not random compositions far away), mutation moves up to
+``mutation_max_delta`` experts scaled with the layer width, two-point crossover recombines good per-layer
+moves found by different parents (BudgetRepair restores the sum), and (mu + lambda) survival keeps elites.
+"""
+from __future__ import annotations
+
+import numpy as np
+from pymoo.algorithms.soo.nonconvex.ga import GA
+from pymoo.core.sampling import Sampling
+from pymoo.operators.crossover.pntx import TwoPointCrossover
+
+from allocopt import defaults
+from allocopt.search.mutation import LevelSwitchMutation, level_switch
+from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.problem import AllocationProblem, drive
+from allocopt.search.repair import BudgetRepair
+
+
+class NeighbourhoodSampling(Sampling):
+    """Row 0 = uniform; every other row = a level-switch neighbour of uniform (a local start)."""
+
+    def __init__(self, uniform: np.ndarray, dmax: int):
+        super().__init__()
+        self.uniform, self.dmax = uniform, dmax
+
+    def _do(self, problem, n_samples, random_state=None, **kwargs):
+        lower, upper = problem.xl.astype(np.int64), problem.xu.astype(np.int64)
+        rows = [self.uniform] + [level_switch(self.uniform, lower, upper, random_state, tmax=3, dmax=self.dmax)
+                                 for _ in range(n_samples - 1)]
+        return np.array(rows)
+
+
+def default_step(space) -> int:
+    """Move size: at least EvoESAP's 4, and ~1/8 of a mean layer so wide layers still move fast enough."""
+    return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
+
+
+class GeneticSearch:
+    name = "ga"
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        opt, space = ctx.options, ctx.space
+        offspring = max(2, int(opt.get("offspring", ctx.population // 2)))
+        survivors = max(2, int(opt.get("elites", offspring // 2)))
+        dmax = int(opt.get("mutation_max_delta", default_step(space)))
+        algorithm = GA(pop_size=survivors, n_offsprings=offspring,
+                       sampling=NeighbourhoodSampling(space.uniform(), dmax),
+                       crossover=TwoPointCrossover(prob=float(opt.get("crossover_prob", 0.5))),
+                       mutation=LevelSwitchMutation(tmax=int(opt.get("mutation_max_moves", defaults.MUTATION_MAX_MOVES)),
+                                                    dmax=dmax),
+                       repair=BudgetRepair(space.budget), eliminate_duplicates=True)
+        cache = ctx.cache()
+        drive(algorithm, AllocationProblem(space, cache), ctx.seed)
+        return result_from(cache)

@@ -1,0 +1,80 @@
+"""GRAPE-style allocation (related-work.md §4.1): greedily prune the most redundant layer, with an entropy guard.
+
+Layer redundancy R_l = sum of pairwise similarities among its kept experts. Each step removes one expert of
+the most similar pair in the most redundant eligible layer. If the kept-count entropy drops below
+(1 - gamma) * H_0 the layer is frozen; when every layer is frozen the freeze set is cleared (restart).
+This keeps very redundant layers from being hollowed out. Only counts are returned: which experts are kept
+is decided afterwards by the criterion ranking, like for every other optimizer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from allocopt.errors import AllocoptError
+from allocopt.search.optimizers.baselines import evaluate_single
+from allocopt.search.optimizers.base import SearchContext, SearchResult
+from allocopt.search.space import AllocationSpace
+
+GAMMA = 0.1
+
+
+def _entropy(n: np.ndarray) -> float:
+    p = n[n > 0] / n.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def grape_allocation(space: AllocationSpace, similarity: dict[int, np.ndarray],
+                     ranking: dict[int, list[int]] | None = None, gamma: float = GAMMA) -> np.ndarray:
+    sims, alive = [], []
+    for i, layer in enumerate(space.layers):
+        d = np.array(similarity[layer], dtype=float)
+        np.fill_diagonal(d, -np.inf)
+        sims.append(d)
+        alive.append(np.ones(space.num_experts[i], dtype=bool))
+    order = [{e: r for r, e in enumerate(ranking[l])} if ranking else {} for l in space.layers]
+
+    def redundancy(i: int) -> float:
+        d = sims[i][np.ix_(alive[i], alive[i])]
+        return float(d[np.isfinite(d)].sum())
+
+    def remove_one(i: int) -> None:
+        d = np.where(np.outer(alive[i], alive[i]), sims[i], -np.inf)
+        a, b = np.unravel_index(int(np.argmax(d)), d.shape)
+        # drop the worse-ranked expert of the most similar pair (by index when there is no ranking)
+        drop = max((a, b), key=lambda e: order[i].get(int(e), int(e)))
+        alive[i][drop] = False
+
+    n = space.num_experts.astype(np.int64).copy()
+    for i in range(space.size):                      # layers above their upper bound lose experts first
+        while n[i] > space.upper[i]:
+            remove_one(i)
+            n[i] -= 1
+    h0 = _entropy(n)
+    red = np.array([redundancy(i) for i in range(space.size)])
+    frozen = np.zeros(space.size, dtype=bool)
+    while n.sum() > space.budget:
+        eligible = (n > space.lower) & ~frozen
+        if not eligible.any():
+            frozen[:] = False
+            continue
+        i = int(np.argmax(np.where(eligible, red, -np.inf)))
+        remove_one(i)
+        n[i] -= 1
+        red[i] = redundancy(i)
+        if _entropy(n) < (1.0 - gamma) * h0:
+            frozen[i] = True
+    return n
+
+
+class GrapeAllocation:
+    name = "grape"
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        similarity = getattr(ctx.stats, "similarity", None) or ctx.options.get("similarity")
+        if not similarity:
+            raise AllocoptError("grape needs per-layer expert similarity from calibration; run calibration "
+                                "with a stats file that has similarity matrices or pick another optimizer")
+        sim = {l: np.asarray(similarity[l].numpy() if hasattr(similarity[l], "numpy") else similarity[l])
+               for l in ctx.space.layers}
+        x = grape_allocation(ctx.space, sim, ctx.ranking, float(ctx.options.get("gamma", GAMMA)))
+        return evaluate_single(ctx, x)

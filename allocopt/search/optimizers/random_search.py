@@ -1,0 +1,22 @@
+"""Random feasible allocations (uniform first): the floor any search must beat."""
+from __future__ import annotations
+
+import numpy as np
+
+from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.sampling import random_composition
+
+
+class RandomSearch:
+    name = "random"
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        space, rng, cache = ctx.space, np.random.default_rng(ctx.seed), ctx.cache()
+        cache(space.uniform()[None])
+        stalls = 0
+        while not cache.exhausted and stalls < 25:
+            before = cache.evaluations
+            cache(np.array([random_composition(space.lower, space.upper, space.budget, rng)
+                            for _ in range(max(1, ctx.population))]))
+            stalls = stalls + 1 if cache.evaluations == before else 0
+        return result_from(cache)

@@ -1,0 +1,82 @@
+"""The allocation space: one integer per MoE layer (experts kept), per-layer bounds and one global budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from allocopt.errors import AllocoptError
+from allocopt.search.rounding import largest_remainder
+
+
+@dataclass(frozen=True)
+class AllocationSpace:
+    """Feasible set {x : lower <= x <= upper, sum(x) == budget}; x[l] = experts kept in MoE layer layers[l]."""
+
+    layers: tuple[int, ...]
+    num_experts: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    budget: int
+    bytes_per_expert: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.layers)
+
+    def uniform(self) -> np.ndarray:
+        """Same kept fraction in every layer (largest remainder when not divisible), clipped to the bounds."""
+        return largest_remainder(self.num_experts, self.budget, self.lower, self.upper)
+
+    def contains(self, x) -> bool:
+        x = np.asarray(x)
+        return (x.shape == (self.size,) and bool(np.all(x == np.round(x))) and int(x.sum()) == self.budget
+                and bool(np.all(x >= self.lower)) and bool(np.all(x <= self.upper)))
+
+    def memory_bytes(self, x) -> np.ndarray:
+        """Bytes of the kept routed experts, per row of ``x`` ([n, L] -> [n], or [L] -> scalar array)."""
+        return np.asarray(x, dtype=np.int64) @ self.bytes_per_expert
+
+    def as_dict(self, x) -> dict[int, int]:
+        return {layer: int(k) for layer, k in zip(self.layers, np.asarray(x))}
+
+
+def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_per_expert: Mapping[int, int],
+               sparsity: float | None = None, keep: int | None = None,
+               min_density: float = 0.0, max_density: float = 1.0) -> AllocationSpace:
+    """Build the space for a global ``sparsity`` (fraction of routed experts removed) or a total ``keep``.
+
+    Every layer keeps at least its top-k (routing stays well defined) and ``ceil(min_density * E)``, at most
+    ``floor(max_density * E)``. Impossible requests raise AllocoptError before any model work.
+    """
+    if (sparsity is None) == (keep is None):
+        raise AllocoptError("give exactly one of sparsity (fraction removed) or keep (total experts kept)")
+    if not 0.0 <= min_density <= max_density <= 1.0:
+        raise AllocoptError(f"density bounds must satisfy 0 <= min_density ({min_density}) <= max_density "
+                            f"({max_density}) <= 1; fix the bounds")
+    layers = tuple(sorted(num_experts))
+    if not layers:
+        raise AllocoptError("the model has no MoE layers to allocate; use a Mixture-of-Experts model")
+    e = np.array([int(num_experts[l]) for l in layers], dtype=np.int64)
+    k = np.array([int(top_k[l]) for l in layers], dtype=np.int64)
+    lower = np.maximum(k, np.ceil(min_density * e - 1e-9).astype(np.int64))
+    upper = np.minimum(e, np.floor(max_density * e + 1e-9).astype(np.int64))
+    bad = [layers[i] for i in np.flatnonzero(lower > upper)]
+    if bad:
+        raise AllocoptError(f"layers {bad} cannot satisfy top-k/min_density {min_density} <= kept <= "
+                            f"max_density {max_density}; widen the density bounds")
+    total = int(e.sum())
+    if sparsity is not None:
+        if not 0.0 <= sparsity < 1.0:
+            raise AllocoptError(f"sparsity {sparsity} must be in [0, 1); it is the fraction of experts removed")
+        keep = total - int(math.floor(sparsity * total + 0.5))
+    keep = int(keep)
+    if not int(lower.sum()) <= keep <= int(upper.sum()):
+        raise AllocoptError(
+            f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "
+            f"{int(lower.sum())}..{int(upper.sum())} (top-k and density bounds); choose a sparsity/keep in that range "
+            f"or relax min_density/max_density")
+    bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
+    return AllocationSpace(layers, e, lower, upper, keep, bpe)
