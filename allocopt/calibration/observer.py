@@ -91,15 +91,19 @@ class _LayerRecorder:
 
 @contextmanager
 def _wrapped(blocks, recorders) -> Iterator[None]:
-    """Shadow each ``experts.forward`` with an instance attribute; always restored."""
+    """Shadow each ``experts.forward`` with an instance attribute; whatever was there before is restored."""
+    saved = [(b.experts, b.experts.__dict__.get("forward")) for b in blocks]
     try:
         for b, rec in zip(blocks, recorders):
             own = b.experts.forward
             b.experts.forward = lambda h, i, w, _own=own, _rec=rec: _rec(_own, h, i, w)
         yield
     finally:
-        for b in blocks:
-            b.experts.__dict__.pop("forward", None)
+        for experts, before in saved:
+            if before is None:
+                experts.__dict__.pop("forward", None)
+            else:
+                experts.forward = before
 
 
 def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults.CALIBRATION_BATCH_SIZE, progress: bool = True,
@@ -107,12 +111,11 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
     """Run ``tokens`` through ``model`` once and return the per-expert routing statistics.
 
     Memory is bounded by the accumulators (O(E^2) per layer); nothing grows with the number of tokens.
+    ``similarity_tokens=0`` skips the similarity pass (the matrices then stay zero).
     """
     if batch_size < 1:
         raise AllocoptError(f"batch_size must be >= 1 (got {batch_size}); pass a positive --batch-size")
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        raise AllocoptError("the model has no MoE layers to observe; pass a Mixture-of-Experts checkpoint")
+    blocks = find_moe_blocks(model)  # raises AllocoptError for a dense model
     unsupported = [b.info.path for b in blocks if b.info.storage != "fused"]
     if unsupported:
         raise AllocoptError(f"{', '.join(unsupported)} store experts as a module list; the observer needs fused experts "
