@@ -22,6 +22,8 @@ def resolve(spec: str | Path) -> Path:
         path = Path(testbed.path())
     else:
         path = Path(spec).expanduser()
+    if not path.exists() and str(spec) == "testbed":
+        raise AllocoptError(f"the testbed checkpoint {path} is missing; reinstall allocopt or pass --model PATH")
     if not path.exists():
         raise AllocoptError(f"model path {path} does not exist; pass a local checkpoint directory or `testbed` (no hub downloads)")
     if not path.is_dir():
