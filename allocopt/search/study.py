@@ -1,0 +1,138 @@
+"""Every evaluated plan becomes an Optuna trial; plans already completed in the study are served, not re-run.
+
+That makes any run resumable (re-running the same command evaluates nothing twice), lets several workers
+share one study, and lets optuna-dashboard show each allocation: the counts are trial params
+``layer_NNN`` (when the space is known) and the full plan is in the user attrs.
+
+    recorder = StudyRecorder("sqlite:///studies/runs.db", "olmoe-50", ["maximize"], attrs, ["esap"], space=space)
+    evaluate = recorder.wrap(evaluate_plans, optimizer="ga")      # -> SearchContext.evaluate
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import TrialState
+
+from allocopt.search.space import AllocationSpace
+
+ALLOCATION = "allocation"
+
+
+def param_name(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+class _RecordedPlanSampler(BaseSampler):
+    """Returns, for each ``layer_NNN`` param, the count already stored in the trial's ``allocation`` attr.
+
+    Trials are created with ask/tell (a RUNNING trial marks work in progress for other workers), so params
+    must come from a sampler; this one just replays the plan the optimizer chose.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.index = {param_name(l): i for i, l in enumerate(layers)}
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return trial.user_attrs[ALLOCATION][self.index[param_name]]
+
+
+def _value(result: Any) -> float:
+    value = getattr(result, "value", result)
+    return float(value) if value is not None else math.nan
+
+
+def _bound(result: Any) -> list[float] | None:
+    lo, hi = getattr(result, "lo", None), getattr(result, "hi", None)
+    return [float(lo), float(hi)] if lo is not None and hi is not None else None
+
+
+class StudyRecorder:
+    """Makes every evaluation an Optuna trial and serves already-completed trials from the study (resume).
+
+    ``attrs`` go into the study's and every trial's user attrs (model, criterion, objective, seed, ...).
+    Optional ``space`` adds per-layer params and ``memory_bytes``; optional ``ranking`` adds the kept ids.
+    With two directions the second objective told is the plan's memory in bytes (needs ``space``).
+    """
+
+    def __init__(self, storage: str, study_name: str, directions: list[str], attrs: dict,
+                 metric_names: list[str], *, space: AllocationSpace | None = None,
+                 ranking: dict[int, list[int]] | None = None):
+        self.attrs, self.space, self.ranking = dict(attrs), space, ranking
+        layers = space.layers if space is not None else tuple(attrs.get("layers", ()))
+        self.layers = tuple(int(l) for l in layers)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                         load_if_exists=True, sampler=_RecordedPlanSampler(self.layers))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names(list(metric_names))
+        for key, value in self.attrs.items():
+            self.study.set_user_attr(key, value)
+
+    def completed(self) -> dict[tuple[int, ...], float]:
+        """allocation -> value of every COMPLETE trial (re-read each call so other workers' trials count)."""
+        return {tuple(t.user_attrs[ALLOCATION]): float(t.values[0])
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if ALLOCATION in t.user_attrs}
+
+    def wrap(self, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str
+             ) -> Callable[[np.ndarray], np.ndarray]:
+        def evaluate(counts: np.ndarray) -> np.ndarray:
+            rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
+            known = self.completed()
+            misses = list(dict.fromkeys(r for r in rows if r not in known))
+            if misses:
+                trials = [self._start(plan, optimizer) for plan in misses]
+                try:
+                    results = list(evaluate_plans(np.array(misses, dtype=np.int64)))
+                except BaseException:
+                    for trial in trials:                 # never leave RUNNING trials behind
+                        self.study.tell(trial, state=TrialState.FAIL)
+                    raise
+                for trial, plan, result in zip(trials, misses, results):
+                    known[plan] = self._finish(trial, plan, result)
+            return np.array([known[r] for r in rows], dtype=float)
+
+        return evaluate
+
+    def _start(self, plan: tuple[int, ...], optimizer: str) -> optuna.Trial:
+        trial = self.study.ask()
+        for key, value in self.attrs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(ALLOCATION, list(plan))
+        trial.set_user_attr("optimizer", optimizer)
+        if self.space is not None:
+            trial.set_user_attr("memory_bytes", int(self.space.memory_bytes(plan)))
+            for layer, lo, hi in zip(self.space.layers, self.space.lower, self.space.upper):
+                trial.suggest_int(param_name(layer), int(lo), int(hi))
+        if self.ranking is not None:
+            trial.set_user_attr("kept", {str(l): [int(e) for e in self.ranking[l][:k]]
+                                         for l, k in zip(self.layers, plan)})
+        return trial
+
+    def _finish(self, trial: optuna.Trial, plan: tuple[int, ...], result: Any) -> float:
+        value, bound = _value(result), _bound(result)
+        if bound is not None:
+            trial.set_user_attr("bound", bound)
+        if not math.isfinite(value):
+            reason = getattr(result, "reason", None) or getattr(result, "error", None) or "objective returned NaN"
+            trial.set_user_attr("fail_reason", str(reason))
+            self.study.tell(trial, state=TrialState.FAIL)
+            return math.nan
+        values = [value]
+        if len(self.study.directions) == 2:
+            values.append(float(self.space.memory_bytes(plan)))
+        self.study.tell(trial, values)
+        return value
