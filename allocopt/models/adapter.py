@@ -183,8 +183,10 @@ def _top_k(model: nn.Module, family: Family, router: nn.Module, block: nn.Module
     return k
 
 
-def _num_shared(model: nn.Module, family: Family, block: nn.Module) -> int:
-    present = [a for a in family.shared_expert_attrs if isinstance(getattr(block, a, None), nn.Module)]
+def _num_shared(model: nn.Module, family: Family, block: nn.Module, layer: nn.Module) -> int:
+    """Shared experts sit on the MoE block (Qwen2, DeepSeek) or beside it on the decoder layer (GraniteMoeShared)."""
+    present = [a for a in family.shared_expert_attrs
+               if any(isinstance(getattr(owner, a, None), nn.Module) for owner in (block, layer))]
     if not present:
         return 0
     if family.shared_count_field is not None:
@@ -216,7 +218,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         n = _num_experts(experts, rows)
         storage, per_expert = _storage_and_bytes(experts, n)
         info = MoELayerInfo(index=i, path=path, num_experts=n, top_k=_top_k(model, family, router, block),
-                            num_shared_experts=_num_shared(model, family, block), router_rule=family.rule(config),
+                            num_shared_experts=_num_shared(model, family, block, layer), router_rule=family.rule(config),
                             selection_bias=any(_get_path(block, p) is not None for p in family.selection_bias_paths),
                             storage=storage, bytes_per_expert=per_expert)
         blocks.append(MoEBlock(i, path, block, router, experts, info))
