@@ -110,3 +110,17 @@ def test_callable_passes_through_rank():
     s = hand_stats()
     inverse = lambda st: {i: -st.count[i].numpy() for i in st.layers}  # noqa: E731
     assert rank(s, inverse)[3] == [3, 1, 0, 2]
+
+
+def test_third_party_plugin_is_found_through_entry_points(tmp_path, monkeypatch):
+    (tmp_path / "plugcrit.py").write_text(
+        "import numpy as np\n"
+        "def fewest(stats):\n"
+        "    return {i: -stats.count[i].numpy() for i in stats.layers}\n")
+    dist = tmp_path / "plugcrit-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugcrit\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[allocopt.criteria]\nfewest = plugcrit:fewest\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "fewest" in available_criteria()
+    assert rank(hand_stats(), "fewest")[3] == [3, 1, 0, 2]
