@@ -46,3 +46,7 @@ CALIBRATION_BATCH_SIZE = 8
 
 # Observer: real tokens per batch on which every expert runs once to estimate the E x E expert-output similarity.
 SIMILARITY_TOKENS = 256
+
+# ESAP engine: bytes of cached decoder hidden states kept for prefix reuse, and rows per forward (None = all rows).
+PREFIX_CACHE_BYTES = 1 << 30
+ESAP_BATCH_SIZE = None
