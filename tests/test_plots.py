@@ -77,7 +77,7 @@ def make_nsga2_run(root: Path, name: str = "mo", n: int = 60, seed: int = 0) -> 
         counts = rng.integers(2, E + 1, size=len(LAYERS))
         _add(study, counts, "nsga2", True)
         if i % 15 == 0:
-            _add(study, uniform_counts(8 + 4 * (i // 15)), "nsga2", True, uniform=True)
+            _add(study, uniform_counts(8 + 4 * (i // 15 % 6)), "nsga2", True, uniform=True)
     _add(study, FULL, "nsga2", True)
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs=_attrs((2, 2, 2, 2), "nsga2")))
     run = root / name

@@ -77,7 +77,7 @@ def draw_convergence(lines: list[Curve], uniform: dict[str, float]):
     for v in distinct:
         who = [n for n, u in uniform.items() if round(u, 12) == v]
         suffix = f" [{', '.join(who)}]" if len(distinct) > 1 else ""
-        ax.axhline(v, ls="--", color="0.35", lw=1.2, label=f"uniform {v:.4f}{suffix}")
+        ax.axhline(v, ls="--", color="0.35", lw=1.2, label=f"uniform plan, ESAP {v:.4f}{suffix}")
     ax.set_xlabel("evaluations (plans scored)")
     ax.set_ylabel("best ESAP so far")
     ax.set_title("Search convergence", fontsize=10)

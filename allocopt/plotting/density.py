@@ -20,6 +20,7 @@ from allocopt.plotting.output import default_out_dir, new_figure, save_csv, save
 from allocopt.plotting.sources import PLAN_FILE
 
 _MARKERS = "osD^v<>ph*"
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,11 @@ def load_series(targets: Sequence[str]) -> list[PlanSeries]:
 def draw_density(series: list[PlanSeries]):
     fig, ax = new_figure()
     layers = sorted({i for s in series for i in s.layers})
-    for k, s in enumerate(series):
-        ax.plot(s.layers, s.density, marker=_MARKERS[k % len(_MARKERS)], ms=4, lw=1.5, label=s.label)
+    n = len(series)
+    for k, s in enumerate(series):     # earlier plans drawn bigger, so identical schedules stay visible
+        under = min(n - 1 - k, 3)
+        ax.plot(s.layers, s.density, marker=_MARKERS[k % len(_MARKERS)], ms=4 + 1.5 * under,
+                ls=_LINESTYLES[k % len(_LINESTYLES)], lw=1.4 + 0.4 * under, label=s.label)
     ax.set_xlabel("decoder layer index")
     ax.set_ylabel("kept-expert density (kept / E)")
     ax.set_ylim(0.0, 1.05)

@@ -162,7 +162,7 @@ def draw_pareto(data: ParetoData):
                    linewidths=1.5, label="uniform", zorder=3)
     ax.set_xlabel(f"routed-expert memory kept [{unit}]")
     ax.set_ylabel("ESAP (higher is better)")
-    ax.set_title(f"{data.name}: ESAP vs expert memory\nhypervolume {data.hypervolume:.4g} "
+    ax.set_title(f"{data.name}: ESAP vs expert memory\nhypervolume {data.hypervolume:.4g} ESAP·GB "
                  f"(ref: ESAP 0, {data.ref_memory_bytes / GB:.4g} GB = unpruned experts)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
