@@ -74,7 +74,11 @@ class AllocationProblem(Problem):
         out["F"] = loss[:, None] if self.n_obj == 1 else np.column_stack([loss, self.space.memory_bytes(X)])
 
 
-def drive(algorithm, problem: AllocationProblem, seed: int, max_stalls: int = 25) -> None:
+# Batches in a row that produce no new plan before a search is considered converged (tiny or exhausted spaces).
+MAX_STALLS = 25
+
+
+def drive(algorithm, problem: AllocationProblem, seed: int, max_stalls: int = MAX_STALLS) -> None:
     """Ask/tell loop until the distinct-evaluation budget is spent (or the search stops producing new plans)."""
     from pymoo.core.termination import NoTermination
 

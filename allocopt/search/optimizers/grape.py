@@ -1,8 +1,9 @@
 """GRAPE-style allocation (related-work.md §4.1): greedily prune the most redundant layer, with an entropy guard.
 
 Layer redundancy R_l = sum of pairwise similarities among its kept experts. Each step removes one expert of
-the most similar pair in the most redundant eligible layer. If the kept-count entropy drops below
-(1 - gamma) * H_0 the layer is frozen; when every layer is frozen the freeze set is cleared (restart).
+the most similar pair in the most redundant eligible layer. If that removal would lower the entropy of the
+kept counts below (1 - gamma) * H_0, the layer is frozen instead; when every layer is frozen the freeze set
+is cleared and one removal is forced (restart), so the loop always reaches the budget.
 This keeps very redundant layers from being hollowed out. Only counts are returned: which experts are kept
 is decided afterwards by the criterion ranking, like for every other optimizer.
 """
@@ -49,20 +50,26 @@ def grape_allocation(space: AllocationSpace, similarity: dict[int, np.ndarray],
         while n[i] > space.upper[i]:
             remove_one(i)
             n[i] -= 1
-    h0 = _entropy(n)
+    threshold = (1.0 - gamma) * _entropy(n)
     red = np.array([redundancy(i) for i in range(space.size)])
     frozen = np.zeros(space.size, dtype=bool)
     while n.sum() > space.budget:
-        eligible = (n > space.lower) & ~frozen
-        if not eligible.any():
+        open_ = n > space.lower
+        eligible = open_ & ~frozen
+        if not eligible.any():                       # restart: clear the freeze set, force one removal
             frozen[:] = False
-            continue
-        i = int(np.argmax(np.where(eligible, red, -np.inf)))
+            eligible = open_
+            i = int(np.argmax(np.where(eligible, red, -np.inf)))
+        else:
+            i = int(np.argmax(np.where(eligible, red, -np.inf)))
+            after = n.copy()
+            after[i] -= 1
+            if _entropy(after) < min(threshold, _entropy(n)):
+                frozen[i] = True                     # this removal would unbalance the allocation too far
+                continue
         remove_one(i)
         n[i] -= 1
         red[i] = redundancy(i)
-        if _entropy(n) < (1.0 - gamma) * h0:
-            frozen[i] = True
     return n
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.problem import MAX_STALLS
 from allocopt.search.sampling import random_composition
 
 
@@ -14,7 +15,7 @@ class RandomSearch:
         space, rng, cache = ctx.space, np.random.default_rng(ctx.seed), ctx.cache()
         cache(space.uniform()[None])
         stalls = 0
-        while not cache.exhausted and stalls < 25:
+        while not cache.exhausted and stalls < MAX_STALLS:
             before = cache.evaluations
             cache(np.array([random_composition(space.lower, space.upper, space.budget, rng)
                             for _ in range(max(1, ctx.population))]))
