@@ -82,7 +82,7 @@ def draw_convergence(lines: list[Curve], uniform: dict[str, float]):
     ax.set_ylabel("best ESAP so far")
     ax.set_title("Search convergence", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return fig
 
 
