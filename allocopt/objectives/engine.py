@@ -53,7 +53,8 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, tokens: TokenSet, objective: str = defaults.OBJECTIVE,
                  tolerance: float = defaults.ESAP_TOLERANCE, exact: bool = False, batch_size: int | None = defaults.ESAP_BATCH_SIZE,
-                 prefix_cache_bytes: int = defaults.PREFIX_CACHE_BYTES, prefix_reuse: bool = True):
+                 prefix_cache_bytes: int = defaults.PREFIX_CACHE_BYTES, prefix_reuse: bool = True,
+                 teacher: TeacherCache | None = None):
         self.model, self.objective = model, get_objective(objective)
         info = describe(model)
         self.layers = sorted(info.num_experts)
@@ -69,8 +70,13 @@ class Evaluator:
         self.counters: collections.Counter[str] = collections.Counter()
         self.prefix_reuse = prefix_reuse and self.runner.check(self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], self.layers)
         mode = "exact" if exact and self.objective.teacher == "sparse" else self.objective.teacher
-        self.teacher = build_teacher(self._teacher_logits, self.batches, mode, tolerance, info.fingerprint,
-                                     tokens.fingerprint(), bs)
+        if teacher is None:
+            teacher = build_teacher(self._teacher_logits, self.batches, mode, tolerance, info.fingerprint, tokens.fingerprint(), bs)
+        elif (teacher.model_fingerprint, teacher.tokens_fingerprint, teacher.batch_size) != (info.fingerprint, tokens.fingerprint(), bs) \
+                or mode not in (teacher.mode, "targets") and teacher.mode != "exact":
+            raise AllocoptError("the given teacher cache was built for another model, token set, batch size or objective; "
+                                "drop it so the engine rebuilds it")
+        self.teacher = teacher
 
     @property
     def direction(self) -> str:

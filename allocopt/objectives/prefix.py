@@ -77,7 +77,7 @@ class DecoderRunner:
             if j == 0:
                 continue
             part, _ = self.run(input_ids, attention_mask, start=j, hidden=states[j])
-            if part.shape != full.shape or not torch.allclose(part.float(), full.float(), rtol=0, atol=atol):
+            if part.shape != full.shape or not torch.allclose(part.float(), full.float(), rtol=0, atol=atol, equal_nan=True):
                 return False
         return True
 

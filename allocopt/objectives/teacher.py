@@ -5,6 +5,7 @@ Modes:
   excluded mass ``tail``. The threshold is the largest one whose *mean* excluded mass is <= ``tolerance``,
   which both certifies the ESAP bound width and spends entries where p is flat (greedy over all entries is
   the smallest cache for a given mean tail). Stored ragged: flat ids/probs + a count per position.
+  When p is so flat that the sparse entries would outweigh the full table, the exact table is stored.
 * ``exact``: fp32 log-probs of p over the full vocabulary (verification, KL objectives).
 * ``targets``: only positions and next tokens (NLL needs no teacher distribution).
 
@@ -128,13 +129,20 @@ def build_teacher(logits_fn: Callable[[int, TokenSet], torch.Tensor], batches: l
     cut = _NUM_BINS
     if mode == "sparse":
         mass = torch.zeros(_NUM_BINS, dtype=torch.float64)
+        count = torch.zeros(_NUM_BINS, dtype=torch.float64)
+        vocab = 0
         for i, (b, (pos, _)) in enumerate(zip(batches, located)):
             p = _probs(logits_fn(i, b), pos)
-            mass += torch.bincount(_bin(p).reshape(-1).cpu(), weights=p.reshape(-1).double().cpu(), minlength=_NUM_BINS)
-        budget = tolerance * sum(int(pos.numel()) for pos, _ in located) * (1 - 1e-3)
+            vocab = p.shape[-1]
+            k = _bin(p).reshape(-1).cpu()
+            mass += torch.bincount(k, weights=p.reshape(-1).double().cpu(), minlength=_NUM_BINS)
+            count += torch.bincount(k, minlength=_NUM_BINS).double()
+        n = sum(int(pos.numel()) for pos, _ in located)
         excluded = mass.flip(0).cumsum(0).flip(0)          # excluded[k] = mass of bins >= k
-        ok = (excluded <= budget).nonzero()
+        ok = (excluded <= tolerance * n * (1 - 1e-3)).nonzero()
         cut = int(ok[0]) if ok.numel() else _NUM_BINS
+        if 8 * float(count[:cut].sum()) + 8 * n >= 4 * n * vocab:
+            mode = "exact"                                 # p is too flat for a sparse cache to be smaller
     chunks = []
     for i, (b, (pos, targets)) in enumerate(zip(batches, located)):
         chunk = TeacherChunk(positions=pos, targets=targets)

@@ -1,0 +1,45 @@
+"""``allocopt esap``: score one plan with ESAP (or KL/NLL) against the full model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from allocopt import defaults
+from allocopt.errors import AllocoptError
+
+
+@click.command("esap")
+@click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
+@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="plan.json to score.")
+@click.option("--data", default=defaults.SEARCH_DATA, show_default=True, help="Data spec (.txt/.jsonl file, dataset dir, or testbed:NAME).")
+@click.option("--seq-len", default=defaults.SEARCH_SEQ_LEN, show_default=True, type=int, help="Tokens per row.")
+@click.option("--num-seqs", default=defaults.SEARCH_SEQS, show_default=True, type=int, help="Rows of the search set.")
+@click.option("--objective", default=defaults.OBJECTIVE, show_default=True, help="esap, kl_pq, kl_qp or nll.")
+@click.option("--tolerance", default=defaults.ESAP_TOLERANCE, show_default=True, type=float, help="Certified ESAP bound width of the sparse teacher cache.")
+@click.option("--exact", is_flag=True, help="Keep the full-vocabulary teacher distribution (bound width 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
+def esap(model_spec: str, plan_path: Path, data: str, seq_len: int, num_seqs: int, objective: str, tolerance: float,
+         exact: bool, as_json: bool) -> None:
+    """Teacher-forced agreement of the plan's pruned model with the full model on a fixed token set."""
+    from allocopt.data import load_tokens
+    from allocopt.models import describe, load_model
+    from allocopt.objectives import Evaluator
+    from allocopt.plan import Plan
+
+    plan = Plan.load(plan_path)
+    model, tokenizer = load_model(model_spec)
+    if tokenizer is None:
+        raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")
+    info = describe(model)
+    plan.validate(info.num_experts, info.top_k, info.fingerprint, source=f"plan file {plan_path}")
+    tokens = load_tokens(data, tokenizer, seq_len, num_seqs, "search")
+    ev = Evaluator(model, tokens, objective=objective, tolerance=tolerance, exact=exact)
+    [v] = ev.evaluate([plan.kept])
+    if not v.ok:
+        raise AllocoptError(f"the pruned model failed on {data}: {v.failed}; check the checkpoint's weights")
+    click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens "
+               f"({ev.direction}; teacher cache {ev.teacher.nbytes / 2**20:.2f} MB, {ev.teacher.mode})")
+    if as_json:
+        click.echo(json.dumps({"objective": objective, objective: v.value, "bound": [v.lo, v.hi], "tokens": v.tokens}))

@@ -1,0 +1,151 @@
+"""The ESAP engine on tiny MoE models: bounds, exported-model agreement, identity, prefix reuse, alignment, NaN."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from allocopt.data.tokens import TokenSet
+from allocopt.models import describe, load_pruned, save_pruned
+from allocopt.models.tiny import build_tiny_model
+from allocopt.objectives import Evaluator
+
+
+def _tokens(rows: int = 3, length: int = 24, seed: int = 0, pad: int = 0) -> TokenSet:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (rows, length), generator=g)
+    attn = torch.ones_like(ids)
+    if pad:
+        ids[-1, -pad:], attn[-1, -pad:] = 0, 0
+    score = attn.bool() & torch.roll(attn.bool(), -1, 1)     # position t scores token t+1, which must be real
+    score[:, -1] = False
+    return TokenSet(ids, attn, score)
+
+
+def _random_plans(model, n: int, seed: int = 0) -> list[dict[int, list[int]]]:
+    info, rng = describe(model), random.Random(seed)
+    return [{l: sorted(rng.sample(range(e), rng.randint(info.top_k[l], e))) for l, e in info.num_experts.items()}
+            for _ in range(n)]
+
+
+def _peaked(model):
+    """Random-init logits are nearly flat; a trained LM's are peaked, which is what makes the sparse cache small."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def test_sparse_bound_contains_exact_esap_for_random_plans():
+    model = _peaked(build_tiny_model("olmoe", seed=0))
+    tokens = _tokens()
+    plans = _random_plans(model, 12)
+    exact = Evaluator(model, tokens, exact=True).evaluate(plans)
+    for tol in (1e-4, 1e-2):
+        ev = Evaluator(model, tokens, tolerance=tol)
+        assert ev.teacher.mode == "sparse" and ev.teacher.mean_tail <= tol
+        for s, e in zip(ev.evaluate(plans), exact):
+            assert s.lo <= e.value <= s.hi and s.hi - s.lo <= tol + 1e-5
+            assert abs(s.value - e.value) <= tol / 2 + 1e-5
+
+
+def _plain_esap(full, pruned, tokens: TokenSet) -> float:
+    """Two plain forward passes, softmax in fp64, min, sum, mean over scored positions."""
+    with torch.no_grad():
+        p = torch.softmax(full(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits.double(), -1)
+        q = torch.softmax(pruned(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits.double(), -1)
+    return float(torch.minimum(p, q).sum(-1)[tokens.score_mask].mean())
+
+
+@pytest.mark.parametrize("family,seed", [("olmoe", 3), ("deepseek_v3", 4)])
+def test_engine_matches_exported_pruned_model(tmp_path, family, seed):
+    model = _peaked(build_tiny_model(family, seed=seed))
+    tokens = _tokens(pad=5)
+    info = describe(model)
+    plan = {l: list(range(1, e, 2)) + [0] for l, e in info.num_experts.items()}      # ids of every group
+    exported = _peaked(build_tiny_model(family, seed=seed))
+    save_pruned(exported, None, tmp_path / "pruned", plan)
+    pruned = load_pruned(tmp_path / "pruned")
+    assert describe(pruned).num_experts == {l: len(k) for l, k in plan.items()}
+    direct = _plain_esap(model, pruned, tokens)
+    [exact] = Evaluator(model, tokens, exact=True).evaluate([plan])
+    [sparse] = Evaluator(model, tokens).evaluate([plan])
+    assert abs(exact.value - direct) <= 1e-5
+    assert sparse.lo - 1e-6 <= direct <= sparse.hi + 1e-6
+    assert exact.tokens == sparse.tokens == int(tokens.score_mask.sum())
+
+
+def test_identity_plan_is_exactly_one():
+    model = build_tiny_model("qwen3_moe", seed=0)
+    tokens = _tokens()
+    info = describe(model)
+    full = {l: list(range(e)) for l, e in info.num_experts.items()}
+    for objective, want in (("esap", 1.0), ("kl_pq", 0.0), ("kl_qp", 0.0)):
+        ev = Evaluator(model, tokens, objective=objective)
+        values = ev.evaluate([{}, full, _random_plans(model, 1)[0]])
+        assert values[0].value == values[0].lo == values[0].hi == want and values[1].value == want
+        assert values[2].value != want
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_prefix_reuse_and_batching_match_one_full_forward_per_candidate(family):
+    model = build_tiny_model(family, seed=1)
+    tokens = _tokens(rows=4, pad=3)
+    info = describe(model)
+    layers = sorted(info.num_experts)
+    base = {l: list(range(info.num_experts[l] - 2)) for l in layers}
+    # a GA-like population: children of one parent that differ from it in later layers only, plus duplicates
+    plans = [base] + [{**base, layers[-1]: list(range(2, 2 + k))} for k in (2, 3, 4)] \
+        + [{**base, layers[-2]: [0, 1, 5]}, {layers[-1]: [1, 2, 3]}, base, {**base, layers[-1]: [2, 3]}]
+    fast = Evaluator(model, tokens, exact=True)
+    slow = Evaluator(model, tokens, exact=True, batch_size=1, prefix_reuse=False)
+    assert fast.prefix_reuse, "the suffix trick must be verified safe on this family"
+    a, b = fast.evaluate(plans), slow.evaluate(plans)
+    assert max(abs(x.value - y.value) for x, y in zip(a, b)) <= 1e-6
+    assert fast.counters["evaluated"] == 6 and fast.counters["prefix_hits"] >= 5
+    assert fast.counters["layers_run"] < slow.counters["layers_run"]
+    again = fast.evaluate(plans[::-1])                     # served from the result cache
+    assert [v.value for v in again] == [v.value for v in a[::-1]] and fast.counters["evaluated"] == 6
+
+
+def test_alignment_position_t_predicts_token_t_plus_1_and_padding_is_ignored():
+    model = build_tiny_model("olmoe", seed=2)
+    tokens = _tokens(rows=3, length=20, pad=6)
+    [v] = Evaluator(model, tokens, objective="nll").evaluate([{}])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row, attn, score in zip(tokens.input_ids, tokens.attention_mask, tokens.score_mask):
+            real = row[attn.bool()][None]                 # the row alone, without its padding
+            logq = torch.log_softmax(model(input_ids=real).logits[0].double(), -1)
+            for t in score.nonzero().flatten().tolist():
+                total -= float(logq[t, real[0, t + 1]])
+                count += 1
+    assert v.tokens == count == 3 * 19 - 6
+    assert abs(v.value - total / count) <= 1e-5
+
+
+def test_nan_expert_fails_only_the_plans_that_keep_it():
+    model = build_tiny_model("olmoe", seed=5)
+    tokens = _tokens()
+    keep_it = [{1: [0, 1, 2, 3]}, {1: [3, 4, 5], 2: [0, 1]}]
+    drop_it = [{1: [0, 1, 2]}, {1: [1, 2, 4, 5], 2: [0, 1, 2]}]
+    clean = Evaluator(model, tokens, exact=True)
+    before = clean.evaluate(drop_it)
+    with torch.no_grad():
+        experts = model.model.layers[1].mlp.experts
+        experts.gate_up_proj[3].fill_(float("nan"))
+    ev = Evaluator(model, tokens, exact=True, teacher=clean.teacher)
+    values = ev.evaluate(keep_it + drop_it)
+    assert all(not v.ok and v.value is None and "non-finite" in v.failed for v in values[:2])
+    assert [v.value for v in values[2:]] == pytest.approx([v.value for v in before], abs=1e-7)
+
+
+def test_cpu_bf16_model_scores_in_fp32():
+    model = _peaked(build_tiny_model("olmoe", seed=6)).to(torch.bfloat16)
+    tokens = _tokens()
+    plans = _random_plans(model, 3, seed=1)
+    exact = Evaluator(model, tokens, exact=True).evaluate(plans + [{}])
+    sparse = Evaluator(model, tokens).evaluate(plans)
+    assert exact[-1].value == 1.0
+    for s, e in zip(sparse, exact):
+        assert isinstance(e.value, float) and 0 < e.value < 1 and s.lo <= e.value <= s.hi
