@@ -172,12 +172,19 @@ def test_pareto_from_run_dir(tmp_path):
     assert summary["front_points"] == int(on_front.sum())
 
 
-def test_pareto_from_front_json_only(tmp_path):
-    run = tmp_path / "front-only"
+@pytest.mark.parametrize("shape", ["list", "runner"])
+def test_pareto_from_front_json(tmp_path, shape):
+    """front.json as the brief's list of {counts, esap, memory_bytes}, or as `allocopt run` writes it
+    ({"points": [{counts, value, memory_bytes}]}) beside a single-objective study."""
+    run = tmp_path / "front-run"
     _write_plan(run, (6, 3, 5, 2), "nsga2", None)
+    if shape == "runner":
+        make_single_run(tmp_path, "front-run", "nsga2", seed=0, n=3)   # sibling .db, one objective only
     pts = [{"counts": list(c), "esap": toy_esap(c), "memory_bytes": sum(c) * BPE}
            for c in [(2, 2, 2, 2), (4, 2, 3, 2), (8, 3, 6, 2), FULL, (3, 3, 3, 3)]]
-    (run / "front.json").write_text(json.dumps(pts))
+    body = pts if shape == "list" else {"objective": "esap", "points": [
+        {"counts": p["counts"], "value": p["esap"], "memory_bytes": p["memory_bytes"]} for p in pts]}
+    (run / "front.json").write_text(json.dumps(body))
     paths = plot_pareto([str(run / "front.json")], out=tmp_path / "out")
     check_png(paths["png"])
     rows = read_csv(paths["csv"])
@@ -249,6 +256,22 @@ def test_convergence_from_storage_with_two_studies(tmp_path):
     summary = json.loads((tmp_path / "o" / "convergence.json").read_text())
     assert sorted(c["label"] for c in summary["curves"]) == ["ga (seed-a)", "ga (seed-b)"]
     assert summary["uniform_esap"]["seed-a"] == pytest.approx(toy_esap(uniform_counts(16)))
+
+
+def test_run_dir_finds_its_study_through_plan_json(tmp_path):
+    """`allocopt run` records "storage" and "run_name" in plan.json; the .db may live anywhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    make_single_run(elsewhere, "r1", "ga", seed=4)
+    run = tmp_path / "renamed-dir"
+    plan = Plan.load(elsewhere / "r1" / "plan.json")
+    plan.extra.update(storage=f"sqlite:///{elsewhere / 'r1.db'}", run_name="r1")
+    run.mkdir()
+    plan.save(run / "plan.json")
+    paths = plot_convergence([str(run)])
+    assert paths["png"] == run / "plots" / "convergence.png"
+    rows = read_csv(paths["csv"])
+    assert {r["study"] for r in rows} == {"renamed-dir"} and len(rows) == 40
 
 
 # ---------------------------------------------------------------------------------------------- density

@@ -100,23 +100,26 @@ def reference_memory_bytes(source: Source, points: list[Evaluation], override_gb
 
 
 def _front_file_points(path: Path) -> list[Evaluation]:
+    """front.json: a list of {counts, esap|value, memory_bytes}, or an object holding that list as "points"."""
     try:
-        rows = json.loads(path.read_text())
-        return [Evaluation(-1, float(r["esap"]), float(r["memory_bytes"]), tuple(int(c) for c in r["counts"]), "nsga2", False)
-                for r in rows]
+        obj = json.loads(path.read_text())
+        rows = obj["points"] if isinstance(obj, dict) else obj
+        return [Evaluation(-1, float(r["esap"] if "esap" in r else r["value"]), float(r["memory_bytes"]),
+                           tuple(int(c) for c in r["counts"]), "nsga2", False) for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise AllocoptError(f"{path} is malformed ({exc!r}); it must be a list of {{counts, esap, memory_bytes}}") from exc
+        raise AllocoptError(f"{path} is malformed ({exc!r}); it must list {{counts, esap, memory_bytes}} points") from exc
 
 
 def _points(source: Source) -> tuple[list[Evaluation], str]:
-    if source.study is not None:
-        if len(source.directions) != 2:
-            optimizers = sorted({e.optimizer for e in source.evaluations()})
-            raise AllocoptError(f"study {source.name!r} is single-objective (optimizer {', '.join(optimizers)}), so it has "
-                                "no memory front; plot a run made with --optimizer nsga2")
+    """A two-objective study has every evaluated point; front.json (the final front) is the fallback."""
+    if source.study is not None and len(source.directions) == 2:
         return source.evaluations(), "study"
     if source.front_file is not None:
         return _front_file_points(source.front_file), "front.json"
+    if source.study is not None:
+        optimizers = sorted({e.optimizer for e in source.evaluations()})
+        raise AllocoptError(f"study {source.name!r} is single-objective (optimizer {', '.join(optimizers)}) and its run has "
+                            "no front.json, so there is no memory front; plot a run made with --optimizer nsga2")
     raise AllocoptError(f"{source.name} has neither an Optuna study nor front.json; pass an nsga2 run directory, "
                         "its .db file, or --storage URL --study NAME")
 

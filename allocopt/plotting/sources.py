@@ -139,7 +139,8 @@ def _check_storage(url: str) -> str:
 
 
 def _run_dir_study(run_dir: Path) -> StudyRef | None:
-    """The run's study: ``study.json`` if written, else the sibling ``<run>.db`` named after the run."""
+    """The run's study: ``study.json`` if written, else plan.json's ``storage`` + ``run_name`` (what
+    `allocopt run` records), else the sibling ``<run>.db`` named after the run."""
     pointer = run_dir / STUDY_POINTER
     if pointer.is_file():
         try:
@@ -147,6 +148,11 @@ def _run_dir_study(run_dir: Path) -> StudyRef | None:
             return StudyRef(_check_storage(str(obj["storage"])), str(obj["study_name"]))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise AllocoptError(f"{pointer} is malformed ({exc!r}); it must hold {{\"storage\", \"study_name\"}}") from exc
+    plan_path = run_dir / PLAN_FILE
+    if plan_path.is_file():
+        extra = Plan.load(plan_path).extra
+        if extra.get("storage") and extra.get("run_name"):
+            return StudyRef(_check_storage(str(extra["storage"])), str(extra["run_name"]))
     for db in (run_dir.parent / f"{run_dir.name}{s}" for s in _DB_SUFFIXES):
         if db.is_file():
             return StudyRef(_sqlite_url(db), run_dir.name)
