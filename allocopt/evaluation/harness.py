@@ -1,0 +1,75 @@
+"""``evaluate(model, tokenizer)``: every testbed task on the held-out split, for any causal LM.
+
+Works the same on the shipped testbed, on a model inside ``allocopt.models.mask_experts(...)`` and on an exported
+pruned checkpoint, because it only calls ``model(...)`` and ``model.generate(...)``.
+
+    from allocopt.models import load_model
+    model, tokenizer = load_model("testbed")
+    print(evaluate(model, tokenizer)["math_em"])
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from torch import nn
+
+from allocopt.data.tokens import documents_to_tokens
+from allocopt.evaluation import tasks
+from allocopt.evaluation.generation import first_line, greedy_continuations
+from allocopt.evaluation.likelihood import multiple_choice_accuracy
+from allocopt.evaluation.perplexity import perplexity
+from allocopt.testbed import corpus
+
+# Items per task when no --limit is given; sized so the whole evaluation of the testbed stays under ~60 s on CPU.
+PPL_SEQS, PPL_SEQ_LEN = 32, 256
+MATH_ITEMS, CODE_ITEMS, MC_ITEMS = 300, 100, 100
+MATH_MAX_TOKENS, CODE_MAX_TOKENS = 8, 24
+PPL_DOMAINS = ("code", "prose", "math")
+
+
+def _cap(default: int, limit: int | None) -> int:
+    return default if limit is None else min(default, limit)
+
+
+def math_em(model: nn.Module, tokenizer, limit: int | None = None) -> tuple[float, dict[str, float]]:
+    """Exact match of the greedy answer (cut at the newline) on held-out arithmetic, overall and per form."""
+    items = tasks.math_items()[:_cap(MATH_ITEMS, limit)]
+    outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], MATH_MAX_TOKENS)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for item, text in zip(items, outputs):
+        hits[item["form"]].append(first_line(text).strip() == item["answer"])
+    flat = [h for v in hits.values() for h in v]
+    return sum(flat) / len(flat), {f: sum(v) / len(v) for f, v in sorted(hits.items())}
+
+
+def code_em(model: nn.Module, tokenizer, limit: int | None = None) -> float:
+    """The continuation must be a newline followed by exactly the held-out line (trailing spaces ignored)."""
+    items = tasks.code_items()[:_cap(CODE_ITEMS, limit)]
+    outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], CODE_MAX_TOKENS)
+    hits = [text.startswith("\n") and first_line(text[1:]).rstrip() == item["answer"]
+            for item, text in zip(items, outputs)]
+    return sum(hits) / len(hits)
+
+
+def evaluate(model: nn.Module, tokenizer, limit: int | None = None) -> dict:
+    """Held-out metrics: ``ppl`` (per domain), ``math_em``, ``code_em``, ``mc_acc`` (mean over domains), details."""
+    start = time.time()
+    model.eval()
+    ppl = {}
+    for domain in PPL_DOMAINS:
+        tokens = documents_to_tokens(corpus.documents(domain, "heldout"), tokenizer, PPL_SEQ_LEN,
+                                     _cap(PPL_SEQS, limit), f"testbed:{domain}")
+        ppl[domain] = perplexity(model, tokens)
+    math, math_by_form = math_em(model, tokenizer, limit)
+    mc = {d: multiple_choice_accuracy(model, tokenizer, tasks.mc_items(d)[:_cap(MC_ITEMS, limit)])
+          for d in PPL_DOMAINS}
+    return {
+        "ppl": ppl,
+        "math_em": math,
+        "code_em": code_em(model, tokenizer, limit),
+        "mc_acc": sum(mc.values()) / len(mc),
+        "math_em_by_form": math_by_form,
+        "mc_acc_by_domain": mc,
+        "seconds": round(time.time() - start, 1),
+    }
