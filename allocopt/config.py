@@ -198,12 +198,12 @@ def _is_instance(value: Any, kind: type) -> bool:
 def _check_names(cfg: RunConfig) -> None:
     """Criterion, optimizer and objective must be registered; the message lists the registered names."""
     from allocopt.criteria import get_criterion
-    from allocopt.objectives import available_objectives
+    from allocopt.objectives import OBJECTIVES
     from allocopt.search.optimizers import available_optimizers
 
     get_criterion(cfg.criterion)
     for what, name, names in (("optimizer", cfg.optimizer, available_optimizers()),
-                              ("objective", cfg.objective, available_objectives())):
+                              ("objective", cfg.objective, list(OBJECTIVES))):
         if name not in names:
             raise AllocoptError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(names))}")
 

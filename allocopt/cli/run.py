@@ -51,6 +51,10 @@ def run(problem, option_pairs, quiet, as_json, **given) -> None:
     if option_pairs:
         given["options"] = parse_key_values(option_pairs)
     config = RunConfig.from_sources(problem, given)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = run_search(config, progress=not quiet)
     s = result.summary
     click.echo(f"uniform  {s['objective']} {s['uniform_esap']:.6f}")

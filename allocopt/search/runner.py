@@ -78,27 +78,33 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
 
     attrs = {"model": config.model, "model_fingerprint": info.fingerprint, "calibration_fingerprint": stats.data_fingerprint,
              "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
-             "tolerance": config.tolerance, "budget": int(space.budget), "layers": list(space.layers)}
-    recorder = StudyRecorder(config.storage_url, config.name, ["maximize"], attrs=attrs, metric_names=[config.objective])
-    evaluate = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
+             "tolerance": config.tolerance, "seed": config.seed, "budget": int(space.budget), "layers": list(space.layers)}
+    check_resumable(config, attrs)
+    recorder = StudyRecorder(config.storage_url, config.name, [evaluator.direction], attrs=attrs,
+                             metric_names=[config.objective], space=space, ranking=ranking)
+    recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
+    sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
+
+    def evaluate(counts: np.ndarray) -> np.ndarray:
+        return sign * recorded(counts)
 
     uniform = space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
-    with _progress_bar(config.max_evals, progress) as on_generation:
+    with _progress_bar(config.max_evals, sign, progress) as on_generation:
         ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
                             on_generation=on_generation, options=dict(config.options))
         result = get_optimizer(config.optimizer).run(ctx)
 
     # The uniform plan was evaluated too; never hand back something worse than the baseline we report.
-    best, best_value = (np.asarray(result.best), float(result.best_value))
+    best, best_value = np.asarray(result.best), float(result.best_value)
     if not best_value >= uniform_value:
         best, best_value = uniform, uniform_value
     counts = {l: int(c) for l, c in zip(space.layers, best)}
     total = int(space.num_experts.sum())
     summary = {
-        "esap": best_value,
-        "uniform_esap": uniform_value,
+        "esap": sign * best_value,
+        "uniform_esap": sign * uniform_value,
         "evaluations": int(result.evaluations),
         "optimizer": config.optimizer,
         "criterion": config.criterion,
@@ -112,14 +118,16 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
         "storage": config.storage_url,
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
-    plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts, **summary)
+    plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts)
+    plan.extra.update(summary)
     plan_path = plan.save(run_dir / PLAN_FILE)
     summary = {k: v for k, v in plan.to_json().items() if k != "layers"}
     front_path = None
     if result.front is not None:
         front_path = atomic_write_json(run_dir / FRONT_FILE, {
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
-            "points": [{"counts": [int(c) for c in x], "value": float(v), "memory_bytes": int(m)} for x, v, m in result.front]})
+            "points": [{"counts": [int(c) for c in x], "value": sign * float(v), "memory_bytes": int(m)}
+                       for x, v, m in result.front]})
     return RunResult(config, summary, plan_path, front_path, counter["plans"], reused)
 
 
@@ -155,6 +163,25 @@ def peek_space(config: RunConfig):
     blocks = find_moe_blocks(skeleton)
     return space_for(config, {b.layer: b.info.num_experts for b in blocks}, {b.layer: b.info.top_k for b in blocks},
                      {b.layer: b.info.bytes_per_expert for b in blocks})
+
+
+def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:
+    """Refuse to reuse a study whose trials were scored on another model, data, criterion or objective."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    except KeyError:
+        return
+    differ = [k for k in _SAME_FOR_RESUME if k in study.user_attrs and study.user_attrs[k] != attrs[k]]
+    if differ:
+        raise AllocoptError(f"study {config.name!r} in {config.storage_url} was searched with another {', '.join(differ)}; "
+                            "pass a new --name (or --storage) for this search")
+
+
+# Everything a stored trial's value depends on besides its allocation.
+_SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
+                    "tolerance", "layers")
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -212,8 +239,8 @@ def _bound(values: dict[tuple[int, ...], Any], recorder, best: np.ndarray) -> li
 class _progress_bar:
     """A tqdm bar over evaluations showing the best value so far; a no-op callback when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
+    def __init__(self, total: int, sign: float, enabled: bool):
+        self.total, self.sign, self.enabled, self.bar = total, sign, enabled, None
 
     def __enter__(self) -> Callable[[int, float], None] | None:
         if not self.enabled:
@@ -224,7 +251,7 @@ class _progress_bar:
 
         def update(evaluations: int, best: float) -> None:
             self.bar.update(max(0, min(evaluations, self.total) - self.bar.n))
-            self.bar.set_postfix(best=f"{best:.5f}", refresh=False)
+            self.bar.set_postfix(best=f"{self.sign * best:.5f}", refresh=False)
 
         return update
 

@@ -1,0 +1,147 @@
+"""`allocopt run` end to end on a tiny saved OLMoE with its own tokenizer and a .txt data file."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from allocopt.calibration import RoutingStats
+from allocopt.cli.main import cli
+from allocopt.config import RunConfig
+from allocopt.criteria import rank
+from allocopt.data import load_tokens
+from allocopt.models import describe, load_model
+from allocopt.models.tiny import build_tiny_model
+from allocopt.objectives import Evaluator
+from allocopt.plan import Plan
+from allocopt.search.runner import run_search
+
+TEXT = " ".join(f"expert {i % 11} takes token {i % 7} in layer {i % 3} while {i % 5} others wait" for i in range(300))
+SMALL = ["--seq-len", "32", "--num-seqs", "6", "--calib-num-seqs", "8", "--evals", "12", "--population", "4",
+         "--sparsity", "0.5", "--criterion", "reap", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(root / "model")
+    build_tiny_model("olmoe", seed=3).save_pretrained(root / "model")
+    (root / "data.txt").write_text(TEXT, encoding="utf-8")
+    return root
+
+
+def _args(root, *extra: str, name: str = "r1") -> list[str]:
+    return ["run", "--model", str(root / "model"), "--data", str(root / "data.txt"), *SMALL,
+            "--out", str(root / "runs" / name), "--name", name, *extra]
+
+
+def _trials(root, name: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'runs' / name}.db")
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+@pytest.fixture(scope="module")
+def first(root):
+    result = CliRunner().invoke(cli, _args(root, "--optimizer", "ga", "--json"))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_run_writes_a_plan_that_validates_and_matches_the_ranking(root, first):
+    plan_path = root / "runs" / "r1" / "plan.json"
+    model, tokenizer = load_model(str(root / "model"))
+    info = describe(model)
+    plan = Plan.load(plan_path).validate(info.num_experts, info.top_k, info.fingerprint)
+    assert sum(plan.counts) == sum(info.num_experts.values()) // 2
+    ranking = rank(RoutingStats.load(root / "runs" / "r1" / "calibration.safetensors"), "reap")
+    for layer, kept in plan.kept.items():
+        assert kept == tuple(sorted(ranking[layer][: len(kept)]))
+
+    # The reported values are what an independent evaluator says about the written plan and the uniform one.
+    tokens = load_tokens(str(root / "data.txt"), tokenizer, 32, 6, split="search")
+    evaluator = Evaluator(model, tokens, objective="esap")
+    uniform = {l: ranking[l][: e // 2] for l, e in info.num_experts.items()}
+    best_v, uniform_v = evaluator.evaluate([dict(plan.kept), uniform])
+    top = json.loads(plan_path.read_text())
+    assert top["esap"] == pytest.approx(best_v.value, abs=1e-6)
+    assert top["uniform_esap"] == pytest.approx(uniform_v.value, abs=1e-6)
+    assert top["esap"] >= top["uniform_esap"]
+    assert top["counts"] == list(plan.counts) and top["optimizer"] == "ga" and top["criterion"] == "reap"
+    assert top["model"] == str(root / "model") and top["seed"] == 42 and top["sparsity"] == pytest.approx(0.5)
+    lo, hi = top["bound"]
+    assert lo <= top["esap"] <= hi
+
+
+def test_every_evaluation_is_a_trial_and_the_plan_is_the_best_one(root, first):
+    top = json.loads((root / "runs" / "r1" / "plan.json").read_text())
+    trials = _trials(root, "r1")
+    allocations = [tuple(t.user_attrs["allocation"]) for t in trials]
+    assert len(set(allocations)) == len(allocations)                 # each plan evaluated once
+    assert len(trials) >= top["evaluations"] >= 1
+    assert all(sum(a) == sum(top["counts"]) for a in allocations)    # all on the budget
+    assert max(t.value for t in trials) == pytest.approx(top["esap"])
+    assert tuple(top["counts"]) in allocations
+
+
+def test_json_summary_is_the_last_line(root, first):
+    summary = json.loads(first.output.strip().splitlines()[-1])
+    top = json.loads((root / "runs" / "r1" / "plan.json").read_text())
+    assert summary == {k: v for k, v in top.items() if k != "layers"}
+    assert "uniform" in first.output and "best" in first.output
+
+
+def test_rerun_reuses_statistics_and_trials(root, first):
+    stats_file = root / "runs" / "r1" / "calibration.safetensors"
+    before_mtime, before = stats_file.stat().st_mtime_ns, len(_trials(root, "r1"))
+    again = CliRunner().invoke(cli, _args(root, "--optimizer", "ga", "--json"))
+    assert again.exit_code == 0, again.output
+    assert stats_file.stat().st_mtime_ns == before_mtime           # not observed again
+    assert len(_trials(root, "r1")) == before                       # no new evaluation
+    first_counts = json.loads(first.output.strip().splitlines()[-1])["counts"]
+    assert json.loads(again.output.strip().splitlines()[-1])["counts"] == first_counts
+
+
+def test_another_criterion_reuses_a_sibling_runs_statistics(root, first):
+    cfg = RunConfig.from_sources(None, {"model": str(root / "model"), "data": str(root / "data.txt"), "seq_len": 32,
+                                        "search_num_seqs": 6, "calib_num_seqs": 8, "evals": 6, "population": 3,
+                                        "criterion": "frequency", "optimizer": "random", "out": str(root / "runs" / "r2")})
+    result = run_search(cfg, progress=False)
+    assert result.calibration_reused and result.new_evaluations >= 1
+    assert result.summary["criterion"] == "frequency" and result.summary["esap"] >= result.summary["uniform_esap"]
+
+
+def test_impossible_budget_fails_before_any_weights_load(root, tmp_path):
+    bare = tmp_path / "bare"                       # config and tokenizer, but no weights to load
+    shutil.copytree(root / "model", bare)
+    (bare / "model.safetensors").unlink()
+    args = ["run", "--model", str(bare), "--data", str(root / "data.txt"), "--keep", "1", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: keeping 1 of 24 experts is impossible") and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_sparsity_and_keep_are_mutually_exclusive(root):
+    result = CliRunner().invoke(cli, ["run", "--sparsity", "0.5", "--keep", "3"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --sparsity and --keep are mutually exclusive; give only one of them"]
+
+
+def test_nsga2_writes_a_front(root):
+    result = CliRunner().invoke(cli, _args(root, "--optimizer", "nsga2", name="r3"))
+    assert result.exit_code == 0, result.output
+    front = json.loads((root / "runs" / "r3" / "front.json").read_text())
+    values = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "r3")}
+    assert front["points"]
+    for p in front["points"]:
+        assert np.isclose(values[tuple(p["counts"])], p["value"])
