@@ -127,7 +127,7 @@ class StudyRecorder:
         if bound is not None:
             trial.set_user_attr("bound", bound)
         if not math.isfinite(value):
-            reason = getattr(result, "reason", None) or getattr(result, "error", None) or "objective returned NaN"
+            reason = getattr(result, "failed", None) or "objective returned no value"
             trial.set_user_attr("fail_reason", str(reason))
             self.study.tell(trial, state=TrialState.FAIL)
             return math.nan
