@@ -50,3 +50,9 @@ SIMILARITY_TOKENS = 256
 # ESAP engine: bytes of cached decoder hidden states kept for prefix reuse, and rows per forward (None = all rows).
 PREFIX_CACHE_BYTES = 1 << 30
 ESAP_BATCH_SIZE = None
+
+# Default `ga` search (tuned in benchmarks/search_efficiency.py: a small elitist population with big steps is a
+# fast local search around uniform). Mutation step defaults to max(MUTATION_MAX_DELTA, mean experts / 8).
+GA_OFFSPRING = 8
+GA_ELITES = 4
+GA_CROSSOVER_PROB = 0.9
