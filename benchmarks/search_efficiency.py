@@ -6,8 +6,8 @@
 For each optimizer and seed: the best value after a few evaluation checkpoints, and the evaluations needed to
 reach evoesap's final best on the same seed (the default optimizer should need <= 1/3 of evoesap's budget).
 The model run uses the testbed at 50% sparsity, REAP ranking from one calibration pass, and the batched ESAP
-Evaluator; plans are cached by the engine across optimizers only within one optimizer run (fresh Evaluator
-results dict per run is not needed: counts are distinct plans per run either way).
+Evaluator. Evaluation counts are distinct plans per optimizer run; the engine's own result cache is shared
+across runs, so the wall-clock column favours optimizers that run later (compare evaluations, not seconds).
 """
 from __future__ import annotations
 

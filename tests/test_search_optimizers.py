@@ -160,3 +160,24 @@ def test_baselines_evaluate_their_single_plan(space):
         assert result.evaluations == 1 and len(seen) == 1 and space.contains(result.best)
         assert result.best_value == pytest.approx(float(f(result.best[None])[0]))
     assert get_optimizer("uniform").run(context(space)[0]).best.tolist() == space.uniform().tolist()
+
+
+@pytest.mark.parametrize("name", ["ga", "cmaes"])
+def test_progress_callback_sees_growing_evaluations_and_best(space, name):
+    ctx, _, _ = context(space, max_evals=40)
+    calls = []
+    ctx.on_generation = lambda n, best: calls.append((n, best))
+    result = get_optimizer(name).run(ctx)
+    counts, bests = [c for c, _ in calls], [b for _, b in calls]
+    assert counts == sorted(counts) and counts[-1] == result.evaluations == 40
+    assert bests == sorted(bests) and bests[-1] == result.best_value
+
+
+def test_impossible_search_settings_raise_before_evaluating(space):
+    ctx, seen, _ = context(space, max_evals=0)
+    with pytest.raises(AllocoptError):
+        get_optimizer("ga").run(ctx)
+    ctx, seen, _ = context(make_space({0: 8, 1: 8}, {0: 4, 1: 4}, {0: 1, 1: 1}, keep=12), sparsity_range=(0.9, 0.95))
+    with pytest.raises(AllocoptError, match="sparsity range"):
+        get_optimizer("nsga2").run(ctx)
+    assert seen == []

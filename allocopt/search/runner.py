@@ -45,7 +45,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
     from allocopt.search.optimizers import SearchContext, get_optimizer
-    from allocopt.search.study import StudyRecorder
+    from allocopt.search.workers import recorder_for, workers_for
 
     start = time.perf_counter()
     peek_space(config)
@@ -80,8 +80,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
              "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
              "tolerance": config.tolerance, "seed": config.seed, "budget": int(space.budget), "layers": list(space.layers)}
     check_resumable(config, attrs)
-    recorder = StudyRecorder(config.storage_url, config.name, [evaluator.direction], attrs=attrs,
-                             metric_names=[config.objective], space=space, ranking=ranking)
+    recorder = recorder_for(config, [evaluator.direction], attrs, [config.objective], space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
 
@@ -90,7 +89,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
 
     uniform = space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
-    with _progress_bar(config.max_evals, sign, progress) as on_generation:
+    with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
         ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
                             on_generation=on_generation, options=dict(config.options))

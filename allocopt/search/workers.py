@@ -300,3 +300,28 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---- what `allocopt run` uses ------------------------------------------------------------------------
+
+def uses_queue(config) -> bool:
+    """Queue mode when several processes evaluate, or when the storage is a server other workers can join."""
+    return config.workers > 1 or not config.storage_url.startswith("sqlite")
+
+
+def recorder_for(config, directions: list[str], attrs: dict[str, Any], metric_names: list[str], *,
+                 space=None, ranking=None) -> OwnedRecorder:
+    """The recorder for a run: owner-tagged trials always; the WAITING-trial queue in multi-worker mode."""
+    if uses_queue(config):
+        return QueueRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space,
+                             ranking=ranking, run_config=config.to_json())
+    return OwnedRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space, ranking=ranking)
+
+
+def workers_for(config, recorder: OwnedRecorder):
+    """Context manager running ``config.workers - 1`` worker processes beside this one (a no-op otherwise)."""
+    import contextlib
+
+    if isinstance(recorder, QueueRecorder):
+        return WorkerPool(recorder, config.storage_url, config.name, extra=config.workers - 1)
+    return contextlib.nullcontext()
