@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 from pymoo.core.sampling import Sampling
 
+from allocopt.search.mutation import level_switch
 from allocopt.search.repair import Budget, repair_counts
 from allocopt.search.rounding import largest_remainder
 
@@ -71,3 +72,17 @@ class BudgetSampling(Sampling):
                 self.budget[0], self.budget[1] + 1))
             rows.append(random_composition(lower, upper, total, random_state))
         return np.array(rows[:n_samples])
+
+
+class NeighbourhoodSampling(Sampling):
+    """Row 0 = uniform; every other row = a level-switch neighbour of uniform (a local start)."""
+
+    def __init__(self, uniform: np.ndarray, dmax: int):
+        super().__init__()
+        self.uniform, self.dmax = uniform, dmax
+
+    def _do(self, problem, n_samples, random_state=None, **kwargs):
+        lower, upper = problem.xl.astype(np.int64), problem.xu.astype(np.int64)
+        rows = [self.uniform] + [level_switch(self.uniform, lower, upper, random_state, tmax=3, dmax=self.dmax)
+                                 for _ in range(n_samples - 1)]
+        return np.array(rows)

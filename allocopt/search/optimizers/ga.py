@@ -1,6 +1,6 @@
 """The default search: a steady elitist GA that works as a local search around the uniform plan.
 
-Why these choices (optimizers.md §4.3, measured on the toy and the testbed in benchmarks/search_efficiency.py):
+Why these choices (optimizers.md §4.3, measured with benchmarks/search_efficiency.py):
 the optimum sits near uniform and step size matters more than the library, so generation 0 is the uniform
 plan plus level-switch neighbours of it (not random compositions far away), mutation moves up to
 ``mutation_max_delta`` experts scaled with the layer width, two-point crossover recombines good per-layer
@@ -13,28 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 from pymoo.algorithms.soo.nonconvex.ga import GA
-from pymoo.core.sampling import Sampling
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
-from allocopt.search.mutation import LevelSwitchMutation, level_switch
+from allocopt.search.mutation import LevelSwitchMutation
 from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
 from allocopt.search.problem import AllocationProblem, drive
 from allocopt.search.repair import BudgetRepair
-
-
-class NeighbourhoodSampling(Sampling):
-    """Row 0 = uniform; every other row = a level-switch neighbour of uniform (a local start)."""
-
-    def __init__(self, uniform: np.ndarray, dmax: int):
-        super().__init__()
-        self.uniform, self.dmax = uniform, dmax
-
-    def _do(self, problem, n_samples, random_state=None, **kwargs):
-        lower, upper = problem.xl.astype(np.int64), problem.xu.astype(np.int64)
-        rows = [self.uniform] + [level_switch(self.uniform, lower, upper, random_state, tmax=3, dmax=self.dmax)
-                                 for _ in range(n_samples - 1)]
-        return np.array(rows)
+from allocopt.search.sampling import NeighbourhoodSampling
 
 
 def default_step(space) -> int:
