@@ -42,7 +42,7 @@ def spaces(draw):
                       {i: draw(st.integers(1, 4)) for i in range(n)}, keep=keep)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spaces(), st.integers(0, 1000))
 def test_every_optimizer_only_evaluates_feasible_plans(space, seed):
     for name in available_optimizers():
