@@ -1,0 +1,74 @@
+"""Shared pieces of the reliability tests: a tiny saved OLMoE with its own tokenizer, `allocopt` as a real
+subprocess, and counts read back from a study."""
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+TEXT = " ".join(f"expert {i % 11} takes token {i % 7} in layer {i % 3} while {i % 5} others wait" for i in range(300))
+# Small enough for ~1 s of search per dozen plans on one core.
+SMALL = ["--seq-len", "24", "--num-seqs", "4", "--calib-num-seqs", "6", "--sparsity", "0.5", "--criterion", "reap",
+         "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def save_tiny_model(directory: Path, seed: int = 3, **overrides) -> Path:
+    """A 3-layer OLMoE (8 experts, top-2) with a BPE tokenizer trained on TEXT, saved as safetensors."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from allocopt.models.tiny import build_tiny_model
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(directory)
+    build_tiny_model("olmoe", seed=seed, **overrides).save_pretrained(directory)
+    return directory
+
+
+def make_root(root: Path) -> Path:
+    save_tiny_model(root / "model")
+    (root / "data.txt").write_text(TEXT, encoding="utf-8")
+    return root
+
+
+def run_args(root: Path, name: str, *extra: str) -> list[str]:
+    return ["run", "--model", str(root / "model"), "--data", str(root / "data.txt"), *SMALL,
+            "--out", str(root / "runs" / name), "--name", name, *extra]
+
+
+def allocopt(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``allocopt ARGS`` in a fresh interpreter, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "allocopt.cli.main", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, **kwargs)
+
+
+def popen(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "allocopt.cli.main", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=ENV, **kwargs)
+
+
+def sqlite_url(root: Path, name: str) -> str:
+    return f"sqlite:///{(root / 'runs' / f'{name}.db').resolve()}"
+
+
+def trial_counts(storage: str, name: str) -> dict[str, int]:
+    """COMPLETE trials, their distinct allocations, duplicates among them, and trials per state."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    complete = [tuple(t.user_attrs["allocation"]) for t in trials if t.state == TrialState.COMPLETE]
+    states = collections.Counter(t.state.name for t in trials)
+    return {"complete": len(complete), "distinct": len(set(complete)), "duplicated": len(complete) - len(set(complete)),
+            "running": states.get("RUNNING", 0), "waiting": states.get("WAITING", 0), "fail": states.get("FAIL", 0)}
+
+
+def complete_allocations(storage: str, name: str) -> set[tuple[int, ...]]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return {tuple(t.user_attrs["allocation"]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}

@@ -1,0 +1,79 @@
+"""Kill a real `allocopt run` with SIGKILL mid-search, rerun it with --resume, and compare with an uninterrupted run.
+
+A resumed seeded optimizer replays its trajectory against the study (completed plans are served, never
+re-evaluated) and continues, so it must end with exactly the plans and the plan.json of a run never killed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import pytest
+
+from reliability_kit import (allocopt, complete_allocations, make_root, popen, run_args, sqlite_url,
+                             trial_counts)
+
+EVALS = ["--evals", "18", "--population", "6", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("resume"))
+
+
+def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as the study holds ``at_least`` COMPLETE trials."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if trial_counts(storage, name)["complete"] >= at_least:
+                break
+        except (KeyError, Exception):                   # study or tables not created yet
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("optimizer", ["ga", "nsga2", "cmaes"])
+def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record_property):
+    ref = allocopt(*run_args(root, f"ref-{optimizer}", "--optimizer", optimizer, *EVALS))
+    assert ref.returncode == 0, ref.stderr
+
+    name = f"kill-{optimizer}"
+    storage = sqlite_url(root, name)
+    at = random.Random().randint(3, 12)
+    _kill_when_complete(popen(*run_args(root, name, "--optimizer", optimizer, *EVALS)), storage, name, at)
+    before = trial_counts(storage, name)
+    plans_before = complete_allocations(storage, name)
+
+    resumed = allocopt(*run_args(root, name, "--optimizer", optimizer, "--resume", *EVALS))
+    assert resumed.returncode == 0, resumed.stderr
+    after = trial_counts(storage, name)
+    plans_after = complete_allocations(storage, name)
+    lost = len(plans_before - plans_after)
+    counts = (f"{optimizer}: killed at {before['complete']} COMPLETE ({before['running']} RUNNING); after resume "
+              f"{after['complete']} COMPLETE, {after['distinct']} distinct, {after['fail']} FAIL (orphans), "
+              f"lost {lost}, duplicated {after['duplicated']}")
+    print(counts)
+    record_property("resume_counts", counts)
+
+    assert lost == 0 and after["duplicated"] == 0, counts
+    assert after["running"] == 0 and after["waiting"] == 0, counts
+    assert after["fail"] == before["running"], counts            # the killed run's in-flight trials, never counted
+    ref_storage = sqlite_url(root, f"ref-{optimizer}")
+    assert plans_after == complete_allocations(ref_storage, f"ref-{optimizer}"), counts
+    plan = json.loads((root / "runs" / name / "plan.json").read_text())
+    ref_plan = json.loads((root / "runs" / f"ref-{optimizer}" / "plan.json").read_text())
+    assert plan["layers"] == ref_plan["layers"] and plan["esap"] == ref_plan["esap"], counts
+    assert plan["evaluations"] == ref_plan["evaluations"]
+
+
+def test_resume_without_a_study_is_refused(root):
+    out = allocopt(*run_args(root, "never-ran", "--resume", *EVALS))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "no study 'never-ran'" in out.stderr
+    assert not (root / "runs" / "never-ran").exists()
