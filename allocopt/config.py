@@ -55,6 +55,7 @@ class RunConfig:
     storage: str | None = None                       # Optuna storage URL; None: sqlite:///<studies dir>/<run name>.db
     out: str | None = None                           # run directory; None: studies/<run name>/
     run_name: str | None = None                      # None: derived from the options (see default_run_name)
+    workers: int = 1                                 # evaluating processes (this one included); see search/workers.py
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -117,7 +118,8 @@ class RunConfig:
         if not 0.0 <= self.min_density <= self.max_density <= 1.0:
             raise AllocoptError(f"need 0 <= min_density <= max_density <= 1, got {self.min_density} and {self.max_density}; fix the density bounds")
         for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
-                         ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1)):
+                         ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1),
+                         ("workers", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")

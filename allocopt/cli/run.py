@@ -39,9 +39,11 @@ from allocopt.errors import AllocoptError
 @opt("--storage", metavar="URL", help="Optuna storage URL [default: sqlite:///<studies dir>/<name>.db].")
 @opt("--out", type=click.Path(file_okay=False), help=f"Run directory [default: {D.STUDIES_DIR}/<name>/].")
 @opt("--name", "run_name", help="Run and study name [default: from the options, e.g. testbed-reap-ga-s50-seed42].")
+@opt("--workers", type=int, default=1, help="Evaluating processes, this one included (more join with `allocopt worker`).")
+@click.option("--resume", is_flag=True, help="Continue the existing study of this run name; fail if there is none.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @json_option
-def run(problem, option_pairs, quiet, as_json, **given) -> None:
+def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     """Search how many experts each MoE layer keeps and write plan.json."""
     from allocopt.config import RunConfig
     from allocopt.search.runner import run_search
@@ -51,6 +53,10 @@ def run(problem, option_pairs, quiet, as_json, **given) -> None:
     if option_pairs:
         given["options"] = parse_key_values(option_pairs)
     config = RunConfig.from_sources(problem, given)
+    if resume:
+        from allocopt.search.workers import require_study
+
+        require_study(config.storage_url, config.name)
     if quiet:
         from transformers.utils import logging as hf_logging
 
