@@ -56,3 +56,6 @@ ESAP_BATCH_SIZE = None
 GA_OFFSPRING = 8
 GA_ELITES = 4
 GA_CROSSOVER_PROB = 0.9
+
+# lm-evaluation-harness adapter: requests per forward pass (lm-eval's own default of 1 leaves a CPU mostly idle).
+LM_EVAL_BATCH_SIZE = 16

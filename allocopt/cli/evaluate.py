@@ -1,7 +1,9 @@
-"""``allocopt eval``: the testbed's held-out tasks on any checkpoint (the testbed itself or a pruned export)."""
+"""``allocopt eval``: the testbed's held-out tasks, or lm-evaluation-harness tasks, on any checkpoint (the testbed
+itself or a pruned export)."""
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -14,10 +16,42 @@ from allocopt.errors import AllocoptError
 @click.option("--json", "as_json", is_flag=True, help="Also print the metrics as one JSON object (last line).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the metrics JSON to this file.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N items (or sequences) per task.")
-def evaluate(model_spec: str, as_json: bool, out: str | None, limit: int | None) -> None:
-    """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy."""
-    from allocopt.evaluation import evaluate as run_evaluation
+@click.option("--lm-eval-tasks", "lm_eval_tasks", metavar="NAME[,NAME]", default=None,
+              help="Run these lm-evaluation-harness tasks (names or globs) instead of the testbed tasks; "
+                   'needs pip install "allocopt[lm-eval]".')
+@click.option("--lm-eval-include", "lm_eval_include", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Folder of your own lm-eval task YAML files (searched before lm-eval's built-in tasks).")
+def evaluate(model_spec: str, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
+             lm_eval_include: str | None) -> None:
+    """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
+
+    if lm_eval_include is not None and lm_eval_tasks is None:
+        raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
+    metrics = (_lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit) if lm_eval_tasks is not None
+               else _testbed_tasks(model_spec, limit))
+    if out:
+        atomic_write_json(out, metrics)
+    if as_json:
+        click.echo(json.dumps(metrics))
+
+
+def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None) -> dict:
+    from allocopt.evaluation.lm_eval_adapter import metric_table, run_lm_eval
+
+    start = time.time()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    table = metric_table(run_lm_eval(model_spec, names, include_path=include, limit=limit))
+    click.echo(f"{'metric':<32} {'value':>10}")
+    for name, value in table.items():
+        click.echo(f"{name:<32} {value:>10.4f}")
+    seconds = round(time.time() - start, 1)
+    click.echo(f"({seconds:.1f} s)")
+    return {"lm_eval": table, "model": str(model_spec), "seconds": seconds}
+
+
+def _testbed_tasks(model_spec: str, limit: int | None) -> dict:
+    from allocopt.evaluation import evaluate as run_evaluation
     from allocopt.models import load_model
 
     model, tokenizer = load_model(model_spec)
@@ -36,7 +70,4 @@ def evaluate(model_spec: str, as_json: bool, out: str | None, limit: int | None)
     for domain, value in metrics["mc_acc_by_domain"].items():
         click.echo(f"{'mc_acc/' + domain:<20} {value:>10.3f}")
     click.echo(f"({metrics['seconds']:.1f} s)")
-    if out:
-        atomic_write_json(out, metrics)
-    if as_json:
-        click.echo(json.dumps(metrics))
+    return metrics
