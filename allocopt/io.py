@@ -12,20 +12,40 @@ from typing import Any, Iterator
 from allocopt.errors import AllocoptError
 
 
-def _check_writable_dir(directory: Path) -> None:
+def ensure_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` (and parents) or say in one line why it cannot hold outputs."""
+    directory = Path(directory)
+    blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise AllocoptError(f"cannot create output directory {directory}: {blocker} is a file, not a directory; "
+                            "choose a writable location")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AllocoptError(f"cannot create output directory {directory}: {exc.strerror}; choose a writable location") from exc
     if not os.access(directory, os.W_OK):
         raise AllocoptError(f"output directory {directory} is not writable; choose a writable location")
+    return directory
+
+
+def _write_error(path: Path, exc: BaseException) -> AllocoptError:
+    reason = getattr(exc, "strerror", None) or str(exc).rpartition("I/O error: ")[2]
+    return AllocoptError(f"could not write {path}: {reason}; free disk space or choose another location")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or safetensors' own wrapper of one (transformers writes weights through it)."""
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
-    _check_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_writable_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -35,7 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise AllocoptError(f"could not write {path}: {exc.strerror or exc}; free disk space or choose another location") from exc
+        raise _write_error(path, exc) from exc
     return path
 
 
@@ -57,8 +77,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     non_empty = path.is_dir() and any(path.iterdir())
     if not overwrite and (non_empty or path.is_file()):
         raise AllocoptError(f"output directory {path} already exists and is not empty; pass --overwrite or choose another --out")
-    _check_writable_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    ensure_writable_dir(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         yield tmp
         if path.exists():
@@ -69,9 +92,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AllocoptError(f"could not write {path}: {exc.strerror or exc}; free disk space or choose another location") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc):
+            raise _write_error(path, exc) from exc
         raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 
@@ -25,8 +26,10 @@ def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, b
     from allocopt.calibration import observe as run_observer
     from allocopt.data import load_tokens
     from allocopt.errors import AllocoptError
+    from allocopt.io import ensure_writable_dir
     from allocopt.models import load_model
 
+    ensure_writable_dir(Path(out).parent)          # fail before the pass, not after it
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer next to the checkpoint")

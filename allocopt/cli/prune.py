@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from allocopt.cli.options import quiet_option, silence_progress
 from allocopt.errors import AllocoptError
 
 
@@ -13,12 +14,15 @@ from allocopt.errors import AllocoptError
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Directory for the pruned checkpoint.")
 @click.option("--model", "model_spec", default=None, help="Checkpoint directory or `testbed` (default: the plan's \"model\").")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool) -> None:
+@quiet_option
+def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, quiet: bool) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
     from allocopt.models import describe, load_model, prune_model, save_pruned
     from allocopt.models.card import render_card
     from allocopt.plan import Plan
 
+    if quiet:
+        silence_progress()
     plan = Plan.load(plan_path)
     spec = model_spec or plan.extra.get("model")
     if not spec:
@@ -26,7 +30,7 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     model, tokenizer = load_model(str(spec))
     before = describe(model)
     plan.validate(before.num_experts, before.top_k, before.fingerprint, source=f"plan file {plan_path}")
-    prune_model(model, plan, progress=True)
+    prune_model(model, plan, progress=not quiet)
     after = describe(model)
     save_pruned(model, tokenizer, out_dir, plan, card=render_card(plan, before, after, str(spec)), overwrite=overwrite)
     click.echo(f"wrote {out_dir}: {sum(after.num_experts.values())}/{sum(before.num_experts.values())} routed experts kept, "

@@ -6,7 +6,8 @@ import json
 import click
 
 from allocopt import defaults as D
-from allocopt.cli.options import json_option, model_option, opt, parse_key_values, seed_option, trust_remote_code_option
+from allocopt.cli.options import (json_option, model_option, opt, parse_key_values, quiet_option, seed_option,
+                                  silence_progress, trust_remote_code_option)
 from allocopt.errors import AllocoptError
 
 
@@ -41,7 +42,7 @@ from allocopt.errors import AllocoptError
 @opt("--name", "run_name", help="Run and study name [default: from the options, e.g. testbed-reap-ga-s50-seed42].")
 @opt("--workers", type=int, default=1, help="Evaluating processes, this one included (more join with `allocopt worker`).")
 @click.option("--resume", is_flag=True, help="Continue the existing study of this run name; fail if there is none.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @json_option
 def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     """Search how many experts each MoE layer keeps and write plan.json."""
@@ -58,9 +59,7 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
 
         require_study(config.storage_url, config.name)
     if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        silence_progress()
     result = run_search(config, progress=not quiet)
     s = result.summary
     click.echo(f"uniform  {s['objective']} {s['uniform_esap']:.6f}")

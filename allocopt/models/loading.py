@@ -1,6 +1,7 @@
 """Load a model by spec: a local checkpoint directory or the word ``testbed``. Safetensors only, no hub."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from allocopt.errors import AllocoptError
 from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def resolve(spec: str | Path) -> Path:
@@ -33,6 +35,45 @@ def resolve(spec: str | Path) -> Path:
     return path
 
 
+def load_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's transformers config, refused early when allocopt could not load it as a causal LM.
+
+    A model type transformers does not know is refused unless the user asked for ``trust_remote_code`` and the
+    config's ``auto_map`` names the checkpoint's own code (checked here, so transformers never prompts for it).
+    Without ``trust_remote_code`` a known type is built from its stock transformers class, whatever ``auto_map`` says.
+    """
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AllocoptError(f"{path}/config.json is not readable JSON ({exc}); pass an intact transformers checkpoint") from exc
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    raw = raw if isinstance(raw, dict) else {}
+    model_type, remote = raw.get("model_type"), bool(raw.get("auto_map"))
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if remote and not trust_remote_code:
+            raise AllocoptError(f"model {path} needs its own Python code (auto_map in config.json, model_type {model_type!r}); "
+                                "pass --trust-remote-code only if you trust that code")
+        if not remote:
+            raise AllocoptError(f"model {path} has model_type {model_type!r}, which transformers {transformers.__version__} "
+                                "does not know; pass a supported MoE checkpoint (e.g. OLMoE, Qwen3-MoE, Mixtral)")
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise AllocoptError(f"model {path} ({model_type}) is not a causal language model; allocopt needs a decoder-only MoE model")
+    return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def check_safetensors(path: Path) -> None:
+    """Weights are read from safetensors only: a pickle checkpoint could run arbitrary code when loaded."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(f.name for pattern in _PICKLE_WEIGHTS for f in path.glob(pattern))
+    if pickles:
+        raise AllocoptError(f"model {path} has only pickle weights ({', '.join(pickles)}); allocopt loads safetensors only, "
+                            "convert the checkpoint with save_pretrained(..., safe_serialization=True) where you trust it")
+    raise AllocoptError(f"model directory {path} has no weights (*.safetensors); pass a complete checkpoint directory")
+
+
 def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
                trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode; pruned allocopt exports go through ``load_pruned`` automatically.
@@ -40,7 +81,8 @@ def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device:
     ``dtype=None`` keeps the checkpoint's own dtype. ``tokenizer`` is None when the directory has none.
     """
     path = resolve(spec)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code)
+    check_safetensors(path)
     if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
         model = load_pruned(path, dtype=dtype, device=device)
     else:

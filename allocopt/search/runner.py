@@ -20,7 +20,7 @@ import numpy as np
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.io import atomic_write_json
+from allocopt.io import atomic_write_json, ensure_writable_dir
 from allocopt.plan import Plan
 
 STATS_FILE = "calibration.safetensors"
@@ -45,18 +45,19 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
     from allocopt.search.optimizers import SearchContext, get_optimizer
+    from allocopt.search.study import check_storage
     from allocopt.search.workers import recorder_for, workers_for
 
     start = time.perf_counter()
     peek_space(config)
+    run_dir = ensure_writable_dir(config.run_dir)
+    check_storage(config.storage_url)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
                                   trust_remote_code=config.trust_remote_code)
     if tokenizer is None:
         raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
     info = describe(model)
     space = space_for(config, info.num_experts, info.top_k, info.bytes_per_expert)
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     stats, reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
     criterion = get_criterion(config.criterion)
@@ -149,12 +150,12 @@ def peek_space(config: RunConfig):
 
     from allocopt.models import find_moe_blocks
     from allocopt.models.export import LAYER_COUNTS_FIELD
-    from allocopt.models.loading import resolve
+    from allocopt.models.loading import load_config, resolve
 
     path = resolve(config.model)
     if config.trust_remote_code:
         return None
-    model_config = transformers.AutoConfig.from_pretrained(path)
+    model_config = load_config(path)
     if getattr(model_config, LAYER_COUNTS_FIELD, None) is not None:
         return None
     with torch.device("meta"):

@@ -9,8 +9,11 @@ share one study, and lets optuna-dashboard show each allocation: the counts are 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sqlite3
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,9 +22,11 @@ from optuna.distributions import IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
+from allocopt.errors import AllocoptError
 from allocopt.search.space import AllocationSpace
 
 ALLOCATION = "allocation"
+_OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
 def param_name(layer: int) -> str:
@@ -46,6 +51,45 @@ class _RecordedPlanSampler(BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return trial.user_attrs[ALLOCATION][self.index[param_name]]
+
+
+def check_storage(url: str) -> None:
+    """Refuse a study database that is corrupt or belongs to another program before Optuna opens it.
+
+    Optuna would add its tables to any SQLite file it is given (changing a stranger's file) and fails on a
+    corrupt one with a SQL traceback; both become one line here. Server URLs are left to Optuna.
+    """
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise AllocoptError(f"storage {url!r} is not a database URL; pass e.g. sqlite:///studies/run.db "
+                            "or postgresql://user@host/db") from exc
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise AllocoptError(f"the folder {path.parent} of study database {path} does not exist; create it or pass another --storage")
+        return
+    if path.is_dir():
+        raise AllocoptError(f"study database {path} is a directory; pass a file path in --storage")
+    if path.stat().st_size == 0:                         # SQLite reads an empty file as an empty database
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as con:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise AllocoptError(f"study database {path} is corrupt or not an SQLite file ({exc}); "
+                            "restore it from a backup or pass another --storage") from exc
+    if verdict != "ok":
+        raise AllocoptError(f"study database {path} is corrupt (integrity check: {verdict}); "
+                            "restore it from a backup or pass another --storage")
+    if tables and not _OPTUNA_TABLES <= tables:
+        raise AllocoptError(f"{path} is an SQLite database of another program (tables: {', '.join(sorted(tables)[:5])}), "
+                            "not an Optuna study; pass a new file or a study database in --storage")
 
 
 def _value(result: Any) -> float:

@@ -29,7 +29,7 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from allocopt.errors import AllocoptError
-from allocopt.search.study import ALLOCATION, StudyRecorder, param_name
+from allocopt.search.study import ALLOCATION, StudyRecorder, check_storage, param_name
 
 OWNER = "owner"                 # trial user attr: "host:pid" of the process evaluating it
 ORPHANED = "orphaned"           # trial user attr: True when FAILed because its owner died (retry, never a result)
@@ -81,6 +81,7 @@ def fail_orphans(study: optuna.Study) -> int:
 
 def require_study(storage: str, study_name: str) -> optuna.Study:
     """The existing study (``--resume`` / ``allocopt worker``); a one-line error when there is none."""
+    check_storage(storage)
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
