@@ -141,7 +141,10 @@ def test_nsga2_writes_a_front(root):
     result = CliRunner().invoke(cli, _args(root, "--optimizer", "nsga2", name="r3"))
     assert result.exit_code == 0, result.output
     front = json.loads((root / "runs" / "r3" / "front.json").read_text())
-    values = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "r3")}
+    trials = _trials(root, "r3")
+    values = {tuple(t.user_attrs["allocation"]): t.values for t in trials}
     assert front["points"]
-    for p in front["points"]:
-        assert np.isclose(values[tuple(p["counts"])], p["value"])
+    for p in front["points"]:                      # the study is two-objective: (esap, memory bytes) per trial
+        esap, memory = values[tuple(p["counts"])]
+        assert np.isclose(esap, p["value"]) and memory == p["memory_bytes"]
+    assert len({m for _, m in values.values()}) > 1, "nsga2 should explore several memory budgets"

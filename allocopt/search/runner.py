@@ -26,6 +26,7 @@ from allocopt.plan import Plan
 STATS_FILE = "calibration.safetensors"
 PLAN_FILE = "plan.json"
 FRONT_FILE = "front.json"
+MULTI_OBJECTIVE = {"nsga2"}     # optimizers whose study records (objective, memory_bytes)
 
 
 @dataclass
@@ -81,7 +82,10 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
              "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
              "tolerance": config.tolerance, "seed": config.seed, "budget": int(space.budget), "layers": list(space.layers)}
     check_resumable(config, attrs)
-    recorder = recorder_for(config, [evaluator.direction], attrs, [config.objective], space=space, ranking=ranking)
+    directions, metrics = [evaluator.direction], [config.objective]
+    if config.optimizer in MULTI_OBJECTIVE:           # the dashboard's Pareto view: objective vs expert memory
+        directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
+    recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
 
