@@ -23,7 +23,7 @@ def root(tmp_path_factory):
     return make_root(tmp_path_factory.mktemp("resume"))
 
 
-def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: float = 120) -> None:
+def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: float = 600) -> None:
     """SIGKILL ``proc`` as soon as the study holds ``at_least`` COMPLETE trials."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -34,6 +34,7 @@ def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: f
             pass
         time.sleep(0.05)
     assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+    assert time.monotonic() < deadline, f"the run never reached {at_least} COMPLETE trials in {timeout} s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

@@ -11,8 +11,8 @@ import click
 @click.command("worker")
 @click.option("--study", "study_name", required=True, help="Study (run) name of the search to join.")
 @click.option("--storage", required=True, metavar="URL", help="Optuna storage URL of that search (e.g. postgresql://...).")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Plans taken and evaluated together in one batched pass.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plans taken and evaluated together in one batched pass (more: faster per plan, less sharing).")
 @click.option("--idle-timeout", type=float, default=None,
               help="Exit after this many seconds without work [default: wait until the search is done].")
 @click.option("--device", default=None, help="torch device here [default: the coordinator's].")

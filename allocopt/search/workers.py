@@ -105,7 +105,7 @@ class OwnedRecorder(StudyRecorder):
 class QueueRecorder(OwnedRecorder):
     """Evaluations go through the study's WAITING queue so any number of workers can share them."""
 
-    def __init__(self, *args: Any, run_config: dict[str, Any], batch: int = 8, **kwargs: Any):
+    def __init__(self, *args: Any, run_config: dict[str, Any], batch: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.batch = batch
         self.study.set_user_attr(RUN_CONFIG, run_config)
@@ -227,7 +227,7 @@ def tell(study: optuna.Study, trial: FrozenTrial, result: Any) -> None:
 
 # ---- worker processes --------------------------------------------------------------------------------
 
-def serve(storage: str, study_name: str, batch: int = 8, idle_timeout: float | None = None,
+def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | None = None,
           parent: int | None = None, device: str | None = None) -> int:
     """Evaluate WAITING trials of a study until its search is done; returns how many this worker evaluated.
 
