@@ -42,6 +42,9 @@ MAX_DENSITY = 1.0
 
 # Where the model runs during `allocopt run` and how many rows go through it at once.
 DEVICE = "cpu"
+# transformers fused-experts kernel per device type (None: transformers' own default). On CPU the eager per-expert
+# loop is ~7x faster than grouped_mm for the testbed (benchmarks/experts_kernel.py); results are identical.
+EXPERTS_IMPLEMENTATION: dict[str, str | None] = {"cpu": "eager", "cuda": None}
 CALIBRATION_BATCH_SIZE = 8
 
 # Observer: real tokens per batch on which every expert runs once to estimate the E x E expert-output similarity.

@@ -9,6 +9,7 @@ import torch
 import transformers
 from torch import nn
 
+from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned
 
@@ -74,6 +75,22 @@ def check_safetensors(path: Path) -> None:
     raise AllocoptError(f"model directory {path} has no weights (*.safetensors); pass a complete checkpoint directory")
 
 
+def use_fast_experts(model: nn.Module, device: str | torch.device) -> None:
+    """Pick the fused-experts kernel that is fastest where the model runs (``defaults.EXPERTS_IMPLEMENTATION``).
+
+    transformers 5 defaults to ``grouped_mm``, whose CPU path is several times slower than the per-expert
+    ``eager`` loop (benchmarks/experts_kernel.py); results are identical, only the kernel changes.
+    """
+    choice = defaults.EXPERTS_IMPLEMENTATION.get(torch.device(device).type)
+    setter = getattr(model, "set_experts_implementation", None)
+    if choice is None or setter is None or getattr(model.config, "_experts_implementation", None) in (None, choice):
+        return
+    try:
+        setter(choice)
+    except (ValueError, RuntimeError):
+        pass                                     # a model whose experts have no interface choice keeps its own
+
+
 def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
                trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode; pruned allocopt exports go through ``load_pruned`` automatically.
@@ -89,6 +106,7 @@ def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", use_safetensors=True,
                                                                   trust_remote_code=trust_remote_code)
         model = model.to(device).eval()
+    use_fast_experts(model, device)
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
