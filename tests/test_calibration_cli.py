@@ -4,14 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from allocopt.calibration import RoutingStats, observe
 from allocopt.cli.main import cli
 from allocopt.data import load_tokens
 from allocopt.models import describe, load_model
-from allocopt.models.tiny import build_tiny_model
+from reliability_kit import save_tiny_model
 
 TEXT = " ".join(f"the expert number {i % 13} routes token {i % 7} to layer {i % 3} and back again" for i in range(200))
 
@@ -19,11 +17,7 @@ TEXT = " ".join(f"the expert number {i % 13} routes token {i % 7} to layer {i % 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(root / "model")
-    build_tiny_model("olmoe", seed=5).save_pretrained(root / "model")
+    save_tiny_model(root / "model", seed=5)
     (root / "calib.txt").write_text(TEXT, encoding="utf-8")
     return root
 

@@ -8,8 +8,6 @@ import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from allocopt.calibration import RoutingStats
 from allocopt.cli.main import cli
@@ -17,26 +15,18 @@ from allocopt.config import RunConfig
 from allocopt.criteria import rank
 from allocopt.data import load_tokens
 from allocopt.models import describe, load_model
-from allocopt.models.tiny import build_tiny_model
 from allocopt.objectives import Evaluator
 from allocopt.plan import Plan
 from allocopt.search.runner import run_search
+from reliability_kit import make_root
 
-TEXT = " ".join(f"expert {i % 11} takes token {i % 7} in layer {i % 3} while {i % 5} others wait" for i in range(300))
 SMALL = ["--seq-len", "32", "--num-seqs", "6", "--calib-num-seqs", "8", "--evals", "12", "--population", "4",
          "--sparsity", "0.5", "--criterion", "reap", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(root / "model")
-    build_tiny_model("olmoe", seed=3).save_pretrained(root / "model")
-    (root / "data.txt").write_text(TEXT, encoding="utf-8")
-    return root
+    return make_root(tmp_path_factory.mktemp("run"))
 
 
 def _args(root, *extra: str, name: str = "r1") -> list[str]:
