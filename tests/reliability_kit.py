@@ -33,8 +33,10 @@ def save_tiny_model(directory: Path, seed: int = 3, **overrides) -> Path:
     return directory
 
 
-def make_root(root: Path) -> Path:
-    save_tiny_model(root / "model")
+def make_root(root: Path, model: bool = True) -> Path:
+    """``root/model`` (unless the caller saved its own) and ``root/data.txt``."""
+    if model:
+        save_tiny_model(root / "model")
     (root / "data.txt").write_text(TEXT, encoding="utf-8")
     return root
 

@@ -13,6 +13,7 @@ import contextlib
 import math
 import sqlite3
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,6 +103,25 @@ def _bound(result: Any) -> list[float] | None:
     return [float(lo), float(hi)] if lo is not None and hi is not None else None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one evaluation records in its trial: objective values (None: the trial FAILs) and user attrs."""
+
+    values: list[float] | None
+    attrs: dict[str, Any]
+
+
+def outcome(result: Any, memory_bytes: float | None, objectives: int) -> Outcome:
+    """The trial record of an objective result (``ObjectiveValue`` or a number); shared by every recorder and
+    worker so a plan's trial looks the same whoever evaluated it. Two objectives add the plan's memory."""
+    value, bound = _value(result), _bound(result)
+    attrs: dict[str, Any] = {} if bound is None else {"bound": bound}
+    if not math.isfinite(value):
+        attrs["fail_reason"] = str(getattr(result, "failed", None) or "objective returned no value")
+        return Outcome(None, attrs)
+    return Outcome([value] + ([float(memory_bytes)] if objectives == 2 else []), attrs)
+
+
 class StudyRecorder:
     """Makes every evaluation an Optuna trial and serves already-completed trials from the study (resume).
 
@@ -167,16 +187,12 @@ class StudyRecorder:
         return trial
 
     def _finish(self, trial: optuna.Trial, plan: tuple[int, ...], result: Any) -> float:
-        value, bound = _value(result), _bound(result)
-        if bound is not None:
-            trial.set_user_attr("bound", bound)
-        if not math.isfinite(value):
-            reason = getattr(result, "failed", None) or "objective returned no value"
-            trial.set_user_attr("fail_reason", str(reason))
+        memory = self.space.memory_bytes(plan) if self.space is not None else None
+        out = outcome(result, memory, len(self.study.directions))
+        for key, value in out.attrs.items():
+            trial.set_user_attr(key, value)
+        if out.values is None:
             self.study.tell(trial, state=TrialState.FAIL)
             return math.nan
-        values = [value]
-        if len(self.study.directions) == 2:
-            values.append(float(self.space.memory_bytes(plan)))
-        self.study.tell(trial, values)
-        return value
+        self.study.tell(trial, out.values)
+        return out.values[0]

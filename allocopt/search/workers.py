@@ -29,7 +29,7 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from allocopt.errors import AllocoptError
-from allocopt.search.study import ALLOCATION, StudyRecorder, check_storage, param_name
+from allocopt.search.study import ALLOCATION, StudyRecorder, check_storage, outcome, param_name
 
 OWNER = "owner"                 # trial user attr: "host:pid" of the process evaluating it
 ORPHANED = "orphaned"           # trial user attr: True when FAILed because its owner died (retry, never a result)
@@ -121,18 +121,18 @@ class QueueRecorder(OwnedRecorder):
 
         def evaluate(counts: np.ndarray) -> np.ndarray:
             rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
-            outcome = self._outcomes()
-            misses = [r for r in dict.fromkeys(rows) if r not in outcome]
+            known = self._outcomes()
+            misses = [r for r in dict.fromkeys(rows) if r not in known]
             self._enqueue(misses, optimizer)
             while misses:
                 if not process_waiting(self.study, evaluate_trials, self.batch):
                     fail_orphans(self.study)
-                    outcome = self._outcomes()
-                    self._enqueue([r for r in misses if r not in outcome], optimizer)
+                    known = self._outcomes()
+                    self._enqueue([r for r in misses if r not in known], optimizer)
                     time.sleep(POLL_S)
-                outcome = self._outcomes()
-                misses = [r for r in misses if r not in outcome]
-            return np.array([outcome[r] for r in rows], dtype=float)
+                known = self._outcomes()
+                misses = [r for r in misses if r not in known]
+            return np.array([known[r] for r in rows], dtype=float)
 
         return evaluate
 
@@ -207,22 +207,12 @@ def process_waiting(study: optuna.Study, evaluate_trials: Callable[[list[FrozenT
 
 
 def tell(study: optuna.Study, trial: FrozenTrial, result: Any) -> None:
-    """Record one evaluation the way StudyRecorder does: value (+ memory for two objectives), or FAIL with a reason."""
-    storage = study._storage
-    value = getattr(result, "value", result)
-    value = float(value) if value is not None else math.nan
-    lo, hi = getattr(result, "lo", None), getattr(result, "hi", None)
-    if lo is not None and hi is not None:
-        storage.set_trial_user_attr(trial._trial_id, "bound", [float(lo), float(hi)])
-    if not math.isfinite(value):
-        reason = getattr(result, "failed", None) or "objective returned no value"
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", str(reason))
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        return
-    values = [value]
-    if len(study.directions) == 2:
-        values.append(float(trial.user_attrs["memory_bytes"]))
-    storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, values)
+    """Record one evaluation exactly as StudyRecorder does (``study.outcome``), through the storage."""
+    out = outcome(result, trial.user_attrs.get("memory_bytes"), len(study.directions))
+    for key, value in out.attrs.items():
+        study._storage.set_trial_user_attr(trial._trial_id, key, value)
+    state = TrialState.FAIL if out.values is None else TrialState.COMPLETE
+    study._storage.set_trial_state_values(trial._trial_id, state, out.values)
 
 
 # ---- worker processes --------------------------------------------------------------------------------
