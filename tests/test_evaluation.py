@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -97,3 +98,34 @@ def test_heldout_item_lists_are_fixed_and_heldout_only():
     for domain in ("math", "code", "prose"):
         mc = tasks.mc_items(domain)[:50]
         assert all(len(set(i["choices"])) == 4 and 0 <= i["answer"] < 4 for i in mc)
+
+
+def test_exported_testbed_evaluates_like_the_masked_one_in_a_fresh_process(testbed, tmp_path):
+    """A non-uniform 50% plan: `allocopt eval --plan` (masked, what the search scores) and `allocopt eval` on the
+    `allocopt prune` export, each in its own interpreter, give the same held-out numbers."""
+    import subprocess
+    import sys
+
+    from allocopt.models import describe
+    from allocopt.plan import Plan
+
+    model, _ = testbed
+    info = describe(model)
+    ranking = {l: list(range(e))[::-1] for l, e in info.num_experts.items()}         # keep the highest ids
+    counts = dict(zip(sorted(info.num_experts), [12, 10, 8, 8, 6, 4]))
+    plan_path = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts).save(tmp_path / "plan.json")
+
+    def allocopt(*args: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "allocopt.cli.main", *args], capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1]) if args[0] == "eval" else {}
+
+    allocopt("prune", "--plan", str(plan_path), "--model", "testbed", "--out", str(tmp_path / "pruned"), "--quiet")
+    masked = allocopt("eval", "--model", "testbed", "--plan", str(plan_path), "--limit", "24", "--json")
+    exported = allocopt("eval", "--model", str(tmp_path / "pruned"), "--limit", "24", "--json")
+    assert exported["math_em"] == masked["math_em"] and exported["code_em"] == masked["code_em"]
+    assert exported["mc_acc"] == masked["mc_acc"]
+    for domain, ppl in masked["ppl"].items():
+        assert exported["ppl"][domain] == pytest.approx(ppl, rel=1e-5)
+    assert masked["ppl"] != evaluate(model, testbed[1], limit=24)["ppl"]      # the plan really prunes something

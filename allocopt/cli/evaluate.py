@@ -13,6 +13,8 @@ from allocopt.errors import AllocoptError
 
 @click.command("eval")
 @click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
+              help="Evaluate the model with this plan's pruned experts masked out (what the search scored).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the metrics as one JSON object (last line).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the metrics JSON to this file.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N items (or sequences) per task.")
@@ -21,15 +23,17 @@ from allocopt.errors import AllocoptError
                    'needs pip install "allocopt[lm-eval]".')
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Folder of your own lm-eval task YAML files (searched before lm-eval's built-in tasks).")
-def evaluate(model_spec: str, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
+def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
              lm_eval_include: str | None) -> None:
     """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
 
+    if plan_path is not None and lm_eval_tasks is not None:
+        raise AllocoptError("--plan works with the testbed tasks only; export the plan with `allocopt prune` for lm-eval")
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     metrics = (_lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit) if lm_eval_tasks is not None
-               else _testbed_tasks(model_spec, limit))
+               else _testbed_tasks(model_spec, limit, plan_path))
     if out:
         atomic_write_json(out, metrics)
     if as_json:
@@ -50,15 +54,26 @@ def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None
     return {"lm_eval": table, "model": str(model_spec), "seconds": seconds}
 
 
-def _testbed_tasks(model_spec: str, limit: int | None) -> dict:
+def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None) -> dict:
+    import contextlib
+
     from allocopt.evaluation import evaluate as run_evaluation
-    from allocopt.models import load_model
+    from allocopt.models import describe, load_model, mask_experts
+    from allocopt.plan import Plan
 
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer into the checkpoint directory")
-    metrics = run_evaluation(model, tokenizer, limit=limit)
+    masking = contextlib.nullcontext()
+    if plan_path is not None:
+        plan, info = Plan.load(plan_path), describe(model)
+        plan.validate(info.num_experts, info.top_k, info.fingerprint, source=f"plan file {plan_path}")
+        masking = mask_experts(model, plan.kept)
+    with masking:
+        metrics = run_evaluation(model, tokenizer, limit=limit)
     metrics["model"] = str(model_spec)
+    if plan_path is not None:
+        metrics["plan"] = str(plan_path)
     click.echo(f"{'metric':<20} {'value':>10}")
     for domain, value in metrics["ppl"].items():
         click.echo(f"{'ppl/' + domain:<20} {value:>10.3f}")
