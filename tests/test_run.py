@@ -138,3 +138,16 @@ def test_nsga2_writes_a_front(root):
         esap, memory = values[tuple(p["counts"])]
         assert np.isclose(esap, p["value"]) and memory == p["memory_bytes"]
     assert len({m for _, m in values.values()}) > 1, "nsga2 should explore several memory budgets"
+
+
+@pytest.mark.parametrize("optimizer", ["global", "grape"])
+def test_fixed_allocations_are_reported_as_they_are(root, optimizer):
+    """global/grape are baselines, not searches: plan.json holds their allocation even where uniform scores higher."""
+    result = CliRunner().invoke(cli, _args(root, "--optimizer", optimizer, name=f"fixed-{optimizer}"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((root / "runs" / f"fixed-{optimizer}" / "plan.json").read_text())
+    uniform, *own = sorted(_trials(root, f"fixed-{optimizer}"), key=lambda t: t.number)   # uniform is scored first
+    own = own or [uniform]                                  # the baseline may itself be uniform
+    assert len(own) == 1 and plan["evaluations"] == 1
+    assert plan["counts"] == own[0].user_attrs["allocation"] and plan["esap"] == pytest.approx(own[0].values[0])
+    assert plan["uniform_esap"] == pytest.approx(uniform.values[0])

@@ -98,11 +98,13 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
         ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
                             on_generation=on_generation, options=dict(config.options))
-        result = get_optimizer(config.optimizer).run(ctx)
+        optimizer = get_optimizer(config.optimizer)
+        result = optimizer.run(ctx)
 
-    # The uniform plan was evaluated too; never hand back something worse than the baseline we report.
+    # A search also saw the uniform plan, so it never hands back something worse than that baseline; a fixed
+    # allocation (uniform, global, grape) is reported as it is, even where uniform scores higher.
     best, best_value = np.asarray(result.best), float(result.best_value)
-    if not best_value >= uniform_value:
+    if not getattr(optimizer, "fixed_allocation", False) and not best_value >= uniform_value:
         best, best_value = uniform, uniform_value
     counts = {l: int(c) for l, c in zip(space.layers, best)}
     total = int(space.num_experts.sum())

@@ -38,6 +38,9 @@ class SearchResult:
 
 
 class Optimizer(Protocol):
+    """An optional class attribute ``fixed_allocation = True`` marks a search-free allocation (uniform, global,
+    grape): the runner then reports its plan as it is instead of falling back to uniform."""
+
     name: str
 
     def run(self, ctx: SearchContext) -> SearchResult: ...

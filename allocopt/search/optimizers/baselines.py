@@ -15,6 +15,7 @@ def evaluate_single(ctx: SearchContext, x: np.ndarray) -> SearchResult:
 
 class UniformAllocation:
     name = "uniform"
+    fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
         return evaluate_single(ctx, ctx.space.uniform())
@@ -41,6 +42,7 @@ def global_allocation(space: AllocationSpace, ranking: dict[int, list[int]], sco
 
 class GlobalRanking:
     name = "global"
+    fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
         return evaluate_single(ctx, global_allocation(ctx.space, ctx.ranking, ctx.scores))

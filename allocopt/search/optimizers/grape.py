@@ -75,6 +75,7 @@ def grape_allocation(space: AllocationSpace, similarity: dict[int, np.ndarray],
 
 class GrapeAllocation:
     name = "grape"
+    fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
         similarity = getattr(ctx.stats, "similarity", None) or ctx.options.get("similarity")
