@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -51,12 +51,17 @@ class Curve:
 def curves(sources: Sequence[Source]) -> list[Curve]:
     """Trials of each study grouped by their ``optimizer`` attr, in evaluation order.
 
-    An optimizer that appears in several studies gets the study name in its label so seeds stay apart.
+    An optimizer that appears in several studies gets the study name in its label so seeds stay apart. Plans
+    off the run's budget (NSGA-II explores a range of budgets) count as evaluations but never as the best, so
+    every curve compares plans of the same size.
     """
     groups: list[tuple[str, str, list[Evaluation]]] = []
     for src in sources:
+        budget = src.study_attrs.get("budget")
         by_opt: dict[str, list[Evaluation]] = {}
         for e in src.evaluations():
+            if budget is not None and e.counts and sum(e.counts) != int(budget):
+                e = replace(e, esap=math.nan)
             by_opt.setdefault(e.optimizer, []).append(e)
         groups += [(src.name, opt, evals) for opt, evals in by_opt.items() if opt != UNIFORM]
     seen = Counter(opt for _, opt, _ in groups)
