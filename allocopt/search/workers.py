@@ -35,6 +35,8 @@ OWNER = "owner"                 # trial user attr: "host:pid" of the process eva
 ORPHANED = "orphaned"           # trial user attr: True when FAILed because its owner died (retry, never a result)
 RUN_CONFIG = "run_config"       # study user attr: the RunConfig a worker rebuilds the evaluator from
 SEARCH_DONE = "search_done"     # study user attr: the coordinator finished; idle workers exit
+READY = "worker_ready:"         # study user attr prefix + owner: that worker's evaluator is built
+WORKER_START_S = 300.0          # how long a WorkerPool waits for its workers before evaluating alone
 POLL_S = 0.05
 
 
@@ -148,11 +150,16 @@ class QueueRecorder(OwnedRecorder):
         return out
 
     def _enqueue(self, plans: Iterable[tuple[int, ...]], optimizer: str) -> None:
-        """Add a WAITING trial for each plan that has none WAITING or RUNNING already (e.g. from a killed run)."""
-        pending = {tuple(t.user_attrs.get(ALLOCATION, ()))
-                   for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
-        for plan in plans:
-            if plan not in pending:
+        """Add a WAITING trial for each plan that has no trial waiting, running or finished.
+
+        One read of the study decides it: a trial's state only moves forward (WAITING -> RUNNING -> finished),
+        so a plan seen in any of those states is covered. Reading finished and pending trials separately let
+        a worker finish a plan in between, which then looked new and was evaluated twice.
+        """
+        covered = {tuple(t.user_attrs[ALLOCATION]) for t in self.study.get_trials(deepcopy=False)
+                   if ALLOCATION in t.user_attrs and not (t.state == TrialState.FAIL and t.user_attrs.get(ORPHANED))}
+        for plan in dict.fromkeys(plans):
+            if plan not in covered:
                 self._add_waiting(plan, optimizer)
 
     def _add_waiting(self, plan: tuple[int, ...], optimizer: str) -> None:
@@ -235,6 +242,7 @@ def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | N
     attrs = study.user_attrs
     config = RunConfig(**{**attrs[RUN_CONFIG], **({"device": device} if device else {})})
     evaluator = _evaluator(config, attrs)
+    study.set_user_attr(READY + owner_id(), True)        # the coordinator's WorkerPool waits for this
     done = 0
 
     def evaluate_trials(trials: list[FrozenTrial]) -> list[Any]:
@@ -281,7 +289,18 @@ class WorkerPool:
 
     def __enter__(self) -> "WorkerPool":
         self.procs = [subprocess.Popen(self.args, stdin=subprocess.DEVNULL) for _ in range(self.extra)]
+        self._wait_until_ready()
         return self
+
+    def _wait_until_ready(self) -> None:
+        """Start the search once every worker has its model loaded (or died, or WORKER_START_S passed), so the
+        work is shared from the first generation instead of done here while the workers are still loading."""
+        host, deadline = socket.gethostname(), time.monotonic() + WORKER_START_S
+        waiting = {f"{READY}{host}:{p.pid}": p for p in self.procs}
+        while waiting and time.monotonic() < deadline:
+            attrs = self.recorder.study.user_attrs
+            waiting = {k: p for k, p in waiting.items() if k not in attrs and p.poll() is None}
+            time.sleep(POLL_S * 4)
 
     def __exit__(self, *exc: Any) -> None:
         self.recorder.finish()
