@@ -26,7 +26,6 @@ from allocopt.plan import Plan
 STATS_FILE = "calibration.safetensors"
 PLAN_FILE = "plan.json"
 FRONT_FILE = "front.json"
-MULTI_OBJECTIVE = {"nsga2"}     # optimizers whose study records (objective, memory_bytes)
 
 
 @dataclass
@@ -82,8 +81,9 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
              "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
              "tolerance": config.tolerance, "seed": config.seed, "budget": int(space.budget), "layers": list(space.layers)}
     check_resumable(config, attrs)
+    optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
-    if config.optimizer in MULTI_OBJECTIVE:           # the dashboard's Pareto view: objective vs expert memory
+    if getattr(optimizer, "memory_objective", False):   # the dashboard's Pareto view: objective vs expert memory
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
     recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
@@ -98,7 +98,6 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
         ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
                             on_generation=on_generation, options=dict(config.options))
-        optimizer = get_optimizer(config.optimizer)
         result = optimizer.run(ctx)
 
     # A search also saw the uniform plan, so it never hands back something worse than that baseline; a fixed

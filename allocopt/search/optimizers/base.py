@@ -38,8 +38,9 @@ class SearchResult:
 
 
 class Optimizer(Protocol):
-    """An optional class attribute ``fixed_allocation = True`` marks a search-free allocation (uniform, global,
-    grape): the runner then reports its plan as it is instead of falling back to uniform."""
+    """Optional class attributes the runner reads: ``fixed_allocation = True`` marks a search-free allocation
+    (uniform, global, grape), reported as it is instead of falling back to uniform; ``memory_objective = True``
+    makes the study two-objective (objective, memory_bytes), as NSGA-II's front needs."""
 
     name: str
 

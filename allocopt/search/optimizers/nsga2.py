@@ -38,6 +38,7 @@ def budget_range(space: AllocationSpace, sparsity_range: tuple[float, float]) ->
 
 class NSGA2Search:
     name = "nsga2"
+    memory_objective = True          # its study records (objective, memory_bytes): a Pareto front, not one value
 
     def run(self, ctx: SearchContext) -> SearchResult:
         space = ctx.space
