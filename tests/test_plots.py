@@ -332,3 +332,17 @@ def test_script_bad_input_exit_2(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "plots" / "pareto.py"), str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
+
+
+def test_convergence_counts_only_plans_at_the_runs_budget(tmp_path):
+    """An nsga2 study spans budgets; its convergence curve must compare only plans of the run's size, so the
+    unpruned allocation (ESAP 1.0, off budget) never becomes its best."""
+    run = make_nsga2_run(tmp_path)
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path / 'mo.db'}")
+    study.set_user_attr("budget", 16)
+    at_budget = [t.values[0] for t in study.get_trials(states=(TrialState.COMPLETE,))
+                 if sum(t.user_attrs["allocation"]) == 16]
+    summary = json.loads(Path(plot_convergence([str(run)], out=tmp_path / "out")["json"]).read_text())
+    [curve] = summary["curves"]
+    assert curve["evaluations"] == len(study.trials)                 # off-budget plans still count as evaluations
+    assert at_budget and curve["best_esap"] == pytest.approx(max(at_budget)) and curve["best_esap"] < 1.0
