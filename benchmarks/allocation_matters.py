@@ -41,7 +41,7 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-# ---- one allocation: search, then read back the optimizer's own plan -------------------------------------------
+# ---- one allocation: its run and plan.json ----------------------------------------------------------------------
 
 def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: int, evals: int, runs: Path) -> dict:
     """``run_search`` for one allocation; returns the plan's counts, kept ids and ESAP on the search set."""
@@ -55,8 +55,6 @@ def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: in
     result = run_search(config, progress=False)
     plan = Plan.load(result.plan_path)
     kept, esap = plan.kept, float(result.summary["esap"])
-    if optimizer in BASELINES:
-        kept, esap = _proposed_plan(config)
     counts = [len(kept[lp.index]) for lp in plan.layers]
     return {"criterion": criterion, "sparsity": sparsity, "allocation": optimizer, "seed": seed,
             "run_name": config.name, "run_dir": str(config.run_dir), "esap": esap,
@@ -64,17 +62,6 @@ def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: in
             "counts": counts, "kept": {str(l): list(ids) for l, ids in kept.items()},
             "num_experts": {str(lp.index): lp.num_experts for lp in plan.layers},
             "model_fingerprint": plan.model_fingerprint, "search_seconds": float(result.summary["wall_time_s"])}
-
-
-def _proposed_plan(config) -> tuple[dict[int, tuple[int, ...]], float]:
-    """The last plan a single-plan optimizer evaluated (the runner evaluates uniform first, the optimizer after)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    last = max(trials, key=lambda t: t.number)
-    return {int(l): tuple(sorted(ids)) for l, ids in last.user_attrs["kept"].items()}, float(last.values[0])
 
 
 # ---- held-out evaluation, cached beside each run --------------------------------------------------------------
