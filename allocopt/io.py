@@ -28,6 +28,22 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def output_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """:func:`ensure_writable_dir` for one job: if the job fails before writing anything into the directories
+    this created, they are removed again, so a failed command leaves no empty run folder behind."""
+    directory = Path(directory)
+    new = [p for p in (directory, *directory.parents) if not p.exists()]     # what mkdir(parents=True) will create
+    ensure_writable_dir(directory)
+    try:
+        yield directory
+    except BaseException:
+        for folder in new:                                                      # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 def _write_error(path: Path, exc: BaseException) -> AllocoptError:
     reason = getattr(exc, "strerror", None) or str(exc).rpartition("I/O error: ")[2]
     return AllocoptError(f"could not write {path}: {reason}; free disk space or choose another location")

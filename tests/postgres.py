@@ -70,7 +70,7 @@ def postgres_url(database: str = "allocopt") -> Iterator[str]:
     try:
         out = call(createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)
         assert out.returncode == 0, out.stderr
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
+        yield f"postgresql://postgres@127.0.0.1:{port}/{database}"   # the documented form; the [postgres] extra provides its driver
     finally:
         call(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(directory, ignore_errors=True)

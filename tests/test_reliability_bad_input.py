@@ -90,6 +90,11 @@ CASES = [
     Case("foreign SQLite file as study database (worker)",
          lambda r: ["worker", "--study", "base", "--storage", f"sqlite:///{r / 'foreign.db'}", "--idle-timeout", "1"],
          ("foreign.db is an SQLite database of another program", "not an Optuna study"), watch=("foreign.db",)),
+    Case("unreachable PostgreSQL server", lambda r: _run(r, "--storage", "postgresql://nobody@127.0.0.1:1/nodb"),
+         ("cannot connect to study storage postgresql://nobody@127.0.0.1:1/nodb", "check that the server runs")),
+    Case("storage URL naming a driver that is not installed",
+         lambda r: _run(r, "--storage", "postgresql+pg8000://nobody@127.0.0.1/nodb"),
+         ("needs a database driver that is not installed", "pg8000", "allocopt[postgres]")),
     Case("empty calibration data (.txt)", lambda r: _run(r, data="empty.txt"),
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
@@ -166,9 +171,10 @@ def root(tmp_path_factory) -> Path:
 # ---- running a case and checking what it left -------------------------------------------------------------
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """Every regular file under root -> sha256 (so a new, changed or deleted file all show)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under root -> sha256, every directory -> "dir" (so a new, changed or deleted file shows, and so
+    does an empty run directory left by a failed command)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
 
 
 def _invoke(case: Case, root: Path) -> tuple[int, str, str | None]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.io import atomic_write_json, ensure_writable_dir
+from allocopt.io import atomic_write_json, output_dir
 from allocopt.plan import Plan
 
 STATS_FILE = "calibration.safetensors"
@@ -40,18 +40,23 @@ class RunResult:
 
 def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     """Search the allocation described by ``config`` and write ``plan.json`` (and ``front.json``) to its run dir."""
+    from allocopt.search.study import check_storage
+
+    start = time.perf_counter()
+    peek_space(config)
+    with output_dir(config.run_dir) as run_dir:          # the default study database lives beside the run dir
+        check_storage(config.storage_url)
+        return _search(config, run_dir, progress, start)
+
+
+def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> RunResult:
     from allocopt.criteria import get_criterion, rank
     from allocopt.data import load_tokens
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
     from allocopt.search.optimizers import SearchContext, get_optimizer
-    from allocopt.search.study import check_storage
     from allocopt.search.workers import recorder_for, workers_for
 
-    start = time.perf_counter()
-    peek_space(config)
-    run_dir = ensure_writable_dir(config.run_dir)
-    check_storage(config.storage_url)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
                                   trust_remote_code=config.trust_remote_code)
     if tokenizer is None:

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import optuna
-from optuna.distributions import IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
@@ -58,7 +57,8 @@ def check_storage(url: str) -> None:
     """Refuse a study database that is corrupt or belongs to another program before Optuna opens it.
 
     Optuna would add its tables to any SQLite file it is given (changing a stranger's file) and fails on a
-    corrupt one with a SQL traceback; both become one line here. Server URLs are left to Optuna.
+    corrupt one with a SQL traceback; both become one line here. A server URL is connected to once, so a
+    missing driver or an unreachable server fails in one line before the model is loaded.
     """
     import sqlalchemy
 
@@ -67,7 +67,10 @@ def check_storage(url: str) -> None:
     except sqlalchemy.exc.ArgumentError as exc:
         raise AllocoptError(f"storage {url!r} is not a database URL; pass e.g. sqlite:///studies/run.db "
                             "or postgresql://user@host/db") from exc
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite":
+        _check_server(parsed)
+        return
+    if parsed.database in (None, "", ":memory:"):
         return
     path = Path(parsed.database)
     if not path.exists():
@@ -91,6 +94,26 @@ def check_storage(url: str) -> None:
     if tables and not _OPTUNA_TABLES <= tables:
         raise AllocoptError(f"{path} is an SQLite database of another program (tables: {', '.join(sorted(tables)[:5])}), "
                             "not an Optuna study; pass a new file or a study database in --storage")
+
+
+def _check_server(parsed) -> None:
+    import sqlalchemy
+
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        engine = sqlalchemy.create_engine(parsed)
+    except ImportError as exc:
+        raise AllocoptError(f"storage {shown} needs a database driver that is not installed ({exc}); "
+                            "install it (PostgreSQL: pip install 'allocopt[postgres]') or name an installed one in the URL") from exc
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise AllocoptError(f"cannot connect to study storage {shown} ({reason}); "
+                            "check that the server runs and the URL's user, host, port and database") from exc
+    finally:
+        engine.dispose()
 
 
 def _value(result: Any) -> float:
