@@ -81,24 +81,30 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=defaults.SEARCH_SEQS)
     ap.add_argument("--candidates", type=int, default=64)
     ap.add_argument("--population", type=int, default=defaults.POPULATION)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda; the naive evaluator then pays the reference's "
+                    "host->device teacher upload per candidate")
+    ap.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 [default: the checkpoint's]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    model, tokenizer = load_model(args.model)
-    tokens = load_tokens(args.data, tokenizer, args.seq_len, args.num_seqs, "search")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokens = load_tokens(args.data, tokenizer, args.seq_len, args.num_seqs, "search").to(args.device)
     info = describe(model)
     plans = ga_stream(info, args.candidates, defaults.SEED, args.population)
 
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
     naive = NaiveEvaluator(model, tokens)
     t1 = time.perf_counter()
     slow = [naive.evaluate(p) for p in plans]
     t2 = time.perf_counter()
     engine = Evaluator(model, tokens)
+    sync()
     t3 = time.perf_counter()
     fast = []
     for s in range(0, len(plans), args.population):                 # one call per GA generation
         fast += engine.evaluate(plans[s:s + args.population])
+    sync()
     t4 = time.perf_counter()
 
     naive_rate, engine_rate = len(plans) / (t2 - t1), len(plans) / (t4 - t3)
@@ -107,7 +113,8 @@ def main() -> None:
     bf16, fp32 = naive.nbytes(torch.bfloat16), naive.nbytes(torch.float32)
     ratio = engine.teacher.nbytes / bf16
     print(f"model {args.model}: {len(tokens)} x {args.seq_len} tokens of {args.data}, {tokens.num_scored} scored, "
-          f"{len(plans)} candidates ({len({engine.key(p) for p in plans})} distinct), threads {torch.get_num_threads()}")
+          f"{len(plans)} candidates ({len({engine.key(p) for p in plans})} distinct), device {args.device}, "
+          f"dtype {next(model.parameters()).dtype}, threads {torch.get_num_threads()}")
     print(f"naive : {naive_rate:8.2f} cand/s  (setup {t1 - t0:.2f}s, eval {t2 - t1:.2f}s)")
     print(f"engine: {engine_rate:8.2f} cand/s  (setup {t3 - t2:.2f}s, eval {t4 - t3:.2f}s)  stats {engine.stats()}")
     print(f"speedup {engine_rate / naive_rate:.2f}x  max|ESAP diff| {diff:.2e}  max bound width {width:.2e}")

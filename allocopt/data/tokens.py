@@ -45,8 +45,11 @@ class TokenSet:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for t in (self.input_ids, self.attention_mask, self.score_mask):
-            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+            h.update(t.to(torch.int64).cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    def to(self, device: torch.device | str) -> "TokenSet":
+        return TokenSet(self.input_ids.to(device), self.attention_mask.to(device), self.score_mask.to(device), self.spec)
 
     def batches(self, batch_size: int) -> Iterable["TokenSet"]:
         for s in range(0, self.input_ids.shape[0], batch_size):

@@ -62,8 +62,7 @@ class Evaluator:
         self.full: Key = tuple(tuple(range(self.num_experts[l])) for l in self.layers)
         device = next(model.parameters()).device
         bs = batch_size or len(tokens)
-        self.batches = [TokenSet(b.input_ids.to(device), b.attention_mask.to(device), b.score_mask.to(device), b.spec)
-                        for b in tokens.batches(bs)]
+        self.batches = [b.to(device) for b in tokens.batches(bs)]
         self.runner = DecoderRunner(model)
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.results: dict[Key, ObjectiveValue] = {}
