@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import optuna
+from optuna.distributions import IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
@@ -194,19 +195,28 @@ class StudyRecorder:
 
         return evaluate
 
+    def trial_attrs(self, plan: tuple[int, ...], optimizer: str) -> dict[str, Any]:
+        """The user attrs every trial of ``plan`` carries, whoever creates it (this process or a queue)."""
+        attrs: dict[str, Any] = {**self.attrs, ALLOCATION: list(plan), "optimizer": optimizer}
+        if self.space is not None:
+            attrs["memory_bytes"] = int(self.space.memory_bytes(plan))
+        if self.ranking is not None:
+            attrs["kept"] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
+        return attrs
+
+    def trial_distributions(self) -> dict[str, IntDistribution]:
+        """One integer param per MoE layer (what optuna-dashboard plots), bounded by the space."""
+        if self.space is None:
+            return {}
+        return {param_name(layer): IntDistribution(int(lo), int(hi))
+                for layer, lo, hi in zip(self.space.layers, self.space.lower, self.space.upper)}
+
     def _start(self, plan: tuple[int, ...], optimizer: str) -> optuna.Trial:
         trial = self.study.ask()
-        for key, value in self.attrs.items():
+        for key, value in self.trial_attrs(plan, optimizer).items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr(ALLOCATION, list(plan))
-        trial.set_user_attr("optimizer", optimizer)
-        if self.space is not None:
-            trial.set_user_attr("memory_bytes", int(self.space.memory_bytes(plan)))
-            for layer, lo, hi in zip(self.space.layers, self.space.lower, self.space.upper):
-                trial.suggest_int(param_name(layer), int(lo), int(hi))
-        if self.ranking is not None:
-            trial.set_user_attr("kept", {str(l): [int(e) for e in self.ranking[l][:k]]
-                                         for l, k in zip(self.layers, plan)})
+        for name, distribution in self.trial_distributions().items():
+            trial.suggest_int(name, distribution.low, distribution.high)
         return trial
 
     def _finish(self, trial: optuna.Trial, plan: tuple[int, ...], result: Any) -> float:

@@ -25,11 +25,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import optuna
-from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from allocopt.errors import AllocoptError
-from allocopt.search.study import ALLOCATION, StudyRecorder, check_storage, outcome, param_name
+from allocopt.search.study import ALLOCATION, StudyRecorder, check_storage, outcome
 
 OWNER = "owner"                 # trial user attr: "host:pid" of the process evaluating it
 ORPHANED = "orphaned"           # trial user attr: True when FAILed because its owner died (retry, never a result)
@@ -163,19 +162,12 @@ class QueueRecorder(OwnedRecorder):
                 self._add_waiting(plan, optimizer)
 
     def _add_waiting(self, plan: tuple[int, ...], optimizer: str) -> None:
-        attrs: dict[str, Any] = {**self.attrs, ALLOCATION: list(plan), "optimizer": optimizer}
-        params: dict[str, int] = {}
-        distributions: dict[str, IntDistribution] = {}
-        if self.space is not None:
-            attrs["memory_bytes"] = int(self.space.memory_bytes(plan))
-            for layer, count, lo, hi in zip(self.space.layers, plan, self.space.lower, self.space.upper):
-                params[param_name(layer)] = int(count)
-                distributions[param_name(layer)] = IntDistribution(int(lo), int(hi))
-        if self.ranking is not None:
-            attrs["kept"] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
+        distributions = self.trial_distributions()
+        params = {name: int(count) for name, count in zip(distributions, plan)}
         template = FrozenTrial(number=-1, state=TrialState.WAITING, value=None, datetime_start=None,
                                datetime_complete=None, params=params, distributions=distributions,
-                               user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=-1)
+                               user_attrs=self.trial_attrs(plan, optimizer), system_attrs={}, intermediate_values={},
+                               trial_id=-1)
         self.study._storage.create_new_trial(self.study._study_id, template_trial=template)
 
 
