@@ -1,6 +1,6 @@
 """The testbed's must-show numbers: held-out metrics, expert specialisation, and that allocation matters.
 
-    python benchmarks/testbed_report.py [--limit N]
+    python benchmarks/testbed_report.py [--model PATH] [--limit N]
 
 1. held-out metrics of the shipped model (``allocopt.evaluation.evaluate``);
 2. per-layer total-variation distance between the code and math routing-frequency histograms (top-k selections
@@ -17,7 +17,8 @@ import torch
 
 from allocopt.data.tokens import documents_to_tokens
 from allocopt.evaluation import evaluate
-from allocopt.models import find_moe_blocks, load_model, mask_experts
+from allocopt.models import describe, find_moe_blocks, load_model, mask_experts
+from allocopt.models.loading import resolve
 from allocopt.testbed import corpus
 
 SEQS, SEQ_LEN = 32, 256
@@ -49,12 +50,18 @@ def keep_most_frequent(counts: torch.Tensor, layers: list[int], allocation: list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed", help="a testbed checkpoint, e.g. one retrained with "
+                        "`python -m allocopt.testbed.train --out DIR` [default: the shipped one]")
     parser.add_argument("--limit", type=int, default=None, help="items per evaluation task")
     args = parser.parse_args()
-    model, tokenizer = load_model("testbed")
+    model, tokenizer = load_model(args.model)
+    log_path = resolve(args.model) / "train_log.json"
+    trained = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    print(f"model {args.model}: fingerprint {describe(model).fingerprint[:12]}, "
+          + ", ".join(f"{k} {trained.get(k)}" for k in ("seed", "steps", "threads", "torch", "train_seconds")))
 
     full = evaluate(model, tokenizer, limit=args.limit)
-    print("held-out metrics of the shipped testbed:")
+    print("held-out metrics:")
     print(f"  ppl  {json.dumps({d: round(v, 3) for d, v in full['ppl'].items()})}")
     print(f"  math_em {full['math_em']:.3f}  by form {json.dumps({f: round(v, 3) for f, v in full['math_em_by_form'].items()})}")
     print(f"  code_em {full['code_em']:.3f}  mc_acc {full['mc_acc']:.3f}  "
