@@ -151,3 +151,5 @@ def test_fixed_allocations_are_reported_as_they_are(root, optimizer):
     assert len(own) == 1 and plan["evaluations"] == 1
     assert plan["counts"] == own[0].user_attrs["allocation"] and plan["esap"] == pytest.approx(own[0].values[0])
     assert plan["uniform_esap"] == pytest.approx(uniform.values[0])
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert optimizer in lines and "best" not in lines          # named as the baseline it is, not as a search result

@@ -63,7 +63,11 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     result = run_search(config, progress=not quiet)
     s = result.summary
     click.echo(f"uniform  {s['objective']} {s['uniform_esap']:.6f}")
-    click.echo(f"best     {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
+    from allocopt.search.optimizers import get_optimizer
+
+    fixed = getattr(get_optimizer(config.optimizer), "fixed_allocation", False)
+    label = config.optimizer if fixed else "best"        # a fixed allocation (grape, global) searched nothing
+    click.echo(f"{label:<8} {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
                f"{s['evaluations']} evaluations, {s['wall_time_s']:.1f} s)")
     click.echo(f"counts   {s['counts']}")
     click.echo(f"plan     {result.plan_path}")
