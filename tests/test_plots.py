@@ -319,9 +319,11 @@ def test_scripts_write_the_same_outputs(tmp_path):
     (["pareto", "{tmp}/ga-run"], "single-objective"),
     (["pareto", "--storage", "sqlite:///{tmp}/ga-run.db", "--study", "nope"], "is not in"),
     (["density", "{tmp}"], "neither a plan file"),
+    (["convergence", "{tmp}/garbage.db"], "is corrupt or not an SQLite file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'empty.db'}")
+    (tmp_path / "garbage.db").write_bytes(bytes(range(256)) * 64)      # a .db that is not a database
     make_single_run(tmp_path, "ga-run", "ga", seed=0, n=3)
     res = CliRunner().invoke(cli, ["plot", *[a.format(tmp=tmp_path) for a in args]])
     assert res.exit_code == 2

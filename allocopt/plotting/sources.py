@@ -131,10 +131,14 @@ def _sqlite_url(path: Path) -> str:
 
 
 def _check_storage(url: str) -> str:
+    """A study to read must exist (Optuna would create an empty one) and pass the run's own storage checks."""
+    from allocopt.search.study import check_storage
+
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if not path.is_file():
             raise AllocoptError(f"SQLite study file {path} does not exist; pass the .db written by `allocopt run`")
+    check_storage(url)
     return url
 
 
