@@ -109,9 +109,15 @@ def _read_hf_dataset(path: Path, split: str) -> list[Document]:
     return [_record_to_document(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole text. Texts are cut into windows afterwards, so the tokenizer's "longer than the
+    model's maximum length" warning (printed once per call site, for every long document) does not apply."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def _stream_windows(text: str, tokenizer, seq_len: int, num_seqs: int, spec: str) -> TokenSet:
     """A plain text file: one token stream, no special tokens, consecutive non-overlapping windows."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, text)
     n = len(ids) // seq_len
     if n == 0:
         raise AllocoptError(f"{spec} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; use more text or a shorter --seq-len")
@@ -127,8 +133,8 @@ def documents_to_tokens(docs: Sequence[Document], tokenizer, seq_len: int, num_s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows, masks, scores = [], [], []
     for doc in docs:
-        p = tokenizer(doc.prompt, add_special_tokens=False)["input_ids"] if doc.prompt else []
-        r = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        p = _encode(tokenizer, doc.prompt) if doc.prompt else []
+        r = _encode(tokenizer, doc.text)
         ids, scored = p + r, [False] * len(p) + [True] * len(r)
         step = seq_len if not p else len(ids)       # prompt/response: one row per document, truncated
         for s in range(0, max(len(ids), 1), step):

@@ -80,7 +80,7 @@ def lr_at(step: int, steps: int) -> float:
 def encode_domain(tokenizer, domain: str) -> list[int]:
     ids: list[int] = []
     for doc in corpus.documents(domain, "train"):
-        ids += [tokenizer.eos_token_id] + tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids += [tokenizer.eos_token_id] + tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
     return ids
 
 
