@@ -43,14 +43,15 @@ def log(message: str) -> None:
 
 # ---- one allocation: its run and plan.json ----------------------------------------------------------------------
 
-def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: int, evals: int, runs: Path) -> dict:
+def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: int, evals: int, runs: Path,
+           data: str = D.SEARCH_DATA) -> dict:
     """``run_search`` for one allocation; returns the plan's counts, kept ids and ESAP on the search set."""
     from allocopt.config import RunConfig
     from allocopt.plan import Plan
     from allocopt.search.runner import run_search
 
     given = {"model": model, "criterion": criterion, "sparsity": sparsity, "optimizer": optimizer, "seed": seed,
-             "evals": evals}
+             "evals": evals, "data": data}
     config = RunConfig.from_sources(None, {**given, "out": str(runs / RunConfig.from_sources(None, given).name)})
     result = run_search(config, progress=False)
     plan = Plan.load(result.plan_path)
@@ -150,7 +151,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Does the allocation matter? (benchmarks/allocation_matters.py)",
         "",
-        f"Model `{cfg['model']}`; criteria {', '.join(cfg['criteria'])}; sparsity {', '.join(f'{s:g}' for s in cfg['sparsities'])}; "
+        f"Model `{cfg['model']}`; calibration and search data `{cfg.get('data', D.SEARCH_DATA)}`; criteria {', '.join(cfg['criteria'])}; sparsity {', '.join(f'{s:g}' for s in cfg['sparsities'])}; "
         f"ga budget {cfg['evals']} evaluations, seeds {', '.join(map(str, cfg['seeds']))}; held-out items per task: "
         f"{cfg['limit'] if cfg['limit'] is not None else 'task defaults'}; "
         f"this invocation took {report['wall_seconds'] / 60:.1f} min (studies and held-out results already under "
@@ -227,6 +228,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparsities", default=",".join(f"{s:g}" for s in SPARSITIES), help="comma-separated, e.g. 0.25,0.5")
     ap.add_argument("--seeds", type=int, default=3, help=f"ga seeds ({D.SEED}, {D.SEED + 1}, ...)")
     ap.add_argument("--evals", type=int, default=D.EVALUATIONS, help="ga search budget (distinct plans)")
+    ap.add_argument("--data", default=D.SEARCH_DATA, help="calibration and search data of every run, e.g. testbed:math "
+                    "(use another --out: run names do not include the data)")
     ap.add_argument("--limit", type=int, default=None, help="held-out items per task [default: the task defaults]")
     ap.add_argument("--out", default=str(Path(D.STUDIES_DIR) / "reports"), help="report directory; runs go to OUT/allocation_matters/")
     args = ap.parse_args(argv)
@@ -272,7 +275,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     for i, (criterion, sparsity, allocation, seed) in enumerate(plan_list, 1):
         t = time.perf_counter()
-        run_info = search(args.model, criterion, sparsity, allocation, seed, args.evals, runs_dir)
+        run_info = search(args.model, criterion, sparsity, allocation, seed, args.evals, runs_dir, args.data)
         t_search = time.perf_counter() - t
         kept = {int(l): ids for l, ids in run_info["kept"].items()}
         run_info["heldout"] = heldout(model, tokenizer, kept, args.limit, Path(run_info["run_dir"]) / "heldout.json")
@@ -287,7 +290,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows = summarise(runs)
     criterion = D.CRITERION if D.CRITERION in args.criteria else args.criteria[0]
     sparsity = GOAL_SPARSITY if GOAL_SPARSITY in args.sparsities else max(args.sparsities)
-    report = {"config": {"model": args.model, "criteria": args.criteria, "sparsities": args.sparsities, "seeds": seeds,
+    report = {"config": {"model": args.model, "data": args.data, "criteria": args.criteria, "sparsities": args.sparsities, "seeds": seeds,
                          "evals": args.evals, "limit": args.limit, "runs_dir": str(runs_dir)},
               "full_model": full, "rows": rows, "goal": goal_check(rows), "runs": runs,
               "density": {"criterion": criterion, "sparsity": sparsity, **density_plot(runs, criterion, sparsity, out)},
