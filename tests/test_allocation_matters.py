@@ -66,3 +66,16 @@ def test_bad_option_is_one_line_error(tmp_path, capsys):
     assert _script().main(["--sparsities", "half", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --sparsities") and err.count("\n") == 1
+
+
+def test_data_option_calibrates_and_searches_on_that_data(report, tmp_path):
+    """--data reaches every run: the math-only grid ranks and scores on math text, so uniform's ESAP differs."""
+    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "4",
+                    "--limit", "4", "--data", "testbed:math", "--out", str(tmp_path)])
+    mix = json.loads((report / "allocation_matters.json").read_text())
+    math_only = json.loads((tmp_path / "allocation_matters.json").read_text())
+    assert math_only["config"]["data"] == "testbed:math" and mix["config"]["data"] == "testbed:mix"
+    assert "`testbed:math`" in (tmp_path / "allocation_matters.md").read_text()
+    uniform = {d["config"]["data"]: next(r for r in d["runs"] if r["allocation"] == "uniform") for d in (mix, math_only)}
+    assert uniform["testbed:math"]["esap"] != pytest.approx(uniform["testbed:mix"]["esap"], abs=1e-3)
+    assert uniform["testbed:math"]["kept"] != uniform["testbed:mix"]["kept"]     # Frequency counted on other tokens
