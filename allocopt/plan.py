@@ -3,19 +3,23 @@
 Example::
 
     plan = Plan.from_counts(model_fingerprint, ranking, counts)   # keep the best counts[l] experts of layer l
-    plan.save("plan.json"); Plan.load("plan.json").validate(model_info)
+    plan.save("plan.json"); Plan.load("plan.json").validate_for(describe(model))
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_json
 
+if TYPE_CHECKING:
+    from allocopt.models.adapter import ModelInfo
+
 PLAN_FORMAT = "allocopt.plan/1"
+PLAN_FILE = "plan.json"       # a plan's file name in run directories and pruned checkpoints
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class Plan:
                 raise AllocoptError(f"{source}: layer {lp.index} keeps expert ids {bad} outside 0..{lp.num_experts - 1}; use ids of the unpruned model")
             if list(lp.kept) != sorted(lp.kept):
                 object.__setattr__(lp, "kept", tuple(sorted(lp.kept)))
+
+    def validate_for(self, info: "ModelInfo", source: str = "plan") -> "Plan":
+        """:meth:`validate` against ``describe(model)``: what every command that applies a plan checks first."""
+        return self.validate(info.num_experts, info.top_k, info.fingerprint, source=source)
 
     def validate(self, num_experts: Mapping[int, int], top_k: Mapping[int, int], fingerprint: str | None = None,
                  source: str = "plan") -> "Plan":

@@ -50,7 +50,7 @@ def test_run_writes_a_plan_that_validates_and_matches_the_ranking(root, first):
     plan_path = root / "runs" / "r1" / "plan.json"
     model, tokenizer = load_model(str(root / "model"))
     info = describe(model)
-    plan = Plan.load(plan_path).validate(info.num_experts, info.top_k, info.fingerprint)
+    plan = Plan.load(plan_path).validate_for(info)
     assert sum(plan.counts) == sum(info.num_experts.values()) // 2
     ranking = rank(RoutingStats.load(root / "runs" / "r1" / "calibration.safetensors"), "reap")
     for layer, kept in plan.kept.items():

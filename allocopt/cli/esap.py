@@ -32,8 +32,7 @@ def esap(model_spec: str, plan_path: Path, data: str, seq_len: int, num_seqs: in
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")
-    info = describe(model)
-    plan.validate(info.num_experts, info.top_k, info.fingerprint, source=f"plan file {plan_path}")
+    plan.validate_for(describe(model), source=f"plan file {plan_path}")
     tokens = load_tokens(data, tokenizer, seq_len, num_seqs, "search")
     ev = Evaluator(model, tokens, objective=objective, tolerance=tolerance, exact=exact)
     [v] = ev.evaluate([plan.kept])

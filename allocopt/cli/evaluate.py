@@ -66,8 +66,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer into the checkpoint directory")
     masking = contextlib.nullcontext()
     if plan_path is not None:
-        plan, info = Plan.load(plan_path), describe(model)
-        plan.validate(info.num_experts, info.top_k, info.fingerprint, source=f"plan file {plan_path}")
+        plan = Plan.load(plan_path).validate_for(describe(model), source=f"plan file {plan_path}")
         masking = mask_experts(model, plan.kept)
     with masking:
         metrics = run_evaluation(model, tokenizer, limit=limit)

@@ -29,7 +29,7 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
         raise AllocoptError(f"plan file {plan_path} names no model; pass --model PATH")
     model, tokenizer = load_model(str(spec))
     before = describe(model)
-    plan.validate(before.num_experts, before.top_k, before.fingerprint, source=f"plan file {plan_path}")
+    plan.validate_for(before, source=f"plan file {plan_path}")
     prune_model(model, plan, progress=not quiet)
     after = describe(model)
     save_pruned(model, tokenizer, out_dir, plan, card=render_card(plan, before, after, str(spec)), overwrite=overwrite)

@@ -26,7 +26,7 @@ from allocopt.errors import AllocoptError
 from allocopt.io import atomic_directory, atomic_write_text
 from allocopt.models.adapter import MoEBlock, decoder_layers, describe, find_moe_blocks, invalidate
 from allocopt.models.families import COUNT_ATTRS, Family, family_for
-from allocopt.plan import Plan
+from allocopt.plan import PLAN_FILE, Plan
 
 LAYER_COUNTS_FIELD = "layer_num_experts"
 
@@ -86,8 +86,7 @@ def prune_block(block: MoEBlock, keep: Sequence[int]) -> None:
 
 def _as_kept(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
     if isinstance(plan_or_kept, Plan):
-        info = describe(model)
-        plan_or_kept.validate(info.num_experts, info.top_k, info.fingerprint)
+        plan_or_kept.validate_for(describe(model))
         return {l: list(k) for l, k in plan_or_kept.kept.items()}
     return {int(l): sorted(int(e) for e in k) for l, k in plan_or_kept.items()}
 
@@ -142,7 +141,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if isinstance(plan, Plan):
-            plan.save(tmp / "plan.json")
+            plan.save(tmp / PLAN_FILE)
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
     return out_dir
