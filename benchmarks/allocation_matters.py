@@ -151,7 +151,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Does the allocation matter? (benchmarks/allocation_matters.py)",
         "",
-        f"Model `{cfg['model']}`; calibration and search data `{cfg.get('data', D.SEARCH_DATA)}`; criteria {', '.join(cfg['criteria'])}; sparsity {', '.join(f'{s:g}' for s in cfg['sparsities'])}; "
+        f"Model `{cfg['model']}`; calibration and search data `{cfg['data']}`; criteria {', '.join(cfg['criteria'])}; "
+        f"sparsity {', '.join(f'{s:g}' for s in cfg['sparsities'])}; "
         f"ga budget {cfg['evals']} evaluations, seeds {', '.join(map(str, cfg['seeds']))}; held-out items per task: "
         f"{cfg['limit'] if cfg['limit'] is not None else 'task defaults'}; "
         f"this invocation took {report['wall_seconds'] / 60:.1f} min (studies and held-out results already under "
@@ -199,7 +200,7 @@ def markdown(report: dict) -> str:
 
 def density_plot(runs: list[dict], criterion: str, sparsity: float, out: Path) -> dict[str, str]:
     """uniform, global, grape and every ga seed for one criterion and sparsity, via allocopt.plotting.density."""
-    from allocopt.plan import LayerPlan, Plan
+    from allocopt.plan import PLAN_FILE, Plan
     from allocopt.plotting.density import PlanSeries, draw_density
     from allocopt.plotting.output import save_csv, save_figure
 
@@ -208,9 +209,8 @@ def density_plot(runs: list[dict], criterion: str, sparsity: float, out: Path) -
         if run["criterion"] != criterion or run["sparsity"] != sparsity:
             continue
         label = run["allocation"] + (f" seed {run['seed']}" if run["allocation"] == SEARCHED else "")
-        layers = [LayerPlan(int(l), run["num_experts"][l], tuple(ids)) for l, ids in run["kept"].items()]
         series.append(PlanSeries(f"{label}, ESAP {run['esap']:.4f}", Path(run["run_dir"]),
-                                 Plan(run["model_fingerprint"], sorted(layers, key=lambda lp: lp.index))))
+                                 Plan.load(Path(run["run_dir"]) / PLAN_FILE)))
     fig = draw_density(series)
     fig.axes[0].set_title(f"Kept experts per MoE layer: {criterion} ranking, {sparsity:g} sparsity", fontsize=10)
     rows = [(s.label, lp.index, lp.num_experts, len(lp.kept), f"{len(lp.kept) / lp.num_experts:.10g}")
@@ -290,8 +290,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows = summarise(runs)
     criterion = D.CRITERION if D.CRITERION in args.criteria else args.criteria[0]
     sparsity = GOAL_SPARSITY if GOAL_SPARSITY in args.sparsities else max(args.sparsities)
-    report = {"config": {"model": args.model, "data": args.data, "criteria": args.criteria, "sparsities": args.sparsities, "seeds": seeds,
-                         "evals": args.evals, "limit": args.limit, "runs_dir": str(runs_dir)},
+    report = {"config": {"model": args.model, "data": args.data, "criteria": args.criteria, "sparsities": args.sparsities,
+                         "seeds": seeds, "evals": args.evals, "limit": args.limit, "runs_dir": str(runs_dir)},
               "full_model": full, "rows": rows, "goal": goal_check(rows), "runs": runs,
               "density": {"criterion": criterion, "sparsity": sparsity, **density_plot(runs, criterion, sparsity, out)},
               "wall_seconds": round(time.perf_counter() - start, 1)}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -103,11 +102,9 @@ def test_heldout_item_lists_are_fixed_and_heldout_only():
 def test_exported_testbed_evaluates_like_the_masked_one_in_a_fresh_process(testbed, tmp_path):
     """A non-uniform 50% plan: `allocopt eval --plan` (masked, what the search scores) and `allocopt eval` on the
     `allocopt prune` export, each in its own interpreter, give the same held-out numbers."""
-    import subprocess
-    import sys
-
     from allocopt.models import describe
     from allocopt.plan import Plan
+    from reliability_kit import allocopt as run_cli
 
     model, _ = testbed
     info = describe(model)
@@ -116,8 +113,7 @@ def test_exported_testbed_evaluates_like_the_masked_one_in_a_fresh_process(testb
     plan_path = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts).save(tmp_path / "plan.json")
 
     def allocopt(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "allocopt.cli.main", *args], capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = run_cli(*args, timeout=600)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1]) if args[0] == "eval" else {}
 

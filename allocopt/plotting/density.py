@@ -17,7 +17,7 @@ from typing import Sequence
 from allocopt.errors import AllocoptError
 from allocopt.plan import Plan
 from allocopt.plotting.output import default_out_dir, new_figure, save_csv, save_figure
-from allocopt.plotting.sources import PLAN_FILE
+from allocopt.plan import PLAN_FILE
 
 _MARKERS = "osD^v<>ph*"
 _LINESTYLES = ("-", "--", "-.", ":")

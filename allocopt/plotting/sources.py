@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from allocopt.errors import AllocoptError
-from allocopt.plan import Plan
+from allocopt.plan import PLAN_FILE, Plan
+from allocopt.search.runner import FRONT_FILE
 
 STUDY_POINTER = "study.json"       # optional {"storage", "study_name"} a run may write beside plan.json
-PLAN_FILE = "plan.json"
-FRONT_FILE = "front.json"
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 

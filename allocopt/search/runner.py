@@ -21,10 +21,9 @@ import numpy as np
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_json, output_dir
-from allocopt.plan import Plan
+from allocopt.plan import PLAN_FILE, Plan
 
 STATS_FILE = "calibration.safetensors"
-PLAN_FILE = "plan.json"
 FRONT_FILE = "front.json"
 
 

@@ -104,8 +104,8 @@ def _check_server(parsed) -> None:
     try:
         engine = sqlalchemy.create_engine(parsed)
     except ImportError as exc:
-        raise AllocoptError(f"storage {shown} needs a database driver that is not installed ({exc}); "
-                            "install it (PostgreSQL: pip install 'allocopt[postgres]') or name an installed one in the URL") from exc
+        raise AllocoptError(f"storage {shown} needs a database driver that is not installed ({exc}); install it "
+                            "(PostgreSQL: pip install 'allocopt[postgres]') or name an installed one in the URL") from exc
     try:
         with engine.connect():
             pass
