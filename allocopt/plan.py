@@ -114,8 +114,19 @@ class Plan:
                 object.__setattr__(lp, "kept", tuple(sorted(lp.kept)))
 
     def validate_for(self, info: "ModelInfo", source: str = "plan") -> "Plan":
-        """:meth:`validate` against ``describe(model)``: what every command that applies a plan checks first."""
-        return self.validate(info.num_experts, info.top_k, info.fingerprint, source=source)
+        """:meth:`validate` against ``describe(model)``, plus what each layer's router needs to route the pruned
+        layer exactly (group-limited routing keeps equal groups, hash-routed layers keep every expert): what every
+        command that applies a plan checks first."""
+        from allocopt.models.adapter import kept_problem
+
+        self.validate(info.num_experts, info.top_k, info.fingerprint, source=source)
+        by_index = {l.index: l for l in info.layers}
+        for lp in self.layers:
+            problem = kept_problem(by_index[lp.index], lp.kept)
+            if problem:
+                raise AllocoptError(f"{source}: layer {lp.index} {problem}; keep a plan that the pruned model can route "
+                                    "(allocopt run only writes such plans)")
+        return self
 
     def validate(self, num_experts: Mapping[int, int], top_k: Mapping[int, int], fingerprint: str | None = None,
                  source: str = "plan") -> "Plan":

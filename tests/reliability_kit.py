@@ -18,18 +18,24 @@ SMALL = ["--seq-len", "24", "--num-seqs", "4", "--calib-num-seqs", "6", "--spars
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
-def save_tiny_model(directory: Path, seed: int = 3, **overrides) -> Path:
-    """A 3-layer OLMoE (8 experts, top-2) with a BPE tokenizer trained on TEXT, saved as safetensors."""
+def save_tokenizer(directory: Path) -> Path:
+    """A BPE tokenizer (vocab 120, within every tiny model's 256) trained on TEXT."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from allocopt.models.tiny import build_tiny_model
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(directory)
-    build_tiny_model("olmoe", seed=seed, **overrides).save_pretrained(directory)
+    return directory
+
+
+def save_tiny_model(directory: Path, seed: int = 3, family: str = "olmoe", **overrides) -> Path:
+    """A 3-layer tiny model of ``family`` (8 experts, top-2) with a BPE tokenizer trained on TEXT, as safetensors."""
+    from allocopt.models.tiny import build_tiny_model
+
+    save_tokenizer(directory)
+    build_tiny_model(family, seed=seed, **overrides).save_pretrained(directory)
     return directory
 
 

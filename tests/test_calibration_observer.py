@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from allocopt.calibration import observe
 from allocopt.data.tokens import TokenSet
 from allocopt.models import find_moe_blocks
-from allocopt.models.tiny import FAMILIES, build_tiny_model
+from allocopt.models.tiny import build_tiny_model
+from conftest import FAMILIES
 
 
 def _tokens(seed: int = 0, rows: int = 5, seq: int = 24, pad_rows: dict[int, int] | None = None) -> TokenSet:
@@ -182,7 +183,7 @@ def _deepseek_router(router, k):
 
 
 def test_deepseek_v3_counts_follow_bias_corrected_selection():
-    model = build_tiny_model("deepseek_v3", seed=2)
+    model = build_tiny_model("deepseek_v3", seed=2, n_group=1, topk_group=1)     # the reference below has no groups
     tokens = _tokens(seed=3, rows=4, seq=20, pad_rows={3: 11})
     stats, seen, masks = _observe_recording(model, tokens, batch_size=2)
     assert stats.layers == [1, 2]  # first_k_dense_replace=1: layer 0 is dense

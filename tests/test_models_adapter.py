@@ -7,16 +7,16 @@ import transformers
 
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, find_moe_blocks, mask_experts, model_fingerprint
-from conftest import FAMILIES
+from conftest import FAMILIES, random_kept
 
 # What the stock modelling code does (read from transformers' modeling_*.py), and the tiny configs' dense layers.
 EXPECTED_RULE = {
-    "olmoe": "softmax->topk", "qwen3_moe": "softmax->topk->renorm", "qwen2_moe": "softmax->topk",
-    "mixtral": "softmax->topk->renorm", "deepseek_v3": "sigmoid+bias->group-topk->renorm", "gpt_oss": "topk->softmax",
-    "ernie4_5_moe": "softmax+bias->topk->renorm", "glm4_moe": "sigmoid+bias->group-topk->renorm",
+    "olmoe": "softmax->topk", "qwen3_moe": "softmax->topk", "qwen2_moe": "softmax->topk",
+    "mixtral": "softmax->topk->renorm", "deepseek_v3": "sigmoid+bias->group-topk->renorm*2.5", "gpt_oss": "topk->softmax",
+    "ernie4_5_moe": "softmax+bias->topk->clamp-renorm", "glm4_moe": "sigmoid+bias->group-topk->renorm",
 }
 FIRST_DENSE = {"deepseek_v3", "glm4_moe", "ernie4_5_moe"}
-SHARED = {"qwen2_moe": 1, "deepseek_v3": 1, "glm4_moe": 1, "ernie4_5_moe": 1}
+SHARED = {"qwen2_moe": 1, "deepseek_v3": 2, "glm4_moe": 2, "ernie4_5_moe": 2}
 SELECTION_BIAS = {"deepseek_v3", "glm4_moe", "ernie4_5_moe"}
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -43,9 +43,8 @@ def _selected(model, run):
     return seen
 
 
-def _nonuniform(layers, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {l: sorted(torch.randperm(8, generator=g)[:k].tolist()) for l, k in zip(layers, (3, 6, 4))}
+def _nonuniform(model, seed=0):
+    return random_kept(describe(model), (3, 6, 4), seed)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,7 +87,7 @@ def test_dense_model_is_refused_by_name():
 def test_masked_experts_are_never_selected_and_mask_restores(tiny_model, family):
     model = tiny_model(family)
     layers = [l.index for l in describe(model).layers]
-    kept = _nonuniform(layers)
+    kept = _nonuniform(model)
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     biases = {n: b.clone() for n, b in list(model.named_buffers()) + list(model.named_parameters()) if "correction_bias" in n}
     with torch.no_grad():

@@ -13,15 +13,14 @@ from allocopt.cli.main import cli
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, load_model, load_pruned, mask_experts, prune_model, save_pruned
 from allocopt.plan import Plan
-from conftest import FAMILIES
+from conftest import FAMILIES, random_kept
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def _plan(net, counts=(3, 6, 4), seed=0, **extra) -> Plan:
     info = describe(net)
-    g = torch.Generator().manual_seed(seed)
-    kept = {l.index: sorted(torch.randperm(l.num_experts, generator=g)[:c].tolist()) for l, c in zip(info.layers, counts)}
+    kept = random_kept(info, counts, seed)
     return Plan.from_counts(info.fingerprint, kept, info.num_experts, {l: len(k) for l, k in kept.items()}, **extra)
 
 
@@ -52,7 +51,7 @@ def test_prune_rejects_another_models_plan_and_too_few_experts(tiny_model):
     with pytest.raises(AllocoptError, match="made for another model"):
         prune_model(model, other)
     with pytest.raises(AllocoptError, match="fewer than its top-k"):
-        prune_model(model, _plan(model, counts=(1, 4, 4)))
+        prune_model(model, {0: [3], 1: [0, 1, 2, 3], 2: [4, 5, 6, 7]})
     assert describe(model).num_experts == {0: 8, 1: 8, 2: 8}    # nothing was touched
 
 
@@ -60,6 +59,8 @@ def test_group_routing_requires_balanced_removal(tiny_model):
     model = tiny_model("deepseek_v3", seed=3, n_group=2, topk_group=1)
     with pytest.raises(AllocoptError, match=r"group-limited routing .* \[3, 1\] experts per group"):
         prune_model(model, {1: [0, 1, 2, 4], 2: list(range(8))})
+    with pytest.raises(AllocoptError, match=r"at least 2, and the plan keeps \[1, 1\] experts per group"):
+        prune_model(model, {1: [0, 4], 2: list(range(8))})         # the group score reads each group's best two
     balanced = {1: [0, 2, 5, 7], 2: [1, 2, 3, 4, 5, 6]}
     with torch.no_grad(), mask_experts(model, balanced):
         masked = model(IDS).logits
@@ -105,7 +106,7 @@ def _invoke(*args):
 
 
 @pytest.mark.parametrize("family, rule, shared, layers", [
-    ("deepseek_v3", "sigmoid+bias->group-topk->renorm", 1, [1, 2]),
+    ("deepseek_v3", "sigmoid+bias->group-topk->renorm*2.5", 2, [1, 2]),
     ("qwen2_moe", "softmax->topk", 1, [0, 1, 2]),
 ])
 def test_cli_info(tiny_model, tmp_path, family, rule, shared, layers):

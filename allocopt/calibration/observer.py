@@ -1,16 +1,21 @@
 """One calibration pass that records, per MoE layer and expert, what the criteria need.
 
-How routing is captured (transformers-moe.md §A.5): every fused experts module is called as
+How routing is captured (transformers-moe.md §A.5): almost every fused experts module is called as
 ``experts(hidden [T,H], top_k_index [T,K], top_k_weights [T,K])``. Those arguments ARE the family's routing
 decision: the selected experts and the gate weights the model applies, after selection biases, grouping,
 renormalisation and scaling. So the observer never re-derives gates from router logits (no second softmax,
-no top-k on the wrong tensor). It wraps ``experts.forward`` and
+no top-k on the wrong tensor). ``allocopt.models.calls`` gives the same view for the families that call their
+experts otherwise (Llama-4, JetMoE); for each block call the observer
 
-* runs the module's own forward on ``hidden.repeat_interleave(K)`` with one expert per row and weight 1,
-  giving each (token, slot)'s unweighted expert output f [T,K,H] at the cost of the normal forward;
+* runs the experts on ``hidden.repeat_interleave(K)`` with one expert per row and weight 1, giving each
+  (token, slot)'s unweighted expert output f [T,K,H] at the cost of the normal forward (for the standard call
+  that result also becomes the block's output, so nothing is computed twice);
 * accumulates n, sum g, sum ||f||, sum g||f||, sum ||f||^2, sum g^2||f||^2 and max |f_i| over REAL tokens
   (the attention mask of the batch, flattened in the same [B*T] order as the block's hidden rows);
 * returns ``(f * w).sum(slots)``, so the model's output is what it would have been.
+
+Slots that are not routed experts are left out of the statistics: zero/identity experts (ids >= E, LongCat)
+and a skip class (weight exactly 0, Zaya).
 
 Expert similarity (for GRAPE-style redundancy): for at most ``similarity_tokens`` real tokens per batch,
 evenly spaced over the batch's real tokens, every expert is run once; the similarity of experts i, j is the
@@ -30,36 +35,39 @@ from allocopt.calibration.stats import RoutingStats
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, find_moe_blocks
+from allocopt.models.calls import experts_call, restore
 
 
 class _LayerRecorder:
     """Accumulators of one MoE layer; ``mask`` is set to the current batch's flattened real-token mask."""
 
-    def __init__(self, stats: RoutingStats, layer: int, num_experts: int, similarity_tokens: int):
+    def __init__(self, stats: RoutingStats, layer: int, num_experts: int, similarity_tokens: int, skip_zero_weight: bool):
         self.stats, self.layer, self.num_experts = stats, layer, num_experts
+        self.skip_zero_weight = skip_zero_weight
         self.similarity_tokens = similarity_tokens
         self.mask: torch.Tensor | None = None
         self.sim_sum = torch.zeros(num_experts, num_experts, dtype=torch.float64)
         self.sim_count = 0
 
-    def __call__(self, forward, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, expert_fn) -> torch.Tensor:
         t, k = idx.shape
         if self.mask is None or self.mask.numel() != t:
             raise AllocoptError(f"layer {self.layer}: experts saw {t} token rows but the batch has "
                                 f"{None if self.mask is None else self.mask.numel()}; this model calls its experts in an unsupported way")
-        ones = torch.ones(t * k, 1, dtype=w.dtype, device=w.device)
-        f = forward(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1), ones).view(t, k, -1)
+        f = expert_fn(hidden.repeat_interleave(k, 0), idx.reshape(-1)).view(t, k, -1)
         self._accumulate(idx, w, f)
         if self.similarity_tokens > 0:
-            self._similarity(forward, hidden, w.dtype, rows_per_call=t * k)
-        return (f * w[..., None]).sum(1).to(hidden.dtype)
+            self._similarity(expert_fn, hidden, rows_per_call=t * k)
+        return (f * w[..., None].to(f.dtype)).sum(1).to(hidden.dtype)
 
     def _accumulate(self, idx: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> None:
         # per-(token, slot) reductions first, in fp32, so no full-size fp64 copy of f is ever made
-        real = self.mask.to(idx.device)
-        norm = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)[real].reshape(-1).double().cpu()
-        peak = f.abs().amax(dim=-1)[real].reshape(-1).double().cpu()
-        idx, g = idx[real].reshape(-1).cpu(), w[real].reshape(-1).double().cpu()
+        slots = self.mask.to(idx.device)[:, None] & (idx < self.num_experts)
+        if self.skip_zero_weight:
+            slots &= w != 0
+        norm = torch.linalg.vector_norm(f, dim=-1, dtype=torch.float32)[slots].reshape(-1).double().cpu()
+        peak = f.abs().amax(dim=-1)[slots].reshape(-1).double().cpu()
+        idx, g = idx[slots].reshape(-1).cpu(), w[slots].reshape(-1).double().cpu()
         s, n, e = self.stats, self.layer, self.num_experts
         s.count[n] += torch.bincount(idx, minlength=e).double()
         s.gate_sum[n] += torch.bincount(idx, weights=g, minlength=e)
@@ -69,7 +77,7 @@ class _LayerRecorder:
         s.gate2_sq_norm_sum[n] += torch.bincount(idx, weights=(g * norm) ** 2, minlength=e)
         s.max_act[n] = s.max_act[n].scatter_reduce(0, idx, peak, "amax")
 
-    def _similarity(self, forward, hidden: torch.Tensor, wdtype: torch.dtype, rows_per_call: int) -> None:
+    def _similarity(self, expert_fn, hidden: torch.Tensor, rows_per_call: int) -> None:
         rows = self.mask.nonzero().squeeze(1)
         if rows.numel() > self.similarity_tokens:  # evenly spaced, deterministic
             rows = rows[torch.linspace(0, rows.numel() - 1, self.similarity_tokens).round().long()]
@@ -78,9 +86,8 @@ class _LayerRecorder:
         for part in rows.split(chunk):
             m = part.numel()
             x = hidden[part.to(hidden.device)].repeat_interleave(e, 0)
-            experts = torch.arange(e, device=hidden.device).repeat(m).view(-1, 1)
-            ones = torch.ones(m * e, 1, dtype=wdtype, device=hidden.device)
-            unit = torch.nn.functional.normalize(forward(x, experts, ones).view(m, e, -1).float(), dim=-1)
+            experts = torch.arange(e, device=hidden.device).repeat(m)
+            unit = torch.nn.functional.normalize(expert_fn(x, experts).view(m, e, -1).float(), dim=-1)
             self.sim_sum += torch.einsum("tih,tjh->ij", unit, unit).double().cpu()
             self.sim_count += m
 
@@ -91,19 +98,14 @@ class _LayerRecorder:
 
 @contextmanager
 def _wrapped(blocks, recorders) -> Iterator[None]:
-    """Shadow each ``experts.forward`` with an instance attribute; whatever was there before is restored."""
-    saved = [(b.experts, b.experts.__dict__.get("forward")) for b in blocks]
+    """Listen to every block's experts call (``allocopt.models.calls``); whatever was there before is restored."""
+    saved: list = []
     try:
         for b, rec in zip(blocks, recorders):
-            own = b.experts.forward
-            b.experts.forward = lambda h, i, w, _own=own, _rec=rec: _rec(_own, h, i, w)
+            saved.extend(experts_call(b).intercept(b, rec))
         yield
     finally:
-        for experts, before in saved:
-            if before is None:
-                experts.__dict__.pop("forward", None)
-            else:
-                experts.forward = before
+        restore(saved)
 
 
 def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults.CALIBRATION_BATCH_SIZE, progress: bool = True,
@@ -116,13 +118,14 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
     if batch_size < 1:
         raise AllocoptError(f"batch_size must be >= 1 (got {batch_size}); pass a positive --batch-size")
     blocks = find_moe_blocks(model)  # raises AllocoptError for a dense model
-    unsupported = [b.info.path for b in blocks if b.info.storage != "fused"]
+    unsupported = [b.info.path for b in blocks if b.info.storage == "modulelist"]
     if unsupported:
-        raise AllocoptError(f"{', '.join(unsupported)} store experts as a module list; the observer needs fused experts "
-                            "called as experts(hidden, top_k_index, top_k_weights) (transformers >= 5 MoE classes)")
+        raise AllocoptError(f"{', '.join(unsupported)} store experts as a module list; the observer needs stacked experts "
+                            "(transformers >= 5 MoE classes)")
     stats = RoutingStats.empty(describe(model).fingerprint, tokens.fingerprint(),
                                {b.info.index: b.info.num_experts for b in blocks})
-    recorders = [_LayerRecorder(stats, b.info.index, b.info.num_experts, similarity_tokens) for b in blocks]
+    recorders = [_LayerRecorder(stats, b.info.index, b.info.num_experts, similarity_tokens, b.family.router_tail == "skip")
+                 for b in blocks]
     device = next(model.parameters()).device
     with torch.inference_mode(), _wrapped(blocks, recorders):
         for batch in tqdm(list(tokens.batches(batch_size)), desc="observe", disable=not progress, unit="batch"):

@@ -12,7 +12,9 @@ from allocopt.errors import AllocoptError
 
 @click.command("esap")
 @click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
-@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="plan.json to score.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="plan.json to score (masked on --model).")
+@click.option("--pruned", "pruned_dir", type=click.Path(path_type=Path),
+              help="Or an exported pruned checkpoint to score against --model (the full model it was pruned from).")
 @click.option("--data", default=defaults.SEARCH_DATA, show_default=True, help="Data spec (.txt/.jsonl file, dataset dir, or testbed:NAME).")
 @click.option("--seq-len", default=defaults.SEARCH_SEQ_LEN, show_default=True, type=int, help="Tokens per row.")
 @click.option("--num-seqs", default=defaults.SEARCH_SEQS, show_default=True, type=int, help="Rows of the search set.")
@@ -20,22 +22,29 @@ from allocopt.errors import AllocoptError
 @click.option("--tolerance", default=defaults.ESAP_TOLERANCE, show_default=True, type=float, help="Certified ESAP bound width of the sparse teacher cache.")
 @click.option("--exact", is_flag=True, help="Keep the full-vocabulary teacher distribution (bound width 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
-def esap(model_spec: str, plan_path: Path, data: str, seq_len: int, num_seqs: int, objective: str, tolerance: float,
-         exact: bool, as_json: bool) -> None:
-    """Teacher-forced agreement of the plan's pruned model with the full model on a fixed token set."""
+def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data: str, seq_len: int, num_seqs: int,
+         objective: str, tolerance: float, exact: bool, as_json: bool) -> None:
+    """Teacher-forced agreement of a pruned model with the full model on a fixed token set: a plan's experts
+    masked on the full model (--plan), or an exported checkpoint (--pruned)."""
     from allocopt.data import load_tokens
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
     from allocopt.plan import Plan
 
-    plan = Plan.load(plan_path)
+    if (plan_path is None) == (pruned_dir is None):
+        raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
+    plan = Plan.load(plan_path) if plan_path is not None else None
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")
-    plan.validate_for(describe(model), source=f"plan file {plan_path}")
+    if plan is not None:
+        plan.validate_for(describe(model), source=f"plan file {plan_path}")
     tokens = load_tokens(data, tokenizer, seq_len, num_seqs, "search")
     ev = Evaluator(model, tokens, objective=objective, tolerance=tolerance, exact=exact)
-    [v] = ev.evaluate([plan.kept])
+    if plan is not None:
+        [v] = ev.evaluate([plan.kept])
+    else:
+        v = ev.score_model(load_model(str(pruned_dir))[0])
     if not v.ok:
         raise AllocoptError(f"the pruned model failed on {data}: {v.failed}; check the checkpoint's weights")
     click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens "

@@ -10,7 +10,7 @@ A criterion is a function ``RoutingStats -> {layer: np.ndarray [E]}`` where high
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -79,15 +79,35 @@ def get_criterion(spec: str | Criterion) -> Criterion:
     return obj
 
 
-def rank(stats: RoutingStats, criterion: str | Criterion) -> dict[int, list[int]]:
-    """Expert ids per layer, best (highest score) first; ties go to the lower id so the order is deterministic."""
+def rank(stats: RoutingStats, criterion: str | Criterion, groups: Mapping[int, int] | None = None) -> dict[int, list[int]]:
+    """Expert ids per layer, best (highest score) first; ties go to the lower id so the order is deterministic.
+
+    ``groups[layer]`` > 1 (group-limited routing) ranks within groups instead: the ranking takes the best expert of
+    every group, then the second best of every group, and so on, so keeping any multiple of the group count keeps
+    the best experts of each group in equal numbers (what the pruned router needs).
+    """
     scores = get_criterion(criterion)(stats)
     out = {}
     for layer in stats.layers:
         s = np.asarray(scores[layer], dtype=np.float64)
         # lexsort sorts by the last key first: descending score, then ascending id
-        out[layer] = [int(i) for i in np.lexsort((np.arange(s.size), -s))]
+        order = [int(i) for i in np.lexsort((np.arange(s.size), -s))]
+        out[layer] = balance_groups(order, (groups or {}).get(layer, 1))
     return out
 
 
-__all__ = ["available_criteria", "get_criterion", "rank", "Criterion", "GROUP"]
+def balance_groups(order: list[int], groups: int) -> list[int]:
+    """Interleave a best-first ranking of E experts in ``groups`` contiguous groups of E/groups: level by level,
+    each group's next-best expert, groups in the order of that expert's overall rank."""
+    if groups <= 1:
+        return list(order)
+    size = len(order) // groups
+    position = {e: r for r, e in enumerate(order)}
+    per_group = [sorted((e for e in order if e // size == g), key=position.__getitem__) for g in range(groups)]
+    out = []
+    for level in range(size):
+        out.extend(sorted((members[level] for members in per_group), key=position.__getitem__))
+    return out
+
+
+__all__ = ["available_criteria", "balance_groups", "get_criterion", "rank", "Criterion", "GROUP"]

@@ -1,9 +1,10 @@
-"""Find the MoE blocks of any fused-experts transformers model and describe them as plain data.
+"""Find the MoE blocks of any transformers MoE model and describe them as plain data.
 
-Discovery is generic (spec transformers-moe A.1): decoder layers are the shortest-named ``ModuleList``
-called ``layers``/``blocks``/``h``; a layer's MoE block is its first submodule with an ``experts`` child;
-the router is the block child ``gate``/``router`` (or a *Router/*Gate class). ``families.py`` supplies the
-semantics discovery cannot see (router rule, config fields, selection-only biases).
+Discovery is generic (spec transformers-moe A.1): decoder layers are the shortest-named ``ModuleList`` called
+``layers``/``blocks``/``h``; a layer's MoE block is its first submodule with an ``experts`` child (or the
+family's ``block_path``); the router is the block child ``gate``/``router`` (or a *Router/*Gate class), its
+weight the parameter with one row per routed expert (plus the family's tail rows). ``families.py`` supplies
+what discovery cannot see (router rule, config fields, selection-only biases, group-limited routing).
 
 Example::
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from allocopt.errors import AllocoptError
-from allocopt.models.families import Family, family_for
+from allocopt.models.families import (GENERIC_COUNT_FIELDS, GENERIC_SHARED_COUNT_FIELDS, GENERIC_TOP_K_FIELDS, Family,
+                                      family_for, is_known)
+from allocopt.models.routing import RoutingParams, config_value, group_floor
 
 _LAYER_LIST_NAMES = ("layers", "blocks", "h")
 _ROUTER_NAMES = ("gate", "router")
@@ -32,13 +35,26 @@ _ROUTER_NAMES = ("gate", "router")
 class MoELayerInfo:
     index: int                       # decoder-layer index (dense layers have no entry)
     path: str                        # module path of the MoE block, e.g. "model.layers.1.mlp"
-    num_experts: int
+    num_experts: int                 # routed experts (zero/identity and skip experts are not counted)
     top_k: int
     num_shared_experts: int
     router_rule: str
     selection_bias: bool             # a bias used only to choose experts (masked with -inf too)
-    storage: Literal["fused", "modulelist"]
+    storage: str                     # "fused" | "modulelist" | "flattened" | "parallel"
     bytes_per_expert: int
+    groups: int = 1                  # group-limited routing: experts per layer form this many equal groups
+    min_kept: int = 0                # fewest experts the router routes exactly with (>= top_k)
+
+    @property
+    def routing_note(self) -> str:
+        """Why ``min_kept``/``groups`` constrain a plan, in words (empty when they do not)."""
+        if self.min_kept >= self.num_experts:
+            return "routed by a token-id table that names every expert, so it keeps all of them"
+        if self.groups > 1:
+            size = self.num_experts // self.groups
+            return (f"uses group-limited routing ({self.groups} groups of {size}, {self.router_rule}): every group must keep "
+                    f"the same number of experts, at least {self.min_kept // self.groups}")
+        return ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,17 @@ class ModelInfo:
     def bytes_per_expert(self) -> dict[int, int]:
         return {l.index: l.bytes_per_expert for l in self.layers}
 
+    @property
+    def min_kept(self) -> dict[int, int]:
+        return {l.index: max(l.top_k, l.min_kept) for l in self.layers}
+
+    @property
+    def unit(self) -> int:
+        """Experts per allocation step: a common multiple of every layer's group count (1 without groups)."""
+        import math
+
+        return math.lcm(*(l.groups for l in self.layers)) if self.layers else 1
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["layers"] = [asdict(l) for l in self.layers]
@@ -78,14 +105,49 @@ class MoEBlock:
     router: nn.Module
     experts: nn.Module
     info: MoELayerInfo
+    family: Family
+    config: Any                      # the (text) config the block was built from
+    params: RoutingParams
+    router_rows: int                 # rows of the router weight: routed experts + tail
+    tail: int = 0                    # router rows after the routed ones (shared/skip/zero experts)
 
     @property
     def router_weight(self) -> nn.Parameter:
-        return _router_weight(self.router, self.block, self.path)
+        return _router_weight(self.router, self.block, self.path, self.family)
 
-    def selection_biases(self, family: Family) -> list[torch.Tensor]:
+    def selection_biases(self, family: Family | None = None) -> list[torch.Tensor]:
         """Selection-only bias tensors of this block (e.g. ``gate.e_score_correction_bias``)."""
+        family = family or self.family
         return [t for p in family.selection_bias_paths if (t := _get_path(self.block, p)) is not None]
+
+    def choice_bias(self) -> torch.Tensor | None:
+        biases = self.selection_biases()
+        return biases[0] if biases else None
+
+    @property
+    def hash_routed(self) -> bool:
+        if self.family.hash_layers is None:
+            return False
+        kinds = config_value(self.config, self.family.hash_layers[0]) or []
+        return self.layer < len(kinds) and kinds[self.layer] == self.family.hash_layers[1]
+
+    def hash_table(self) -> torch.Tensor | None:
+        """The token-id -> expert-ids table of a hash-routed layer (DeepSeek-V4 ``gate.tid2eid``)."""
+        if not self.hash_routed:
+            return None
+        tables = [b for b in self.router.buffers() if b.dtype in (torch.int32, torch.int64) and b.dim() == 2]
+        return tables[0] if tables else None
+
+    def per_expert_scale(self, params: RoutingParams | None = None) -> torch.Tensor | None:
+        """A learned multiplier on the weights: per expert (Gemma-4) or one scalar (Inkling ``global_scale``)."""
+        params = params or self.params
+        scale = None
+        for name in params.scale_params:
+            t = _get_path(self.router, name)
+            if t is not None:
+                t = t.detach().float().reshape(-1)
+                scale = t if scale is None else scale * t
+        return scale
 
 
 # Discovery walks every module; masking runs it thousands of times, so results are cached per model
@@ -106,16 +168,29 @@ def _get_path(root: nn.Module, path: str) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def text_config(model: nn.Module) -> Any:
+    """The config the decoder was built from (the text config of a multimodal model)."""
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES]
+             if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES
+             and not any(part in name for part in ("vision", "visual", "audio"))]
     if not found:
         raise AllocoptError(f"{type(model).__name__} has no decoder-layer list (no ModuleList named layers/blocks/h); "
                             "allocopt needs a transformers decoder-only MoE model")
     return min(found, key=lambda nm: len(nm[0]))
 
 
-def _moe_submodule(layer: nn.Module) -> tuple[str, nn.Module] | None:
+def _moe_submodule(layer: nn.Module, family: Family) -> tuple[str, nn.Module] | None:
+    if family.block_path is not None:
+        try:
+            return family.block_path, layer.get_submodule(family.block_path)
+        except AttributeError:
+            return None
     for name, m in layer.named_modules():
         experts = getattr(m, "_modules", {}).get("experts")
         if isinstance(experts, nn.Module):
@@ -128,12 +203,16 @@ def _find_router(block: nn.Module) -> nn.Module | None:
         if isinstance(block._modules.get(name), nn.Module):
             return block._modules[name]
     for child in block.children():
-        if type(child).__name__.endswith(("Router", "Gate")):
+        if type(child).__name__.endswith(("Router", "Gate", "Gating")):
             return child
     return None
 
 
-def _router_weight(router: nn.Module, block: nn.Module, path: str) -> nn.Parameter:
+def _router_weight(router: nn.Module, block: nn.Module, path: str, family: Family) -> nn.Parameter:
+    if family.router_weight is not None:
+        t = _get_path(router, family.router_weight)
+        if isinstance(t, nn.Parameter):
+            return t
     hidden = _hidden_size(block)
     for p in router.parameters():
         if p.dim() == 2 and (hidden is None or p.shape[1] == hidden):
@@ -142,69 +221,99 @@ def _router_weight(router: nn.Module, block: nn.Module, path: str) -> nn.Paramet
 
 
 def _hidden_size(block: nn.Module) -> int | None:
-    experts = block._modules["experts"]
+    experts = block._modules.get("experts")
     return getattr(experts, "hidden_dim", None) or getattr(experts, "hidden_size", None)
 
 
-def _num_experts(experts: nn.Module, router_rows: int) -> int:
-    n = getattr(experts, "num_experts", None)
-    if isinstance(n, int):
-        return n
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
-    return router_rows
+def _tail(family: Family, config: Any) -> int:
+    if family.router_tail is None:
+        return 0
+    return int(config_value(config, family.tail_field) or 0) if family.tail_field else 1
 
 
-def _expert_tensors(experts: nn.Module, num_experts: int) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and buffers stacked along dim 0 per expert (fused storage)."""
-    return [(n, t) for n, t in list(experts.named_parameters(recurse=False)) + list(experts.named_buffers(recurse=False))
-            if t.dim() >= 1 and t.shape[0] == num_experts]
+def _experts_module(block: nn.Module, family: Family) -> nn.Module:
+    """The module whose tensors hold the routed experts (the block itself for JetMoE's parallel experts)."""
+    return block if family.experts_call == "parallel" else block._modules["experts"]
 
 
-def _storage_and_bytes(experts: nn.Module, num_experts: int) -> tuple[str, int]:
+def expert_tensors(experts: nn.Module, num_experts: int, tail: int, layout: str, exclude: set[int] = frozenset()
+                   ) -> list[tuple[str, torch.Tensor, int]]:
+    """``(name, tensor, rows)`` of every tensor stacked per expert: ``rows`` is E (or E + tail for tensors that
+    also hold the zero experts); for the flattened layout a tensor of E*I rows is stacked per expert too."""
+    out = []
+    for name, t in list(experts.named_parameters()) + list(experts.named_buffers()):
+        if id(t) in exclude or t.dim() < 1:
+            continue
+        if t.shape[0] in (num_experts, num_experts + tail) and (t.shape[0] == num_experts or tail):
+            out.append((name, t, int(t.shape[0])))
+        elif layout == "flattened" and t.dim() == 2 and t.shape[0] % num_experts == 0 and t.shape[0] > num_experts:
+            out.append((name, t, num_experts))
+    return out
+
+
+def _storage_and_bytes(experts: nn.Module, num_experts: int, tail: int, family: Family, exclude: set[int]
+                       ) -> tuple[str, int]:
     if isinstance(experts, nn.ModuleList):
         first = experts[0]
         return "modulelist", sum(t.numel() * t.element_size() for t in list(first.parameters()) + list(first.buffers()))
-    fused = _expert_tensors(experts, num_experts)
-    if not fused:
-        raise AllocoptError(f"{type(experts).__name__} stores no per-expert tensors along dim 0; this expert layout is not supported")
-    return "fused", sum(t.numel() * t.element_size() for _, t in fused) // num_experts
+    stacked = expert_tensors(experts, num_experts, tail, family.expert_layout, exclude)
+    if not stacked:
+        raise AllocoptError(f"{type(experts).__name__} stores no per-expert tensors along dim 0; this expert layout is "
+                            "not supported (add a row with its expert_layout to allocopt/models/families.py)")
+    storage = {"flattened": "flattened", "stacked": "fused"}[family.expert_layout]
+    if family.experts_call == "parallel":
+        storage = "parallel"
+    per_expert = sum(t.numel() * t.element_size() // rows for _, t, rows in stacked)
+    return storage, per_expert
 
 
-def _top_k(model: nn.Module, family: Family, router: nn.Module, block: nn.Module) -> int:
+def _layer_value(value: Any, layer: int) -> Any:
+    return value[layer] if isinstance(value, (list, tuple)) and layer < len(value) else value
+
+
+def _top_k(config: Any, family: Family, router: nn.Module, block: nn.Module, layer: int, model: nn.Module) -> int:
     for owner in (router, block):
         k = getattr(owner, "top_k", None)
         if isinstance(k, int):
             return k
-    k = getattr(model.config, family.top_k_field, None)
-    if not isinstance(k, int):
-        raise AllocoptError(f"cannot tell the top-k of {type(model).__name__} (no config.{family.top_k_field}); "
-                            "add a row for this model_type to allocopt/models/families.py")
-    return k
+    for name in ((family.top_k_field,) if family.top_k_field else GENERIC_TOP_K_FIELDS):
+        k = _layer_value(config_value(config, name), layer)
+        if isinstance(k, int):
+            return k
+    raise AllocoptError(f"cannot tell the top-k of {type(model).__name__} (no config field {family.top_k_field or ', '.join(GENERIC_TOP_K_FIELDS)}); "
+                        "add a row for this model_type to allocopt/models/families.py")
 
 
-def _num_shared(model: nn.Module, family: Family, block: nn.Module, layer: nn.Module) -> int:
-    """Shared experts sit on the MoE block (Qwen2, DeepSeek) or beside it on the decoder layer (GraniteMoeShared)."""
+def _num_shared(config: Any, family: Family, block: nn.Module, layer: nn.Module) -> int:
+    """Shared experts sit on the MoE block (Qwen2, DeepSeek) or beside it on the decoder layer (GraniteMoeShared).
+    One module may fuse several (DeepSeek's ``n_shared_experts`` widen one MLP); then the count is the config's."""
     present = [a for a in family.shared_expert_attrs
                if any(isinstance(getattr(owner, a, None), nn.Module) for owner in (block, layer))]
     if not present:
         return 0
-    if family.shared_count_field is not None:
-        return int(getattr(model.config, family.shared_count_field, 1) or 1)
+    fields = (family.shared_count_field,) if family.shared_count_field else \
+        (() if is_known(family.model_type) else GENERIC_SHARED_COUNT_FIELDS)
+    for name in fields:
+        n = config_value(config, name)
+        if isinstance(n, int) and n > 0:
+            return n
     return len(present)
 
 
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """All MoE blocks in decoder-layer order; raises AllocoptError for dense or unrecognised models."""
+    """All MoE blocks in decoder-layer order; raises AllocoptError for dense, unsupported or unrecognised models."""
     cached = _CACHE.get(model)
     if cached is not None:
         return cached
     list_name, layers = decoder_layers(model)
-    config = getattr(model, "config", None)
-    family = family_for(getattr(config, "model_type", "") or "")
+    config = text_config(model)
+    model_type = getattr(model.config, "model_type", "") or ""
+    family = family_for(model_type)
+    if family.unsupported:
+        raise AllocoptError(f"{type(model).__name__} ({model_type}) cannot be pruned by expert: {family.unsupported}")
     blocks: list[MoEBlock] = []
     for i, layer in enumerate(layers):
-        found = _moe_submodule(layer)
+        found = _moe_submodule(layer, family)
         if found is None:
             continue
         sub, block = found
@@ -213,27 +322,89 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         if router is None:
             raise AllocoptError(f"{type(model).__name__}: the MoE block {path} has no router child (gate/router); "
                                 "this MoE layout is not supported")
-        experts = block._modules["experts"]
-        rows = _router_weight(router, block, path).shape[0]
-        n = _num_experts(experts, rows)
-        storage, per_expert = _storage_and_bytes(experts, n)
-        info = MoELayerInfo(index=i, path=path, num_experts=n, top_k=_top_k(model, family, router, block),
-                            num_shared_experts=_num_shared(model, family, block, layer), router_rule=family.rule(config),
+        weight = _router_weight(router, block, path, family)
+        rows, tail = int(weight.shape[0]), _tail(family, config)
+        n = rows - tail
+        experts = _experts_module(block, family)
+        exclude = {id(t) for t in list(router.parameters()) + list(router.buffers())}
+        storage, per_expert = _storage_and_bytes(experts, n, tail, family, exclude)
+        top_k = _top_k(config, family, router, block, i, model)
+        params = RoutingParams.resolve(family.rule, config, top_k, family.group_fields)
+        groups, per_group = group_floor(family.rule, params)
+        info = MoELayerInfo(index=i, path=path, num_experts=n, top_k=top_k,
+                            num_shared_experts=_num_shared(config, family, block, layer),
+                            router_rule=family.rule.name(params) if family.rule.score != "unknown" else "unknown",
                             selection_bias=any(_get_path(block, p) is not None for p in family.selection_bias_paths),
-                            storage=storage, bytes_per_expert=per_expert)
-        blocks.append(MoEBlock(i, path, block, router, experts, info))
+                            storage=storage, bytes_per_expert=per_expert, groups=groups,
+                            min_kept=max(top_k, groups * per_group))
+        b = MoEBlock(i, path, block, router, experts, info, family, config, params, rows, tail)
+        if b.hash_routed:                       # experts chosen by a token-id table: nothing can be removed
+            rule = replace(family.rule, select="hash", bias_on=None)
+            b = replace(b, family=replace(family, rule=rule), info=replace(info, min_kept=n, router_rule=rule.name(params)))
+        blocks.append(b)
     if not blocks:
         raise AllocoptError(f"{type(model).__name__} has no MoE block (no submodule with an `experts` child in {list_name}); "
                             "allocopt needs a sparse MoE model")
+    if not is_known(model_type):
+        blocks = _with_inferred_rules(model, blocks)
     _CACHE[model] = blocks
     return blocks
+
+
+def _with_inferred_rules(model: nn.Module, blocks: list[MoEBlock]) -> list[MoEBlock]:
+    """A type outside the table: its rule is the simplest candidate that reproduces the real router (or unknown)."""
+    from allocopt.models.routing import RoutingParams, infer
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return blocks
+    _CACHE[model] = blocks                      # infer() runs the model, which finds these blocks
+    try:
+        rules = infer(model)
+    finally:
+        _CACHE.pop(model, None)
+    out = []
+    for b in blocks:
+        rule = rules.get(b.layer)
+        if rule is None:
+            out.append(b)
+            continue
+        groups_fields = ("n_group", "topk_group")
+        params = RoutingParams.resolve(rule, b.config, b.info.top_k, groups_fields)
+        groups, per_group = group_floor(rule, params)
+        family = replace(b.family, rule=rule, group_fields=groups_fields)
+        info = replace(b.info, router_rule=rule.name(params) + " (inferred)", groups=groups,
+                       min_kept=max(b.info.top_k, groups * per_group, b.info.min_kept))
+        out.append(replace(b, family=family, params=params, info=info))
+    return out
+
+
+def kept_problem(layer: MoELayerInfo, kept: Sequence[int]) -> str | None:
+    """Why ``kept`` cannot be the experts this layer keeps (None when it can): ids in range, at least top-k and
+    what the router needs (a hash-routed layer keeps all), the same number in every group of group-limited routing."""
+    ids = sorted({int(e) for e in kept})
+    n = layer.num_experts
+    if len(ids) != len(list(kept)):
+        return "keeps duplicate expert ids"
+    bad = [e for e in ids if not 0 <= e < n]
+    if bad:
+        return f"keeps expert ids {bad} outside 0..{n - 1}"
+    if len(ids) < layer.top_k:
+        return f"keeps {len(ids)} experts, fewer than its top-k {layer.top_k}; keep at least top-k experts per layer"
+    if len(ids) < n and layer.min_kept >= n:
+        return f"keeps {len(ids)} of {n} experts, but it is {layer.routing_note}"
+    if layer.groups > 1 and len(ids) < n:
+        size = n // layer.groups
+        per_group = [sum(1 for e in ids if e // size == g) for g in range(layer.groups)]
+        if len(set(per_group)) > 1 or per_group[0] < layer.min_kept // layer.groups:
+            return f"{layer.routing_note}, and the plan keeps {per_group} experts per group"
+    return None
 
 
 def model_fingerprint(model: nn.Module, blocks: list[MoEBlock] | None = None) -> str:
     """sha256 of the config essentials and the router weights (as fp32, so the dtype a model is loaded in
     does not matter): stable across save/reload, different for other weights or other expert counts."""
     blocks = find_moe_blocks(model) if blocks is None else blocks
-    config = model.config
+    config = text_config(model)
     essentials = {"architecture": type(model).__name__, "num_layers": len(decoder_layers(model)[1]),
                   "experts": {b.layer: b.info.num_experts for b in blocks},
                   "hidden_size": getattr(config, "hidden_size", None), "vocab_size": getattr(config, "vocab_size", None)}
@@ -247,12 +418,18 @@ def model_fingerprint(model: nn.Module, blocks: list[MoEBlock] | None = None) ->
     return h.hexdigest()
 
 
-def describe(model: nn.Module) -> ModelInfo:
-    """Per-MoE-layer facts (experts, top-k, shared experts, router rule, storage, bytes) as frozen data."""
+def describe(model: nn.Module, fingerprint: bool = True) -> ModelInfo:
+    """Per-MoE-layer facts (experts, top-k, shared experts, router rule, storage, bytes) as frozen data.
+    ``fingerprint=False`` describes a skeleton on the meta device (the fingerprint is then empty)."""
     blocks = find_moe_blocks(model)
     first = next(model.parameters())
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return ModelInfo(model_type=getattr(model.config, "model_type", "") or "", architecture=type(model).__name__,
                      num_decoder_layers=len(decoder_layers(model)[1]), layers=tuple(b.info for b in blocks),
-                     fingerprint=model_fingerprint(model, blocks), dtype=str(first.dtype).removeprefix("torch."),
+                     fingerprint=model_fingerprint(model, blocks) if fingerprint else "",
+                     dtype=str(first.dtype).removeprefix("torch."),
                      total_bytes=total, expert_bytes=sum(b.info.num_experts * b.info.bytes_per_expert for b in blocks))
+
+
+__all__ = ["GENERIC_COUNT_FIELDS", "MoEBlock", "MoELayerInfo", "ModelInfo", "decoder_layers", "describe",
+           "expert_tensors", "find_moe_blocks", "invalidate", "kept_problem", "model_fingerprint", "text_config"]

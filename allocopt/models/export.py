@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_directory, atomic_write_text
-from allocopt.models.adapter import MoEBlock, decoder_layers, describe, find_moe_blocks, invalidate
-from allocopt.models.families import COUNT_ATTRS, Family, family_for
+from allocopt.models.adapter import (MoEBlock, decoder_layers, describe, expert_tensors, find_moe_blocks, invalidate,
+                                     kept_problem, text_config)
+from allocopt.models.families import COUNT_ATTRS, Family
+from allocopt.models.routing import config_value
 from allocopt.plan import PLAN_FILE, Plan
 
 LAYER_COUNTS_FIELD = "layer_num_experts"
@@ -45,43 +48,72 @@ def _tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, torch.T
     return list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
 
 
-def _check_groups(block: MoEBlock, keep: Sequence[int], groups: int) -> None:
-    """Group-limited routing picks groups by their best experts; removal re-partitions the groups unless
-    every group loses the same number of experts, which would silently change the model."""
-    size = block.info.num_experts // groups
-    per_group = [sum(1 for e in keep if e // size == g) for g in range(groups)]
-    if len(set(per_group)) > 1:
-        raise AllocoptError(f"layer {block.layer} uses group-limited routing ({groups} groups of {size}) and the plan keeps "
-                            f"{per_group} experts per group; structural removal must keep the same number in every group "
-                            "(masking is fine), so use a group-balanced plan")
+def _rows(keep: Sequence[int], n: int, size: int) -> torch.Tensor:
+    """Indices to keep along a dim of ``size``: the kept experts, then any tail rows after the ``n`` routed ones."""
+    return torch.tensor(sorted(int(e) for e in keep) + list(range(n, size)), dtype=torch.long)
 
 
 def prune_block(block: MoEBlock, keep: Sequence[int]) -> None:
-    """Keep only experts ``keep`` (sorted ids) of one MoE block: expert tensors, router rows, biases, counts."""
-    n = block.info.num_experts
-    idx = torch.tensor(sorted(int(e) for e in keep), dtype=torch.long)
-    new_n = len(idx)
+    """Keep only experts ``keep`` of one MoE block: expert tensors, router rows, biases, counts; tail rows (zero or
+    skip experts, shared-expert rows of the router) stay, after the kept experts."""
+    n, tail, family = block.info.num_experts, block.tail, block.family
+    new_n = len(set(int(e) for e in keep))
+    router_ids = {id(t) for _, t in _tensors(block.router)}
     with torch.no_grad():
         if isinstance(block.experts, nn.ModuleList):
-            block.block._modules["experts"] = nn.ModuleList(block.experts[i] for i in idx.tolist())
+            block.block._modules["experts"] = nn.ModuleList(block.experts[i] for i in sorted(keep))
         else:
-            for name, t in _tensors(block.experts, recurse=False):
-                if t.dim() >= 1 and t.shape[0] == n:
-                    _replace(block.experts, name, t.index_select(0, idx.to(t.device)))
-        weight = block.router_weight
+            for name, t, rows in expert_tensors(block.experts, n, tail, family.expert_layout, router_ids):
+                idx = _rows(keep, n, rows).to(t.device)
+                if rows == t.shape[0]:
+                    _replace(block.experts, name, t.index_select(0, idx))
+                else:                                   # flattened [E*I, H]: view per expert, slice, flatten back
+                    per = t.view(rows, -1, *t.shape[1:]).index_select(0, idx)
+                    _replace(block.experts, name, per.reshape(-1, *t.shape[1:]))
         for name, t in _tensors(block.router):
-            dims = [0] if t is weight else [d for d in range(t.dim()) if t.shape[d] == n][-1:]
+            if t.dim() < 1 or (block.hash_routed and t.dtype in (torch.int32, torch.int64)):
+                continue
+            dims = [d for d in range(t.dim()) if t.shape[d] in (n, n + tail) and (t.shape[d] == n or tail)]
+            if t is block.router_weight:
+                dims = [0]
             if dims:
-                _replace(block.router, name, t.index_select(dims[0], idx.to(t.device)))
-        for name, t in _tensors(block.block, recurse=False):          # block-level selection biases (expert_bias)
-            if t.dim() >= 1 and t.shape[-1] == n:
-                _replace(block.block, name, t.index_select(t.dim() - 1, idx.to(t.device)))
-    for module in (block.block, block.router, block.experts):
+                d = dims[-1] if t is not block.router_weight else 0
+                _replace(block.router, name, t.index_select(d, _rows(keep, n, int(t.shape[d])).to(t.device)))
+        for name, t in _tensors(block.block, recurse=False):       # block-level selection biases (expert_bias)
+            if t.dim() >= 1 and t.shape[-1] in (n, n + tail) and (t.shape[-1] == n or tail):
+                _replace(block.block, name, t.index_select(t.dim() - 1, _rows(keep, n, int(t.shape[-1])).to(t.device)))
+    for module in block.block.modules():
         for attr in COUNT_ATTRS:
-            if getattr(module, attr, None) == n:
-                setattr(module, attr, new_n)
-    if isinstance(block.router, nn.Linear):
-        block.router.out_features = new_n
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in (n, n + tail) and (value == n or tail):
+                setattr(module, attr, new_n + (value - n))
+        if isinstance(module, nn.Linear) and module.weight is block.router_weight:
+            module.out_features = new_n + tail
+    _per_layer_config(block, new_n)
+
+
+def _per_layer_config(block: MoEBlock, new_n: int) -> None:
+    """Modules that read the expert count from their config at run time (Zaya's skip class, Gemma-4's experts)
+    get a copy of the config with this layer's count, so layers of different sizes each see their own."""
+    config = block.config
+    owners = [m for m in block.block.modules() if getattr(m, "config", None) is config]
+    if not owners or config_value(config, block.family.count_field) == new_n:
+        return
+    view = copy.deepcopy(config)
+    _set_config_value(view, block.family.count_field, new_n)
+    for m in owners:
+        m.config = view
+
+
+def _set_config_value(config: Any, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    obj = config
+    for part in parents:
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    if isinstance(obj, dict):
+        obj[last] = value
+    else:
+        setattr(obj, last, value)
 
 
 def _as_kept(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
@@ -100,28 +132,26 @@ def prune_model(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int
     if unknown:
         raise AllocoptError(f"layers {unknown} are not MoE layers of {type(model).__name__} (MoE layers: {sorted(by_layer)}); "
                             "use a plan made for this model")
-    family = family_for(getattr(model.config, "model_type", "") or "")
-    groups = int(getattr(model.config, family.group_field, 1) or 1) if family.group_field else 1
     for layer, keep in kept.items():                   # validate everything before touching any weight
-        b = by_layer[layer]
-        if any(not 0 <= e < b.info.num_experts for e in keep) or len(set(keep)) < b.info.top_k:
-            raise AllocoptError(f"layer {layer} keeps {keep}: ids must be in 0..{b.info.num_experts - 1} and at least "
-                                f"top-k={b.info.top_k} of them; fix the plan")
-        if groups > 1 and len(keep) < b.info.num_experts:
-            _check_groups(b, keep, groups)
+        problem = kept_problem(by_layer[layer].info, keep)
+        if problem:
+            raise AllocoptError(f"layer {layer} {problem}; fix the plan")
     for b in tqdm(blocks, desc="pruning layers", unit="layer", disable=not progress):
         if b.layer in kept and len(kept[b.layer]) < b.info.num_experts:
             prune_block(b, kept[b.layer])
     invalidate(model)
-    _record_counts(model, family)
+    _record_counts(model, blocks[0].family)
     return model
 
 
 def _record_counts(model: nn.Module, family: Family) -> None:
     counts = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
     num_layers = len(decoder_layers(model)[1])
-    setattr(model.config, LAYER_COUNTS_FIELD, [counts.get(i) for i in range(num_layers)])
-    setattr(model.config, family.count_field, max(counts.values()))
+    config = text_config(model)
+    for target in {id(model.config): model.config, id(config): config}.values():
+        setattr(target, LAYER_COUNTS_FIELD, [counts.get(i) for i in range(num_layers)])
+    if family.count_field and not family.count_field_shared:
+        _set_config_value(config, family.count_field, max(counts.values()))
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],

@@ -59,7 +59,7 @@ def load_config(path: Path, trust_remote_code: bool = False) -> Any:
         if not remote:
             raise AllocoptError(f"model {path} has model_type {model_type!r}, which transformers {transformers.__version__} "
                                 "does not know; pass a supported MoE checkpoint (e.g. OLMoE, Qwen3-MoE, Mixtral)")
-    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in _catalog_types():
         raise AllocoptError(f"model {path} ({model_type}) is not a causal language model; allocopt needs a decoder-only MoE model")
     return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
@@ -91,6 +91,41 @@ def use_fast_experts(model: nn.Module, device: str | torch.device) -> None:
         pass                                     # a model whose experts have no interface choice keeps its own
 
 
+def instantiate(config: Any) -> nn.Module:
+    """A causal LM built from ``config`` (random weights, or meta tensors under ``torch.device("meta")``): the auto
+    class, which also unwraps a multimodal config's text model, else the family's own ``*ForCausalLM`` class for
+    types transformers leaves out of its causal-LM auto mapping (mistral4)."""
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        return _catalog_class(config)(config)
+
+
+def _catalog_types() -> dict[str, str]:
+    from allocopt.models.catalog import moe_causal_lm_types
+
+    return moe_causal_lm_types()
+
+
+def _catalog_class(config: Any) -> type:
+    from allocopt.models.catalog import moe_causal_lm_types
+
+    name = moe_causal_lm_types().get(getattr(config, "model_type", None))
+    if name is None:
+        raise AllocoptError(f"transformers {transformers.__version__} has no causal-LM class for model_type "
+                            f"{getattr(config, 'model_type', None)!r}; pass a decoder-only MoE checkpoint")
+    return getattr(transformers, name)
+
+
+def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        return _catalog_class(config).from_pretrained(path, config=config, **kwargs)
+
+
 def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
                trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode; pruned allocopt exports go through ``load_pruned`` automatically.
@@ -103,8 +138,8 @@ def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device:
     if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
         model = load_pruned(path, dtype=dtype, device=device)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", use_safetensors=True,
-                                                                  trust_remote_code=trust_remote_code)
+        model = _from_pretrained(path, config, dtype=dtype or "auto", use_safetensors=True,
+                                 trust_remote_code=trust_remote_code)
         model = model.to(device).eval()
     use_fast_experts(model, device)
     tokenizer = None

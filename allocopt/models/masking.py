@@ -5,7 +5,8 @@ added to the router's logits *before* the family's own softmax/sigmoid/top-k. We
 router's output (top-k has already run), so the router's own forward runs inside a ``TorchFunctionMode``
 that adds the mask to the first ``F.linear`` result of router width. Selection-only biases (DeepSeek
 ``e_score_correction_bias``, ERNIE ``moe_statics``) are set to -inf at pruned ids, or a large bias could
-still pick an expert whose probability is 0. Nothing is copied but the few bias entries that change.
+still pick an expert whose probability is 0. Rows after the routed experts (zero/identity experts, a skip
+class, shared-expert rows) are never masked. Nothing is copied but the few bias entries that change.
 
 Example::
 
@@ -24,7 +25,6 @@ from torch.overrides import TorchFunctionMode
 
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, find_moe_blocks
-from allocopt.models.families import family_for
 
 
 class _RouterLogitMask(TorchFunctionMode):
@@ -67,13 +67,12 @@ def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterato
     if unknown:
         raise AllocoptError(f"layers {unknown} are not MoE layers of {type(model).__name__} (MoE layers: {sorted(blocks)}); "
                             "use decoder-layer indices from `allocopt info`")
-    family = family_for(getattr(model.config, "model_type", "") or "")
     plan = [(blocks[l], ids) for l, ids in ((l, _pruned_ids(blocks[l], kept[l])) for l in sorted(kept)) if ids]
     undo: list[Callable[[], None]] = []
     try:
         for block, ids in plan:
             undo.append(_mask_router(block, ids))
-            for bias in block.selection_biases(family):
+            for bias in block.selection_biases():
                 undo.append(_mask_bias(bias, ids))
         yield model
     finally:
@@ -84,7 +83,7 @@ def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterato
 def _mask_router(block: MoEBlock, ids: list[int]) -> Callable[[], None]:
     router = block.router
     weight = block.router_weight
-    add = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    add = torch.zeros(block.router_rows, dtype=torch.float32, device=weight.device)   # tail rows stay routable
     add[ids] = float("-inf")
     had_own = "forward" in router.__dict__            # an enclosing mask_experts already shadows forward
     previous = router.__dict__.get("forward")

@@ -28,6 +28,7 @@ from allocopt import defaults
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
+from allocopt.models.adapter import kept_problem
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.teacher import TeacherCache, build_teacher
@@ -57,6 +58,7 @@ class Evaluator:
                  teacher: TeacherCache | None = None):
         self.model, self.objective = model, get_objective(objective)
         info = describe(model)
+        self.info = {l.index: l for l in info.layers}
         self.layers = sorted(info.num_experts)
         self.num_experts, self.top_k = info.num_experts, info.top_k
         self.full: Key = tuple(tuple(range(self.num_experts[l])) for l in self.layers)
@@ -91,8 +93,9 @@ class Evaluator:
         out = []
         for l in self.layers:
             ids = tuple(sorted({int(e) for e in kept.get(l, kept.get(str(l), range(self.num_experts[l])))}))
-            if any(not 0 <= e < self.num_experts[l] for e in ids) or len(ids) < self.top_k[l]:
-                raise AllocoptError(f"plan keeps {list(ids)} in layer {l}: ids must lie in 0..{self.num_experts[l] - 1} and number at least top-k={self.top_k[l]}; fix the plan")
+            problem = kept_problem(self.info[l], ids)
+            if problem:
+                raise AllocoptError(f"plan keeps {list(ids)} in layer {l}: the layer {problem}; fix the plan")
             out.append(ids)
         return tuple(out)
 
@@ -151,6 +154,25 @@ class Evaluator:
             else:
                 l, h = lo[k] / total, hi[k] / total
                 self.results[k] = ObjectiveValue((l + h) / 2, l, h, total)
+
+    @torch.no_grad()
+    def score_model(self, other: nn.Module) -> ObjectiveValue:
+        """The objective of another model on the same tokens against this teacher, e.g. an exported checkpoint,
+        which should score exactly what its plan scored under masking."""
+        device = next(other.parameters()).device
+        lo = hi = 0.0
+        for batch, chunk in zip(self.batches, self.teacher.chunks):
+            logits = other(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                           use_cache=False).logits.to(batch.input_ids.device)
+            sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
+            bad = int((~torch.isfinite(sel)).any(-1).sum())
+            if bad:
+                return ObjectiveValue(None, None, None, self.teacher.num_scored,
+                                      f"non-finite logits at {bad} of {sel.shape[0]} scored positions")
+            a, b = self.objective.terms(sel, chunk)
+            lo, hi = lo + float(a.double().sum()), hi + float(b.double().sum())
+        total = self.teacher.num_scored
+        return ObjectiveValue((lo + hi) / 2 / total, lo / total, hi / total, total)
 
     def _start(self, c: int, key: Key) -> tuple[int, torch.Tensor | None]:
         """Deepest MoE-layer position i whose input state for this key's prefix is cached (-1: none)."""

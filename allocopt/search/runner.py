@@ -61,11 +61,12 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     if tokenizer is None:
         raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
     info = describe(model)
-    space = space_for(config, info.num_experts, info.top_k, info.bytes_per_expert)
+    space = space_for(config, info)
+    search_space = space.lattice()        # in units of group-count experts where routing is group-limited
 
     stats, reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
     criterion = get_criterion(config.criterion)
-    ranking = rank(stats, criterion)
+    ranking = rank(stats, criterion, groups={l.index: l.groups for l in info.layers})
     scores = criterion(stats)
 
     tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
@@ -93,20 +94,22 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
 
-    def evaluate(counts: np.ndarray) -> np.ndarray:
-        return sign * recorded(counts)
+    def evaluate(units: np.ndarray) -> np.ndarray:
+        """Optimizers search ``search_space`` (counts in units); the study and the plans are in experts."""
+        return sign * recorded(space.expand(units))
 
-    uniform = space.uniform()
+    uniform = search_space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
-        ctx = SearchContext(space=space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
+        ctx = SearchContext(space=search_space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
-                            on_generation=on_generation, options=dict(config.options))
+                            on_generation=on_generation, options=dict(config.options), expert_space=space)
         result = optimizer.run(ctx)
 
     # A search also saw the uniform plan, so it never hands back something worse than that baseline; a fixed
     # allocation (uniform, global, grape) is reported as it is, even where uniform scores higher.
-    best, best_value = np.asarray(result.best), float(result.best_value)
+    best, best_value = space.expand(result.best), float(result.best_value)
+    uniform = space.expand(uniform)
     if not getattr(optimizer, "fixed_allocation", False) and not best_value >= uniform_value:
         best, best_value = uniform, uniform_value
     counts = {l: int(c) for l, c in zip(space.layers, best)}
@@ -135,18 +138,21 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     if result.front is not None:
         front_path = atomic_write_json(run_dir / FRONT_FILE, {
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
-            "points": [{"counts": [int(c) for c in x], "value": sign * float(v), "memory_bytes": int(m)}
+            "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
                        for x, v, m in result.front]})
     return RunResult(config, summary, plan_path, front_path, counter["plans"], reused)
 
 
 # ---- budget ----------------------------------------------------------------------------------------
 
-def space_for(config: RunConfig, num_experts, top_k, bytes_per_expert):
+def space_for(config: RunConfig, info):
+    """The allocation space of ``config``'s budget on a model described by ``info`` (a ModelInfo): per-layer
+    floors from top-k and the router's needs, and the group-limited routing step."""
     from allocopt.search.space import make_space
 
-    return make_space(num_experts, top_k, bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
-                      min_density=config.min_density, max_density=config.max_density)
+    return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
+                      min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept,
+                      unit=info.unit)
 
 
 def peek_space(config: RunConfig):
@@ -155,11 +161,10 @@ def peek_space(config: RunConfig):
     Pruned exports and remote-code models are checked right after loading instead (returns None).
     """
     import torch
-    import transformers
 
-    from allocopt.models import find_moe_blocks
+    from allocopt.models import describe
     from allocopt.models.export import LAYER_COUNTS_FIELD
-    from allocopt.models.loading import load_config, resolve
+    from allocopt.models.loading import instantiate, load_config, resolve
 
     path = resolve(config.model)
     if config.trust_remote_code:
@@ -168,10 +173,8 @@ def peek_space(config: RunConfig):
     if getattr(model_config, LAYER_COUNTS_FIELD, None) is not None:
         return None
     with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(model_config)
-    blocks = find_moe_blocks(skeleton)
-    return space_for(config, {b.layer: b.info.num_experts for b in blocks}, {b.layer: b.info.top_k for b in blocks},
-                     {b.layer: b.info.bytes_per_expert for b in blocks})
+        skeleton = instantiate(model_config)
+    return space_for(config, describe(skeleton, fingerprint=False))
 
 
 def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:

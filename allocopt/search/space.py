@@ -1,4 +1,11 @@
-"""The allocation space: one integer per MoE layer (experts kept), per-layer bounds and one global budget."""
+"""The allocation space: one integer per MoE layer (experts kept), per-layer bounds and one global budget.
+
+Some routers only route exactly when a layer keeps a multiple of some step: group-limited routing (DeepSeek-V3
+``n_group``) needs the same number of experts in every group, so a layer keeps a multiple of its group count.
+The space then counts in *units* of ``unit`` experts; :meth:`AllocationSpace.lattice` is that space with every
+count divided by the unit, which is what optimizers search, so no operator (repair, mutation, sampling) needs to
+know about groups. :meth:`expand` maps a lattice point back to expert counts.
+"""
 from __future__ import annotations
 
 import math
@@ -21,19 +28,40 @@ class AllocationSpace:
     upper: np.ndarray
     budget: int
     bytes_per_expert: np.ndarray
+    unit: int = 1                 # every count is a multiple of this many experts (group-limited routing)
 
     @property
     def size(self) -> int:
         return len(self.layers)
 
+    def lattice(self) -> "AllocationSpace":
+        """The same space counted in units of ``unit`` experts (itself when ``unit`` is 1): what optimizers search."""
+        if self.unit == 1:
+            return self
+        u = self.unit
+        return AllocationSpace(self.layers, self.num_experts // u, self.lower // u, self.upper // u, self.budget // u,
+                               self.bytes_per_expert * u)
+
+    def expand(self, x) -> np.ndarray:
+        """Expert counts of a lattice point (rows of ``x`` in units) -> the same shape in experts."""
+        return np.asarray(x, dtype=np.int64) * self.unit
+
+    def project(self, x) -> np.ndarray:
+        """The lattice point (in units) nearest to expert counts ``x`` on the budget (largest remainder)."""
+        lat = self.lattice()
+        return largest_remainder(np.asarray(x, dtype=float) / self.unit, lat.budget, lat.lower, lat.upper)
+
     def uniform(self) -> np.ndarray:
-        """Same kept fraction in every layer (largest remainder when not divisible), clipped to the bounds."""
+        """Same kept fraction in every layer (largest remainder when not divisible), clipped to the bounds; on the
+        lattice when ``unit`` > 1."""
+        if self.unit > 1:
+            return self.expand(self.lattice().uniform())
         return largest_remainder(self.num_experts, self.budget, self.lower, self.upper)
 
     def contains(self, x) -> bool:
         x = np.asarray(x)
         return (x.shape == (self.size,) and bool(np.all(x == np.round(x))) and int(x.sum()) == self.budget
-                and bool(np.all(x >= self.lower)) and bool(np.all(x <= self.upper)))
+                and bool(np.all(x >= self.lower)) and bool(np.all(x <= self.upper)) and bool(np.all(x % self.unit == 0)))
 
     def memory_bytes(self, x) -> np.ndarray:
         """Bytes of the kept routed experts, per row of ``x`` ([n, L] -> [n], or [L] -> scalar array)."""
@@ -45,11 +73,15 @@ class AllocationSpace:
 
 def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_per_expert: Mapping[int, int],
                sparsity: float | None = None, keep: int | None = None,
-               min_density: float = 0.0, max_density: float = 1.0) -> AllocationSpace:
+               min_density: float = 0.0, max_density: float = 1.0, min_kept: Mapping[int, int] | None = None,
+               unit: int = 1) -> AllocationSpace:
     """Build the space for a global ``sparsity`` (fraction of routed experts removed) or a total ``keep``.
 
-    Every layer keeps at least its top-k (routing stays well defined) and ``ceil(min_density * E)``, at most
-    ``floor(max_density * E)``. Impossible requests raise AllocoptError before any model work.
+    Every layer keeps at least its top-k and ``min_kept[layer]`` (what its router needs to route exactly, e.g.
+    two experts per group for DeepSeek-V3's group score; a hash-routed layer needs all of them) and
+    ``ceil(min_density * E)``, at most ``floor(max_density * E)``; with ``unit`` > 1 every count is a multiple of
+    ``unit`` and the total is rounded to the nearest multiple. Impossible requests raise AllocoptError before any
+    model work.
     """
     if (sparsity is None) == (keep is None):
         raise AllocoptError("give exactly one of sparsity (fraction removed) or keep (total experts kept)")
@@ -61,8 +93,10 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
         raise AllocoptError("the model has no MoE layers to allocate; use a Mixture-of-Experts model")
     e = np.array([int(num_experts[l]) for l in layers], dtype=np.int64)
     k = np.array([int(top_k[l]) for l in layers], dtype=np.int64)
-    lower = np.maximum(k, np.ceil(min_density * e - 1e-9).astype(np.int64))
+    floor = np.array([int((min_kept or {}).get(l, 0)) for l in layers], dtype=np.int64)
+    lower = np.maximum(np.maximum(k, floor), np.ceil(min_density * e - 1e-9).astype(np.int64))
     upper = np.minimum(e, np.floor(max_density * e + 1e-9).astype(np.int64))
+    lower, upper = -(-lower // unit) * unit, upper // unit * unit
     bad = [layers[i] for i in np.flatnonzero(lower > upper)]
     if bad:
         raise AllocoptError(f"layers {bad} cannot satisfy top-k/min_density {min_density} <= kept <= "
@@ -72,11 +106,11 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
         if not 0.0 <= sparsity < 1.0:
             raise AllocoptError(f"sparsity {sparsity} must be in [0, 1); it is the fraction of experts removed")
         keep = total - int(math.floor(sparsity * total + 0.5))
-    keep = int(keep)
+    keep = int(round(int(keep) / unit)) * unit
     if not int(lower.sum()) <= keep <= int(upper.sum()):
         raise AllocoptError(
             f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "
             f"{int(lower.sum())}..{int(upper.sum())} (top-k and density bounds); choose a sparsity/keep in that range "
             f"or relax min_density/max_density")
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
-    return AllocationSpace(layers, e, lower, upper, keep, bpe)
+    return AllocationSpace(layers, e, lower, upper, keep, bpe, unit)

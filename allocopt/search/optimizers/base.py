@@ -23,6 +23,16 @@ class SearchContext:
     stats: Any = None                                # RoutingStats (for `grape`: similarity[layer] [E, E])
     on_generation: Callable[[int, float], None] | None = None
     options: dict = field(default_factory=dict)
+    expert_space: AllocationSpace | None = None      # ``space`` counted in experts when it counts in units (groups)
+
+    @property
+    def experts(self) -> AllocationSpace:
+        """The space in experts: what rankings, scores and similarities index (``space`` itself without groups)."""
+        return self.expert_space if self.expert_space is not None else self.space
+
+    def to_units(self, x: np.ndarray) -> np.ndarray:
+        """An allocation computed in experts (global ranking, GRAPE) -> the nearest point ``space`` searches."""
+        return self.experts.project(x) if self.experts is not self.space else np.asarray(x)
 
     def cache(self) -> EvaluationCache:
         return EvaluationCache(self.evaluate, self.max_evals, self.on_generation)

@@ -45,4 +45,4 @@ class GlobalRanking:
     fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
-        return evaluate_single(ctx, global_allocation(ctx.space, ctx.ranking, ctx.scores))
+        return evaluate_single(ctx, ctx.to_units(global_allocation(ctx.experts, ctx.ranking, ctx.scores)))

@@ -84,5 +84,5 @@ class GrapeAllocation:
                                 "with a stats file that has similarity matrices or pick another optimizer")
         sim = {l: np.asarray(similarity[l].numpy() if hasattr(similarity[l], "numpy") else similarity[l])
                for l in ctx.space.layers}
-        x = grape_allocation(ctx.space, sim, ctx.ranking, float(ctx.options.get("gamma", GAMMA)))
-        return evaluate_single(ctx, x)
+        x = grape_allocation(ctx.experts, sim, ctx.ranking, float(ctx.options.get("gamma", GAMMA)))
+        return evaluate_single(ctx, ctx.to_units(x))
