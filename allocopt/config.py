@@ -123,6 +123,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
         if self.tolerance < 0:
             raise AllocoptError(f"tolerance must be >= 0, got {self.tolerance}; use e.g. {D.ESAP_TOLERANCE}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
@@ -153,6 +155,15 @@ def read_problem(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AllocoptError(f"problem file {path} is not valid TOML ({exc}); fix the syntax") from exc
+
+
+def check_dtype(name: str) -> str:
+    """A torch dtype name such as ``bfloat16`` (what ``--dtype`` accepts), refused in one line otherwise."""
+    import torch
+
+    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+        raise AllocoptError(f"dtype {name!r} is not a torch floating-point dtype; use bfloat16, float16 or float32")
+    return name
 
 
 def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

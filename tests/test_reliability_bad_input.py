@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from allocopt.cli.main import cli
-from reliability_kit import SMALL, TEXT, allocopt, make_root, run_args, save_tiny_model
+from reliability_kit import SMALL, TEXT, allocopt, make_root, overflow_in_float16, run_args, save_tiny_model
 
 TABLE = Path("/tmp/bad_input_table.md")
 SHORT = ["--seq-len", "24", "--num-seqs", "4"]      # esap / observe: the sizes SMALL gives `run`
@@ -109,6 +109,14 @@ CASES = [
          lambda r: ["observe", "--model", str(r / "model"), "--data", str(r / "data.txt"), *SHORT, "--no-progress",
                     "--out", str(r / "blocker/stats.safetensors")],
          ("cannot create output directory", "blocker is a file, not a directory")),
+    Case("router logits overflow in float16 (run --dtype float16)", lambda r: _run(r, "--dtype", "float16", model="fp16"),
+         ("layer 1: router logits are not finite", "float16", "no statistics were saved", "--dtype bfloat16")),
+    Case("router logits overflow in float16 (observe --dtype float16)",
+         lambda r: ["observe", "--model", str(r / "fp16"), "--data", str(r / "data.txt"), *SHORT, "--no-progress",
+                    "--dtype", "float16", "--out", str(r / "fp16.safetensors")],
+         ("layer 1: router logits are not finite", "float16", "--dtype bfloat16")),
+    Case("unknown --dtype", lambda r: _run(r, "--dtype", "float17"),
+         ("dtype 'float17' is not a torch floating-point dtype", "bfloat16")),
     Case("disk full while writing plan.json (run)",
          lambda r: [*run_args(r, "full", "--seed", "5"), "--storage", "sqlite:///:memory:"],
          ("could not write", "runs/full/plan.json", "File too large"), process=True, fsize=256, watch=("runs/full",)),
@@ -129,6 +137,13 @@ def _save_dense(directory: Path, tokenizer_from: Path) -> None:
     transformers.AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(directory)
 
 
+def _save_float16_overflow(directory: Path) -> None:
+    """The tiny OLMoE with layer 1's router scaled so its logits are finite in float32/bfloat16, inf in float16."""
+    save_tiny_model(directory)
+    model = overflow_in_float16(transformers.AutoModelForCausalLM.from_pretrained(directory))
+    model.save_pretrained(directory)
+
+
 def _garble(source: Path, target: Path) -> None:
     """A real study database with pages 2-4 overwritten, as a crash on a broken disk would leave it."""
     data = bytearray(source.read_bytes())
@@ -141,6 +156,7 @@ def root(tmp_path_factory) -> Path:
     root = make_root(tmp_path_factory.mktemp("bad_input"))
     save_tiny_model(root / "other", seed=4)
     _save_dense(root / "dense", root / "model")
+    _save_float16_overflow(root / "fp16")
     (root / "future").mkdir()
     (root / "future" / "config.json").write_text(json.dumps({"model_type": "moe_from_the_future",
                                                              "architectures": ["FutureMoeForCausalLM"]}))

@@ -12,6 +12,11 @@ no top-k on the wrong tensor). It wraps ``experts.forward`` and
   (the attention mask of the batch, flattened in the same [B*T] order as the block's hidden rows);
 * returns ``(f * w).sum(slots)``, so the model's output is what it would have been.
 
+Non-finite numbers (a float16 router whose logits overflow to inf, NaN weights) are refused at the first
+batch that shows them: the router's outputs, the gate weights and the expert outputs of real tokens must all
+be finite, else ``observe`` raises one AllocoptError naming the layer and the dtype, and nothing is returned
+(so nothing is saved or ranked). Statistics of an overflowed router would rank the busiest experts last.
+
 Expert similarity (for GRAPE-style redundancy): for at most ``similarity_tokens`` real tokens per batch,
 evenly spaced over the batch's real tokens, every expert is run once; the similarity of experts i, j is the
 mean over those tokens of cos(f_i(x), f_j(x)). Cosine (not CKA/MSE) because it is scale-free, bounded in
@@ -49,10 +54,29 @@ class _LayerRecorder:
                                 f"{None if self.mask is None else self.mask.numel()}; this model calls its experts in an unsupported way")
         ones = torch.ones(t * k, 1, dtype=w.dtype, device=w.device)
         f = forward(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1), ones).view(t, k, -1)
+        self.check_finite("gate weights", w)
+        self.check_finite("expert outputs", f)
         self._accumulate(idx, w, f)
         if self.similarity_tokens > 0:
             self._similarity(forward, hidden, w.dtype, rows_per_call=t * k)
         return (f * w[..., None]).sum(1).to(hidden.dtype)
+
+    def check_finite(self, what: str, values: torch.Tensor) -> None:
+        """Refuse inf/NaN in ``values`` [T, ...] on this batch's real tokens (padding rows may hold anything)."""
+        if values.shape[0] == self.mask.numel():
+            values = values[self.mask.to(values.device)]
+        if bool(torch.isfinite(values).all()):
+            return
+        dtype = str(values.dtype).removeprefix("torch.")
+        fix = ("float16 overflows here: load the model in bfloat16 or float32 (--dtype bfloat16)" if values.dtype == torch.float16
+               else "the checkpoint's weights produce inf/NaN: check them, or load the model in float32 (--dtype float32)")
+        raise AllocoptError(f"layer {self.layer}: {what} are not finite (inf/NaN) in {dtype}, so no statistics were saved; {fix}")
+
+    def router_hook(self, module: torch.nn.Module, args, output) -> None:
+        """Forward hook on the router: its logits (every floating tensor it returns) must be finite."""
+        for value in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.check_finite("router logits", value)
 
     def _accumulate(self, idx: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> None:
         # per-(token, slot) reductions first, in fp32, so no full-size fp64 copy of f is ever made
@@ -91,14 +115,19 @@ class _LayerRecorder:
 
 @contextmanager
 def _wrapped(blocks, recorders) -> Iterator[None]:
-    """Shadow each ``experts.forward`` with an instance attribute; whatever was there before is restored."""
+    """Shadow each ``experts.forward`` with an instance attribute and hook each router (finite logits); whatever was
+    there before is restored."""
     saved = [(b.experts, b.experts.__dict__.get("forward")) for b in blocks]
+    hooks = []
     try:
         for b, rec in zip(blocks, recorders):
             own = b.experts.forward
             b.experts.forward = lambda h, i, w, _own=own, _rec=rec: _rec(_own, h, i, w)
+            hooks.append(b.router.register_forward_hook(rec.router_hook))
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for experts, before in saved:
             if before is None:
                 experts.__dict__.pop("forward", None)
@@ -133,4 +162,5 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
             stats.num_tokens += int(real.sum())
     for rec in recorders:
         rec.finish()
+    stats.check_finite("the observed statistics")
     return stats

@@ -80,11 +80,20 @@ def get_criterion(spec: str | Criterion) -> Criterion:
 
 
 def rank(stats: RoutingStats, criterion: str | Criterion) -> dict[int, list[int]]:
-    """Expert ids per layer, best (highest score) first; ties go to the lower id so the order is deterministic."""
-    scores = get_criterion(criterion)(stats)
+    """Expert ids per layer, best (highest score) first; ties go to the lower id so the order is deterministic.
+
+    A non-finite score is refused: NaN compares false with everything, so it would land anywhere in the order.
+    """
+    fn = get_criterion(criterion)
+    scores = fn(stats)
     out = {}
     for layer in stats.layers:
         s = np.asarray(scores[layer], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(s))
+        if bad.size:
+            name = criterion if isinstance(criterion, str) else getattr(fn, "__name__", "criterion")
+            raise AllocoptError(f"criterion {name!r} scored experts {bad.tolist()} of layer {layer} as inf/NaN, which has no "
+                                "rank; fix the criterion or the statistics (re-run `allocopt observe` in bfloat16 or float32)")
         # lexsort sorts by the last key first: descending score, then ascending id
         out[layer] = [int(i) for i in np.lexsort((np.arange(s.size), -s))]
     return out
