@@ -99,6 +99,18 @@ CASES = [
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
          ("short.txt has 3 tokens", "fewer than one window of --seq-len 24")),
+    *(Case(f"JSONL line {line}", lambda r, name=name: _run(r, data=f"{name}.jsonl"), (f"{name}.jsonl:2: ", *words))
+      for name, line, words in (
+          ("null", "null", ("the record is null, not a JSON object", "write one object per line")),
+          ("number", "5", ("the record is a number, not a JSON object",)),
+          ("text_null", '{"text": null}', ('"text" is null, not a string', 'make "text" a JSON string')),
+          ("completion_null", '{"completion": null}', ('"completion" is null, not a string',)),
+          ("invalid", '{"text": "a",', ("not valid JSON", "column 14", "write one JSON object per line")),
+          ("response_number", '{"prompt": "2+2=", "response": 4}', ('"response" is a number, not a string',)),
+          ("prompt_only", '{"prompt": "2+2="}', ('has a "prompt" but no "response" or "completion"', "add the text to score")),
+          ("message_without_content", '{"messages": [{"role": "user"}]}',
+           ('messages[0] has no "content"', 'give every message a string "content"')),
+      )),
     Case("problem TOML with an unknown key", lambda r: ["run", "--problem", str(r / "unknown_key.toml")],
          ("unknown key 'populaton'", "valid keys are", "population")),
     Case("problem TOML with a wrong type", lambda r: ["run", "--problem", str(r / "wrong_type.toml")],
@@ -178,6 +190,11 @@ def root(tmp_path_factory) -> Path:
     con.close()
     (root / "empty.txt").write_text("")
     (root / "short.txt").write_text("expert 1 takes")
+    for name, line in (("null", "null"), ("number", "5"), ("text_null", '{"text": null}'),
+                       ("completion_null", '{"completion": null}'), ("invalid", '{"text": "a",'),
+                       ("response_number", '{"prompt": "2+2=", "response": 4}'), ("prompt_only", '{"prompt": "2+2="}'),
+                       ("message_without_content", '{"messages": [{"role": "user"}]}')):
+        (root / f"{name}.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + line + "\n")
     (root / "unknown_key.toml").write_text("sparsity = 0.5\npopulaton = 8\n")
     (root / "wrong_type.toml").write_text('evals = "many"\n')
     (root / "blocker").write_text("a regular file where a directory is expected\n")

@@ -4,12 +4,20 @@ Conventions every consumer relies on:
 * rows never cross documents (no packing), so no position attends to another document;
 * rows are right-padded; ``attention_mask`` is 1 on real tokens;
 * ``score_mask[b, t]`` is True when the distribution at position t (which predicts token t+1) is scored:
-  t+1 must be a real token and, for prompt/response data, a response token.
+  t+1 must be a real token and, for prompt/response data, a response token; for chats, a token of an
+  assistant turn (every turn, see :func:`chat_tokens`).
+
+JSONL records are one JSON object per line: ``{"text": ...}``, ``{"prompt": ..., "response"|"completion": ...}``
+or ``{"messages": [{"role": ..., "content": ...}, ...]}``. A chat is rendered with the tokenizer's chat template;
+a tokenizer without one gets the fallback rendering ``role: content`` per line. A malformed record is refused as
+``FILE:LINE: problem; fix``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -21,10 +29,16 @@ from allocopt.errors import AllocoptError
 
 @dataclass(frozen=True)
 class Document:
-    """A text, optionally split into a prompt (context only) and a response (scored)."""
+    """A text, optionally split into a prompt (context only) and a response (scored), or a chat.
+
+    A chat (``messages``: role/content pairs) is rendered with the tokenizer's chat template and every assistant
+    turn is scored; see :func:`chat_tokens`. ``where`` names the record in error messages (``FILE:LINE``).
+    """
 
     text: str
     prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    where: str = ""
 
 
 @dataclass
@@ -71,31 +85,71 @@ def register_source(prefix: str, fn: Callable[[str, str], list[Document]]) -> No
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AllocoptError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8") from exc
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise AllocoptError(f"{path}:{n} is not valid JSON ({exc.msg}); each line must be one JSON object") from exc
-        docs.append(_record_to_document(obj, f"{path}:{n}"))
+            raise AllocoptError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line") from exc
+        docs.append(_record_to_document(obj, where))
     return docs
 
 
-def _record_to_document(obj: dict, where: str) -> Document:
+_RECORD_FIELDS = 'text, prompt + response (or completion), or messages'
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type as the JSON file spells it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _record_to_document(obj: object, where: str) -> Document:
+    """One record -> Document; anything malformed is refused as ``WHERE: problem; fix``."""
+    if not isinstance(obj, dict):
+        raise AllocoptError(f"{where}: the record is {_kind(obj)}, not a JSON object; write one object per line with {_RECORD_FIELDS}")
+    for key in ("text", "prompt", "response", "completion"):
+        if key in obj and not isinstance(obj[key], str):
+            raise AllocoptError(f'{where}: "{key}" is {_kind(obj[key])}, not a string; make "{key}" a JSON string')
     if "messages" in obj:
-        prompt, response = "", ""
-        for m in obj["messages"]:
-            if m.get("role") == "assistant" and not response:
-                response = m.get("content", "")
-            elif not response:
-                prompt += f"{m.get('role', 'user')}: {m.get('content', '')}\n"
-        return Document(text=response, prompt=prompt + "assistant: ")
-    if "prompt" in obj and ("response" in obj or "completion" in obj):
-        return Document(text=obj.get("response", obj.get("completion", "")), prompt=obj["prompt"])
+        return Document(text="", messages=_messages(obj["messages"], where), where=where)
+    answer = next((k for k in ("response", "completion") if k in obj), None)
+    if "prompt" in obj:
+        if answer is None:
+            raise AllocoptError(f'{where}: has a "prompt" but no "response" or "completion"; add the text to score')
+        return Document(text=obj[answer], prompt=obj["prompt"], where=where)
     if "text" in obj:
-        return Document(text=obj["text"])
-    raise AllocoptError(f"{where} has none of the fields text, prompt+response, messages; use one of them")
+        return Document(text=obj["text"], where=where)
+    if answer is not None:
+        raise AllocoptError(f'{where}: has a "{answer}" but no "prompt"; add the prompt, or write the whole text as "text"')
+    raise AllocoptError(f"{where}: has none of the fields {_RECORD_FIELDS}; use one of them")
+
+
+def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        shown = "an empty array" if value == [] else _kind(value)
+        raise AllocoptError(f'{where}: "messages" is {shown}; give a non-empty array of {{"role": ..., "content": ...}} objects')
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise AllocoptError(f'{where}: messages[{i}] is {_kind(m)}, not an object; write {{"role": ..., "content": ...}}')
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                problem = f"has no \"{key}\"" if key not in m else f'has "{key}" {_kind(m[key])}'
+                raise AllocoptError(f'{where}: messages[{i}] {problem}; give every message a string "{key}"')
+        out.append((m["role"], m["content"]))
+    return tuple(out)
 
 
 def _read_hf_dataset(path: Path, split: str) -> list[Document]:
@@ -128,15 +182,107 @@ def _stream_windows(text: str, tokenizer, seq_len: int, num_seqs: int, spec: str
     return TokenSet(x, torch.ones_like(x), score, spec)
 
 
+def chat_tokens(tokenizer, messages: Sequence[tuple[str, str]], where: str = "chat") -> tuple[list[int], list[bool]]:
+    """Token ids of a chat and, per token, whether it belongs to an assistant turn (the tokens that are scored).
+
+    * The tokenizer has a chat template with ``{% generation %}`` markers: transformers' assistant-token mask.
+    * It has another chat template: the chat is rendered whole; assistant turn i spans from where its content starts
+      (searched after the rendering of turns < i with the generation prompt, so the "assistant" header is context)
+      to the end of the rendering of turns <= i (content and end-of-turn marker, trailing whitespace dropped).
+      Those character spans become tokens through the offsets of the whole rendering, so tokens merge exactly as
+      the model sees them; a token that straddles a span's edge is scored, since it carries assistant text.
+    * It has no chat template (the documented fallback): each message is written ``role: content`` on its own line
+      and the content of every assistant message is scored.
+    """
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        text, spans, at = "", [], 0
+        for role, content in messages:
+            head = f"{role}: "
+            if role == "assistant":
+                spans.append((at + len(head), at + len(head) + len(content)))
+            text += head + content + "\n"
+            at = len(text)
+    elif _GENERATION_MARKER.search(str(template)):
+        enc = _render(tokenizer, conversation, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    else:
+        text, spans = _template_spans(tokenizer, conversation, where)
+    return _tokens_in_spans(tokenizer, text, spans)
+
+
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _render(tokenizer, conversation: list[dict[str, str]], where: str, **kwargs):
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(conversation, **{"tokenize": False, **kwargs})
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise AllocoptError(f"{where}: the tokenizer's chat template cannot render this chat ({exc}); "
+                            "fix the messages (roles and their order) to what the template accepts") from exc
+
+
+def _template_spans(tokenizer, conversation: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character span of each assistant turn in it (see :func:`chat_tokens`)."""
+    full = _render(tokenizer, conversation, where)
+    spans = []
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = _render(tokenizer, conversation[:i], where, add_generation_prompt=True)
+        except AllocoptError:
+            if i:
+                raise
+            before = ""                                   # a template that cannot render an empty chat
+        if not full.startswith(before):
+            raise AllocoptError(f"{where}: the tokenizer's chat template renders the turns before message {i} differently "
+                                f"once message {i} follows, so its tokens cannot be located; mark assistant content with "
+                                "{% generation %}...{% endgeneration %} in the template")
+        after = _render(tokenizer, conversation[: i + 1], where)
+        end = len(os.path.commonprefix([after, full]))   # a template may close the last turn differently
+        start, end = len(before), len(before) + len(full[len(before):end].rstrip())
+        content = message["content"].strip()
+        if content and (at := full.find(content, start, end)) >= 0:
+            start = at                                    # the header before the content is context, generation prompt or not
+        if end > start:
+            spans.append((start, end))
+    return full, spans
+
+
+def _tokens_in_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Ids of ``text`` and whether each token overlaps one of the character ``spans``."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        scored = [e > s and any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+        return list(enc["input_ids"]), scored
+    ids = _encode(tokenizer, text)                      # slow tokenizers have no offsets: count prefix tokens
+    scored = [False] * len(ids)
+    for a, b in spans:
+        lo, hi = len(_encode(tokenizer, text[:a])), len(_encode(tokenizer, text[:b]))
+        scored[lo:hi] = [True] * (hi - lo)
+    return ids, scored
+
+
 def documents_to_tokens(docs: Sequence[Document], tokenizer, seq_len: int, num_seqs: int, spec: str) -> TokenSet:
-    """Cut documents into windows of at most ``seq_len`` tokens (never crossing documents), right-padded."""
+    """Cut documents into windows of at most ``seq_len`` tokens (never crossing documents), right-padded.
+
+    Plain texts and chats fill consecutive windows; a prompt/response pair gives one row, truncated.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows, masks, scores = [], [], []
     for doc in docs:
-        p = _encode(tokenizer, doc.prompt) if doc.prompt else []
-        r = _encode(tokenizer, doc.text)
-        ids, scored = p + r, [False] * len(p) + [True] * len(r)
-        step = seq_len if not p else len(ids)       # prompt/response: one row per document, truncated
+        if doc.messages:
+            ids, scored = chat_tokens(tokenizer, doc.messages, doc.where or spec)
+            step = seq_len
+        else:
+            p = _encode(tokenizer, doc.prompt) if doc.prompt else []
+            r = _encode(tokenizer, doc.text)
+            ids, scored = p + r, [False] * len(p) + [True] * len(r)
+            step = seq_len if not p else len(ids)       # prompt/response: one row per document, truncated
         for s in range(0, max(len(ids), 1), step):
             w, sw = ids[s:s + seq_len], scored[s:s + seq_len]
             if len(w) < 2:
@@ -175,7 +321,12 @@ def load_tokens(spec: str, tokenizer, seq_len: int, num_seqs: int, split: str = 
     elif path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            raise AllocoptError(f"{spec}:{line}: not UTF-8 text; save the file as UTF-8") from exc
         if not text.strip():
             raise AllocoptError(f"{spec} is empty; provide calibration/search text")
         return _stream_windows(text, tokenizer, seq_len, num_seqs, spec)
