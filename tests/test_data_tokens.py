@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 import allocopt.testbed
-from allocopt.data.tokens import chat_tokens, load_tokens
+from allocopt.data.tokens import chat_tokens, dataset_rows, load_tokens
 from allocopt.errors import AllocoptError
 
 CHAT = [("system", "be brief"), ("user", "what is 37+45?"), ("assistant", "82"), ("user", "and 2+2?"),
@@ -176,3 +176,89 @@ def test_esap_cli_scores_exactly_the_assistant_tokens_of_a_chat_file(tmp_path):
     assert result.exit_code == 0, result.output
     expected = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for chat in chats for r, c in chat if r == "assistant")
     assert json.loads(result.output.strip().splitlines()[-1])["tokens"] == expected == 14
+
+
+# ---- dataset directories (datasets' save_to_disk) ---------------------------------------------------------
+
+def test_dataset_rows_keep_calibration_and_search_disjoint():
+    sizes = {"math": 5, "code": 3}
+    calibration, note = dataset_rows(sizes, "calibration", "D")
+    search, _ = dataset_rows(sizes, "search", "D")
+    assert calibration == [("math", 0), ("code", 0), ("math", 2), ("code", 2), ("math", 4)]     # interleaved splits
+    assert search == [("math", 1), ("code", 1), ("math", 3)]
+    assert not set(calibration) & set(search) and len(calibration) + len(search) == sum(sizes.values())
+    assert note == ("D has no calibration/search splits, so calibration gets rows 0, 2, 4, ... (5 rows) of 'math' (5 rows), "
+                    "'code' (3 rows) and search gets rows 1, 3, 5, ...")
+    assert dataset_rows({"": 4}, "search", "D")[0] == [("", 1), ("", 3)]                       # a single Dataset
+    rows, note = dataset_rows({"calibration": 2, "search": 3, "train": 9}, "search", "D")
+    assert rows == [("search", 0), ("search", 1), ("search", 2)]
+    assert note == "D: search data is its split 'search' (3 rows); splits 'train' are not used"
+    with pytest.raises(AllocoptError, match="D has a 'calibration' split but no 'search' split; add a 'search' split"):
+        dataset_rows({"calibration": 2, "train": 9}, "search", "D")
+
+
+def test_directory_that_is_no_dataset_is_refused(tokenizer, tmp_path):
+    (tmp_path / "notes.txt").write_text("a folder of text files is not a dataset\n")
+    with pytest.raises(AllocoptError, match=rf"{tmp_path} is a directory but not a saved Hugging Face dataset"):
+        load_tokens(str(tmp_path), tokenizer, seq_len=8, num_seqs=2)
+
+
+@pytest.fixture
+def saved_dataset(tmp_path):
+    """A DatasetDict with splits math and code (neither named calibration/search), written by save_to_disk."""
+    datasets = pytest.importorskip("datasets", reason='datasets is an optional extra: pip install "allocopt[datasets]"')
+    splits = {name: datasets.Dataset.from_dict({"text": [f"{name} document {i}: " + TEXT_LINE * (i + 1) for i in range(n)]})
+              for name, n in (("math", 6), ("code", 4))}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
+    return tmp_path / "ds"
+
+
+TEXT_LINE = "expert 3 takes token 4 in layer 2 while 1 others wait. "
+
+
+def test_saved_dataset_splits_are_all_used_and_calibration_and_search_share_no_row(tokenizer, saved_dataset, caplog):
+    with caplog.at_level("INFO", logger="allocopt"):
+        calibration = load_tokens(str(saved_dataset), tokenizer, seq_len=512, num_seqs=100, split="calibration")
+        search = load_tokens(str(saved_dataset), tokenizer, seq_len=512, num_seqs=100, split="search")
+    first = [tokenizer.decode(row[mask.bool()]).split(":")[0] for row, mask in zip(calibration.input_ids, calibration.attention_mask)]
+    second = [tokenizer.decode(row[mask.bool()]).split(":")[0] for row, mask in zip(search.input_ids, search.attention_mask)]
+    assert first == ["math document 0", "code document 0", "math document 2", "code document 2", "math document 4"]
+    assert second == ["math document 1", "code document 1", "math document 3", "code document 3", "math document 5"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{saved_dataset} has no calibration/search splits, so {split} gets rows {rows} (5 rows) of 'math' (6 rows), "
+        f"'code' (4 rows) and {other} gets rows {other_rows}"
+        for split, rows, other, other_rows in (("calibration", "0, 2, 4, ...", "search", "1, 3, 5, ..."),
+                                               ("search", "1, 3, 5, ...", "calibration", "0, 2, 4, ..."))]
+
+
+def test_observe_cli_says_which_rows_calibration_got(saved_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from allocopt.cli.main import cli
+    from reliability_kit import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    result = CliRunner().invoke(cli, ["observe", "--model", str(tmp_path / "model"), "--data", str(saved_dataset),
+                                      "--seq-len", "16", "--num-seqs", "4", "--no-progress", "--out", str(tmp_path / "s.safetensors")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith(("note:", "warning:", "error:"))]  # no progress bars
+    assert notes == [f"note: {saved_dataset} has no calibration/search splits, so calibration gets "
+                                          "rows 0, 2, 4, ... (5 rows) of 'math' (6 rows), 'code' (4 rows) and search gets rows 1, 3, 5, ..."]
+
+
+def test_saved_dataset_with_only_a_calibration_split_is_refused(tokenizer, tmp_path):
+    datasets = pytest.importorskip("datasets", reason='datasets is an optional extra: pip install "allocopt[datasets]"')
+    datasets.DatasetDict({"calibration": datasets.Dataset.from_dict({"text": ["a b c"]}),
+                          "train": datasets.Dataset.from_dict({"text": ["d e f"]})}).save_to_disk(str(tmp_path / "ds"))
+    assert load_tokens(str(tmp_path / "ds"), tokenizer, seq_len=8, num_seqs=2, split="calibration").num_tokens > 0
+    with pytest.raises(AllocoptError, match=r"has a 'calibration' split but no 'search' split"):
+        load_tokens(str(tmp_path / "ds"), tokenizer, seq_len=8, num_seqs=2, split="search")
+
+
+def test_saved_dataset_without_the_datasets_package_says_what_to_install(tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")          # what save_to_disk writes for a single Dataset
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)    # import datasets now raises ImportError
+    with pytest.raises(AllocoptError, match=r"is a saved Hugging Face dataset but the `datasets` package is not installed; "
+                                            r'pip install "allocopt\[datasets\]"'):
+        load_tokens(str(tmp_path / "ds"), tokenizer, seq_len=8, num_seqs=2)

@@ -111,6 +111,8 @@ CASES = [
           ("message_without_content", '{"messages": [{"role": "user"}]}',
            ('messages[0] has no "content"', 'give every message a string "content"')),
       )),
+    Case("data directory that is not a saved dataset", lambda r: _run(r, data="not_a_dataset"),
+         ("not_a_dataset is a directory but not a saved Hugging Face dataset", "dataset_dict.json", "save_to_disk")),
     Case("problem TOML with an unknown key", lambda r: ["run", "--problem", str(r / "unknown_key.toml")],
          ("unknown key 'populaton'", "valid keys are", "population")),
     Case("problem TOML with a wrong type", lambda r: ["run", "--problem", str(r / "wrong_type.toml")],
@@ -195,6 +197,8 @@ def root(tmp_path_factory) -> Path:
                        ("response_number", '{"prompt": "2+2=", "response": 4}'), ("prompt_only", '{"prompt": "2+2="}'),
                        ("message_without_content", '{"messages": [{"role": "user"}]}')):
         (root / f"{name}.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + line + "\n")
+    (root / "not_a_dataset").mkdir()
+    (root / "not_a_dataset" / "notes.txt").write_text(TEXT)
     (root / "unknown_key.toml").write_text("sparsity = 0.5\npopulaton = 8\n")
     (root / "wrong_type.toml").write_text('evals = "many"\n')
     (root / "blocker").write_text("a regular file where a directory is expected\n")

@@ -15,16 +15,20 @@ a tokenizer without one gets the fallback rendering ``role: content`` per line. 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from allocopt.errors import AllocoptError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,15 +156,67 @@ def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# The split names a dataset directory may give calibration and search their own rows with.
+DATA_SPLITS = ("calibration", "search")
+
+
 def _read_hf_dataset(path: Path, split: str) -> list[Document]:
+    """Rows of a directory written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict), chosen by
+    :func:`dataset_rows`; one line on the ``allocopt`` logger says which rows ``split`` got."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AllocoptError(f"{path}/dataset_dict.json is unreadable ({exc}); save the dataset again with save_to_disk") from exc
+        dataset_rows({str(n): 0 for n in names}, split, str(path))         # refuse bad split names before reading rows
+    elif not (path / "state.json").is_file():
+        raise AllocoptError(f"{path} is a directory but not a saved Hugging Face dataset (no dataset_dict.json or state.json); "
+                            "pass a .txt/.jsonl file or a directory written by datasets' save_to_disk")
     try:
-        import datasets  # optional dependency
+        import datasets  # optional dependency: pip install "allocopt[datasets]"
     except ImportError as exc:
-        raise AllocoptError(f"{path} looks like a Hugging Face dataset directory but `datasets` is not installed; pip install datasets") from exc
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split] if split in ds else ds[next(iter(ds))]
-    return [_record_to_document(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
+        raise AllocoptError(f"{path} is a saved Hugging Face dataset but the `datasets` package is not installed; "
+                            'pip install "allocopt[datasets]"') from exc
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise AllocoptError(f"{path} cannot be read as a saved Hugging Face dataset ({exc}); save it again with save_to_disk") from exc
+    tables = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"": ds}
+    rows, note = dataset_rows({name: len(t) for name, t in tables.items()}, split, str(path))
+    log.info(note)
+    return [_record_to_document(dict(tables[name][i]), f"{path} [{name or 'rows'}] row {i}") for name, i in rows]
+
+
+def dataset_rows(sizes: Mapping[str, int], split: str, where: str) -> tuple[list[tuple[str, int]], str]:
+    """Which rows (split name, row index) of a dataset directory feed ``split``, and one line that says so.
+
+    * The directory has a split named ``split`` (``calibration`` or ``search``): that split, all of it (other
+      splits are not used).
+    * It has neither a ``calibration`` nor a ``search`` split (e.g. ``math`` and ``code``, or a single Dataset,
+      named ""): every split is used, calibration gets rows 0, 2, 4, ... of each and search rows 1, 3, 5, ...,
+      so the two never share a row; the splits are interleaved row by row, so the first rows already mix them.
+    * It has only one of the two: refused, since the other would silently reuse or guess rows.
+    """
+    def listed(names) -> str:
+        return ", ".join(f"{n!r} ({sizes[n]} rows)" if n else f"{sizes[n]} rows" for n in names)
+
+    if split in sizes:
+        unused = [n for n in sizes if n not in DATA_SPLITS]
+        return [(split, i) for i in range(sizes[split])], (f"{where}: {split} data is its split {split!r} ({sizes[split]} rows)"
+                                                            + (f"; splits {', '.join(map(repr, unused))} are not used" if unused else ""))
+    present = [n for n in DATA_SPLITS if n in sizes]
+    if split not in DATA_SPLITS:
+        raise AllocoptError(f"{where} has no split {split!r} (it has {', '.join(map(repr, sizes))}); use one of those")
+    if present:
+        raise AllocoptError(f"{where} has a {present[0]!r} split but no {split!r} split; add a {split!r} split, or remove the "
+                            f"{present[0]!r} split so that allocopt divides the rows of all splits between calibration and search")
+    parity = DATA_SPLITS.index(split)
+    shares = [[(name, i) for i in range(parity, n, 2)] for name, n in sizes.items()]
+    rows = [r for group in itertools.zip_longest(*shares) for r in group if r is not None]
+    other = DATA_SPLITS[1 - parity]
+    share = ("rows 0, 2, 4, ...", "rows 1, 3, 5, ...")
+    return rows, (f"{where} has no calibration/search splits, so {split} gets {share[parity]} ({len(rows)} rows) of "
+                  f"{listed(sizes)} and {other} gets {share[1 - parity]}")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
