@@ -64,6 +64,8 @@ CASES = [
          ("unknown objective 'bleu'", "esap", "kl_qp")),
     Case("impossible budget (sparsity 0.9 < top-k per layer)", lambda r: _run(r, "--sparsity", "0.9"),
          ("keeping 2 of 24 experts is impossible", "6..24", "top-k")),
+    Case("sparsity that rounds to no expert (0.01 of 24)", lambda r: _run(r, "--sparsity", "0.01"),
+         ("sparsity 0.01 removes 0.24 of 24 routed experts", "rounds to none", "at least 0.02084 (removes 1 expert)")),
     Case("dense model (run)", lambda r: _run(r, model="dense"),
          ("LlamaForCausalLM has no MoE block", "sparse MoE model")),
     Case("dense model (info)", lambda r: ["info", "--model", str(r / "dense")], ("LlamaForCausalLM has no MoE block",)),

@@ -18,7 +18,7 @@ from allocopt.errors import AllocoptError
 @opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
 @opt("--optimizer", default=D.OPTIMIZER, help="ga, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
 @opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
-@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall (or use --keep).")
+@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
 @opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
@@ -70,6 +70,12 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     click.echo(f"{label:<8} {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
                f"{s['evaluations']} evaluations, {s['wall_time_s']:.1f} s)")
     click.echo(f"counts   {s['counts']}")
+    if config.sparsity is not None and abs(s["sparsity"] - config.sparsity) > 1e-9:     # whole experts only
+        from allocopt.plan import Plan
+
+        total = sum(layer.num_experts for layer in Plan.load(result.plan_path).layers)
+        click.echo(f"sparsity {s['sparsity']:.4f}  (requested {config.sparsity:g}; {total - sum(s['counts'])} of {total} "
+                   "routed experts removed)")
     click.echo(f"plan     {result.plan_path}")
     if as_json:
         click.echo(json.dumps(s))

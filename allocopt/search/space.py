@@ -71,7 +71,7 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     if sparsity is not None:
         if not 0.0 <= sparsity < 1.0:
             raise AllocoptError(f"sparsity {sparsity} must be in [0, 1); it is the fraction of experts removed")
-        keep = total - int(math.floor(sparsity * total + 0.5))
+        keep = total - experts_removed(sparsity, total)
     keep = int(keep)
     if not int(lower.sum()) <= keep <= int(upper.sum()):
         raise AllocoptError(
@@ -80,3 +80,16 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
             f"or relax min_density/max_density")
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
     return AllocationSpace(layers, e, lower, upper, keep, bpe)
+
+
+def experts_removed(sparsity: float, total: int) -> int:
+    """Experts a global ``sparsity`` removes out of ``total`` (rounded half up); refused when that is none, since
+    such a run would search nothing and record sparsity 0 while the user asked for more."""
+    removed = int(math.floor(sparsity * total + 0.5))
+    if removed == 0:
+        exact = 0.5 / total                               # the least sparsity that rounds to one expert ...
+        scale = 10 ** (3 - math.floor(math.log10(exact)))
+        least = math.ceil(exact * scale) / scale          # ... rounded up to 4 significant digits
+        raise AllocoptError(f"sparsity {sparsity:g} removes {sparsity * total:.3g} of {total} routed experts, which rounds to "
+                            f"none; use a sparsity of at least {least:g} (removes 1 expert) or give a keep count instead")
+    return removed
