@@ -45,6 +45,7 @@ class RunConfig:
     search_data: str = D.SEARCH_DATA
     search_seq_len: int = D.SEARCH_SEQ_LEN
     search_num_seqs: int = D.SEARCH_SEQS
+    allow_long_context: bool = False                 # rows longer than the model's context (max_position_embeddings)
     # budget of the search
     evals: int = D.EVALUATIONS                       # distinct plans evaluated
     generations: int | None = None                   # shorthand: evals = generations * population
@@ -96,6 +97,15 @@ class RunConfig:
         if self.storage:
             return self.storage
         return f"sqlite:///{(self.run_dir.parent / f'{self.name}.db').resolve()}"
+
+    def check_context(self) -> None:
+        """The longer of the two sequence lengths must fit the model's context (read from its config only)."""
+        from allocopt.context import check_context
+
+        both = self.calib_seq_len == self.search_seq_len
+        length, what = max((self.calib_seq_len, "calib_seq_len"), (self.search_seq_len, "search_seq_len"))
+        check_context(self.model, length, "--seq-len" if both else what, self.allow_long_context, self.trust_remote_code,
+                      force="--allow-long-context (allow_long_context = true in a problem file)")
 
     @property
     def max_evals(self) -> int:

@@ -66,6 +66,22 @@ CASES = [
          ("keeping 2 of 24 experts is impossible", "6..24", "top-k")),
     Case("sparsity that rounds to no expert (0.01 of 24)", lambda r: _run(r, "--sparsity", "0.01"),
          ("sparsity 0.01 removes 0.24 of 24 routed experts", "rounds to none", "at least 0.02084 (removes 1 expert)")),
+    Case("--seq-len beyond the model's context (run)", lambda r: _run(r, "--seq-len", "200"),
+         ("--seq-len 200 is longer than the context of model", "(128 tokens, config.max_position_embeddings)",
+          "use --seq-len 128 or less", "--allow-long-context", "allow_long_context = true")),
+    Case("calib_seq_len beyond the model's context (problem file)", lambda r: ["run", "--problem", str(r / "long.toml")],
+         ("calib_seq_len 300 is longer than the context of model", "(128 tokens", "use calib_seq_len 128 or less")),
+    Case("--seq-len beyond the model's context (observe)",
+         lambda r: ["observe", "--model", str(r / "model"), "--data", str(r / "data.txt"), "--seq-len", "200", "--num-seqs", "2",
+                    "--no-progress", "--out", str(r / "long.safetensors")],
+         ("--seq-len 200 is longer than the context of model", "use --seq-len 128 or less", "--allow-long-context")),
+    Case("--seq-len beyond the model's context (esap)",
+         lambda r: ["esap", "--model", str(r / "model"), "--plan", str(r / "runs/base/plan.json"), "--data", str(r / "data.txt"),
+                    "--seq-len", "200", "--num-seqs", "2"],
+         ("--seq-len 200 is longer than the context of model", "use --seq-len 128 or less")),
+    Case("model context shorter than eval's perplexity window (eval)", lambda r: ["eval", "--model", str(r / "model"), "--limit", "2"],
+         ("the testbed tasks' perplexity window 256 is longer than the context of model", "(128 tokens",
+          "pass --allow-long-context to run past it anyway")),
     Case("dense model (run)", lambda r: _run(r, model="dense"),
          ("LlamaForCausalLM has no MoE block", "sparse MoE model")),
     Case("dense model (info)", lambda r: ["info", "--model", str(r / "dense")], ("LlamaForCausalLM has no MoE block",)),
@@ -201,6 +217,8 @@ def root(tmp_path_factory) -> Path:
         (root / f"{name}.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + line + "\n")
     (root / "not_a_dataset").mkdir()
     (root / "not_a_dataset" / "notes.txt").write_text(TEXT)
+    (root / "long.toml").write_text(f'model = "{root / "model"}"\ndata = "{root / "data.txt"}"\ncalib_seq_len = 300\n'
+                                    f'out = "{root / "runs" / "long"}"\n')
     (root / "unknown_key.toml").write_text("sparsity = 0.5\npopulaton = 8\n")
     (root / "wrong_type.toml").write_text('evals = "many"\n')
     (root / "blocker").write_text("a regular file where a directory is expected\n")
@@ -321,3 +339,18 @@ def test_nan_logits_fail_only_that_candidate_and_the_search_goes_on(tmp_path, re
     ROWS.append((f"NaN/inf logits for some plans ({len(failed)} of {len(failed) + len(complete)})",
                  f"no error: those trials FAIL with fail_reason \"{sorted(reasons)[0]}\"; the search finished", 0))
     record_property("nan_trials", f"{len(failed)} FAIL, {len(complete)} COMPLETE; reasons {sorted(reasons)}")
+
+
+def test_allow_long_context_runs_past_the_context(root, tmp_path):
+    """The override is real: rows of 160 tokens through the 128-token tiny model, from the CLI flag and the problem key."""
+    observe = CliRunner().invoke(cli, ["observe", "--model", str(root / "model"), "--data", str(root / "data.txt"),
+                                       "--seq-len", "160", "--num-seqs", "2", "--no-progress", "--allow-long-context",
+                                       "--out", str(tmp_path / "long.safetensors")])
+    assert observe.exit_code == 0, observe.output
+    assert "observed 320 tokens in 2 rows" in observe.output
+    (tmp_path / "long.toml").write_text("allow_long_context = true\nseq_len = 160\n")
+    run = CliRunner().invoke(cli, ["run", "--problem", str(tmp_path / "long.toml"), "--model", str(root / "model"),
+                                   "--data", str(root / "data.txt"), "--num-seqs", "2", "--calib-num-seqs", "2",
+                                   "--optimizer", "uniform", "--quiet", "--out", str(tmp_path / "run"), "--name", "long"])
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["optimizer"] == "uniform"

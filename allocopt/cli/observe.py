@@ -20,17 +20,20 @@ from allocopt import defaults
 @click.option("--similarity-tokens", default=defaults.SIMILARITY_TOKENS, show_default=True, type=int,
               help="Real tokens per batch on which every expert runs once (expert similarity); 0 turns it off.")
 @click.option("--dtype", default=None, help="Load the model in this dtype (default: the checkpoint's), e.g. bfloat16.")
+@click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, batch_size: int, similarity_tokens: int,
-            dtype: str | None, progress: bool) -> None:
+            dtype: str | None, allow_long_context: bool, progress: bool) -> None:
     """Collect per-expert routing statistics (counts, gate and output-norm sums, expert similarity)."""
     from allocopt.calibration import observe as run_observer
     from allocopt.config import check_dtype
+    from allocopt.context import check_context
     from allocopt.data import load_tokens
     from allocopt.errors import AllocoptError
     from allocopt.io import ensure_writable_dir
     from allocopt.models import load_model
 
+    check_context(model_spec, seq_len, allow=allow_long_context)
     ensure_writable_dir(Path(out).parent)          # fail before the pass, not after it
     model, tokenizer = load_model(model_spec, dtype=check_dtype(dtype) if dtype else None)
     if tokenizer is None:

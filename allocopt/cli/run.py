@@ -27,6 +27,7 @@ from allocopt.errors import AllocoptError
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
 @opt("--search-data", metavar="SPEC", help="Search (objective) data only (overrides --data).")
 @opt("--seq-len", type=int, default=D.SEARCH_SEQ_LEN, help="Tokens per row, calibration and search.")
+@opt("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @opt("--num-seqs", "search_num_seqs", type=int, default=D.SEARCH_SEQS, help="Rows of search data.")
 @opt("--calib-num-seqs", type=int, default=D.CALIBRATION_SEQS, help="Rows of calibration data.")
 @opt("--evals", type=int, default=D.EVALUATIONS, help="Distinct plans evaluated.")
