@@ -101,6 +101,15 @@ CASES = [
     Case("plan with a wrong layer count (esap)", lambda r: ["esap", "--model", str(r / "model"), "--plan", str(r / "two_layers.json"),
                                                             "--data", str(r / "data.txt"), *SHORT],
          ("covers MoE layers [0, 1]", "has MoE layers [0, 1, 2]")),
+    *(Case(f"hand-written plan: {label} (prune)", lambda r, name=name: ["prune", "--plan", str(r / f"plan_{name}.json"), "--model",
+                                                                          str(r / "model"), "--out", str(r / "pruned"), "--quiet"], words)
+      for name, label, words in (
+          ("no_kept", 'a layer without "kept"', ('layer 1 has no "kept"', 'give every layer "index", "num_experts" and "kept"')),
+          ("string_count", '"num_experts" as a string', ('layer 2 "num_experts" is a string "8", not an integer',)),
+          ("null_id", '"kept" holding null', ('layer 0 "kept" holds null, not an expert id',)),
+          ("no_layers", 'no "layers"', ('has no "layers"', "list every MoE layer")),
+          ("below_top_k", "no model_fingerprint, fewer experts than top-k", ("layer 0 keeps 1 experts, fewer than its top-k 2",)),
+      )),
     Case("corrupted study database", lambda r: _run(r, "--storage", f"sqlite:///{r / 'corrupt.db'}"),
          ("study database", "corrupt.db is corrupt", "restore it"), watch=("corrupt.db",)),
     Case("foreign SQLite file as study database (run)", lambda r: _run(r, "--storage", f"sqlite:///{r / 'foreign.db'}"),
@@ -203,6 +212,13 @@ def root(tmp_path_factory) -> Path:
 
     plan = json.loads((root / "runs/base/plan.json").read_text())
     (root / "two_layers.json").write_text(json.dumps({**plan, "layers": plan["layers"][:2]}))
+    by_hand = [{"index": l["index"], "num_experts": l["num_experts"], "kept": l["kept"]} for l in plan["layers"]]
+    for name, layers in (("no_kept", [by_hand[0], {"index": 1, "num_experts": 8}, by_hand[2]]),
+                         ("string_count", [*by_hand[:2], {**by_hand[2], "num_experts": "8"}]),
+                         ("null_id", [{**by_hand[0], "kept": [0, None, 3]}, *by_hand[1:]]),
+                         ("below_top_k", [{**by_hand[0], "kept": [0]}, *by_hand[1:]])):
+        (root / f"plan_{name}.json").write_text(json.dumps({"format": "allocopt.plan/1", "layers": layers}))
+    (root / "plan_no_layers.json").write_text(json.dumps({"format": "allocopt.plan/1", "model_fingerprint": plan["model_fingerprint"]}))
     _garble(root / "runs" / "base.db", root / "corrupt.db")
     with sqlite3.connect(root / "foreign.db") as con:
         con.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from allocopt.errors import AllocoptError
+from allocopt.errors import AllocoptError, json_kind
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +108,13 @@ def _read_jsonl(path: Path) -> list[Document]:
 _RECORD_FIELDS = 'text, prompt + response (or completion), or messages'
 
 
-def _kind(value: object) -> str:
-    """A JSON value's type as the JSON file spells it, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def _record_to_document(obj: object, where: str) -> Document:
     """One record -> Document; anything malformed is refused as ``WHERE: problem; fix``."""
     if not isinstance(obj, dict):
-        raise AllocoptError(f"{where}: the record is {_kind(obj)}, not a JSON object; write one object per line with {_RECORD_FIELDS}")
+        raise AllocoptError(f"{where}: the record is {json_kind(obj)}, not a JSON object; write one object per line with {_RECORD_FIELDS}")
     for key in ("text", "prompt", "response", "completion"):
         if key in obj and not isinstance(obj[key], str):
-            raise AllocoptError(f'{where}: "{key}" is {_kind(obj[key])}, not a string; make "{key}" a JSON string')
+            raise AllocoptError(f'{where}: "{key}" is {json_kind(obj[key])}, not a string; make "{key}" a JSON string')
     if "messages" in obj:
         return Document(text="", messages=_messages(obj["messages"], where), where=where)
     answer = next((k for k in ("response", "completion") if k in obj), None)
@@ -142,15 +131,15 @@ def _record_to_document(obj: object, where: str) -> Document:
 
 def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, list) or not value:
-        shown = "an empty array" if value == [] else _kind(value)
+        shown = "an empty array" if value == [] else json_kind(value)
         raise AllocoptError(f'{where}: "messages" is {shown}; give a non-empty array of {{"role": ..., "content": ...}} objects')
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise AllocoptError(f'{where}: messages[{i}] is {_kind(m)}, not an object; write {{"role": ..., "content": ...}}')
+            raise AllocoptError(f'{where}: messages[{i}] is {json_kind(m)}, not an object; write {{"role": ..., "content": ...}}')
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
-                problem = f"has no \"{key}\"" if key not in m else f'has "{key}" {_kind(m[key])}'
+                problem = f"has no \"{key}\"" if key not in m else f'has "{key}" {json_kind(m[key])}'
                 raise AllocoptError(f'{where}: messages[{i}] {problem}; give every message a string "{key}"')
         out.append((m["role"], m["content"]))
     return tuple(out)
