@@ -29,6 +29,7 @@ import transformers
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
+from allocopt.calibration import RoutingStats
 from allocopt.cli.main import cli
 from reliability_kit import SMALL, TEXT, allocopt, make_root, overflow_in_float16, run_args, save_tiny_model
 
@@ -352,6 +353,9 @@ def test_nan_logits_fail_only_that_candidate_and_the_search_goes_on(tmp_path, re
     plan = json.loads((tmp_path / "runs" / "x" / "plan.json").read_text())
     assert plan["counts"][0] > 2 and plan["esap"] == pytest.approx(max(t.value for t in complete))
     assert plan["evaluations"] == len(failed) + len(complete)
+    # expert 1 overflows on "wait" in the similarity pass too (never in routing): that token is left out of its pairs
+    similarity = RoutingStats.load(tmp_path / "runs" / "x" / "calibration.safetensors").similarity[0]
+    assert torch.isfinite(similarity).all() and similarity[1, 0] != 0 and similarity[1, 1] == pytest.approx(1.0, abs=1e-5)
     ROWS.append((f"NaN/inf logits for some plans ({len(failed)} of {len(failed) + len(complete)})",
                  f"no error: those trials FAIL with fail_reason \"{sorted(reasons)[0]}\"; the search finished", 0))
     record_property("nan_trials", f"{len(failed)} FAIL, {len(complete)} COMPLETE; reasons {sorted(reasons)}")

@@ -19,7 +19,9 @@ be finite, else ``observe`` raises one AllocoptError naming the layer and the dt
 
 Expert similarity (for GRAPE-style redundancy): for at most ``similarity_tokens`` real tokens per batch,
 evenly spaced over the batch's real tokens, every expert is run once; the similarity of experts i, j is the
-mean over those tokens of cos(f_i(x), f_j(x)). Cosine (not CKA/MSE) because it is scale-free, bounded in
+mean over those tokens of cos(f_i(x), f_j(x)). That pass runs experts on tokens the router never sends them, so an
+output that overflows there says nothing about the model: such tokens are left out of that expert's pairs (unlike
+routed outputs, which must be finite). Cosine (not CKA/MSE) because it is scale-free, bounded in
 [-1, 1] and accumulates as a plain running mean.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ class _LayerRecorder:
         self.similarity_tokens = similarity_tokens
         self.mask: torch.Tensor | None = None
         self.sim_sum = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-        self.sim_count = 0
+        self.sim_count = torch.zeros(num_experts, num_experts, dtype=torch.float64)   # tokens per pair (both finite)
 
     def __call__(self, forward, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t, k = idx.shape
@@ -104,13 +106,16 @@ class _LayerRecorder:
             x = hidden[part.to(hidden.device)].repeat_interleave(e, 0)
             experts = torch.arange(e, device=hidden.device).repeat(m).view(-1, 1)
             ones = torch.ones(m * e, 1, dtype=wdtype, device=hidden.device)
-            unit = torch.nn.functional.normalize(forward(x, experts, ones).view(m, e, -1).float(), dim=-1)
+            out = forward(x, experts, ones).view(m, e, -1).float()
+            finite = torch.isfinite(out).all(-1)                      # [m, e]
+            unit = torch.nn.functional.normalize(torch.where(finite[..., None], out, 0.0), dim=-1)
             self.sim_sum += torch.einsum("tih,tjh->ij", unit, unit).double().cpu()
-            self.sim_count += m
+            self.sim_count += (finite.T.double() @ finite.double()).cpu()
 
     def finish(self) -> None:
-        if self.sim_count:
-            self.stats.similarity[self.layer] = (self.sim_sum / self.sim_count).float()
+        if self.sim_count.any():
+            sim = torch.where(self.sim_count > 0, self.sim_sum / self.sim_count.clamp(min=1), 0.0)
+            self.stats.similarity[self.layer] = sim.float()
 
 
 @contextmanager
