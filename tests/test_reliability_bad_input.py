@@ -155,7 +155,7 @@ CASES = [
          ("layer 1: router logits are not finite", "float16", "no statistics were saved", "--dtype bfloat16")),
     Case("router logits overflow in float16 (observe --dtype float16)",
          lambda r: ["observe", "--model", str(r / "fp16"), "--data", str(r / "data.txt"), *SHORT, "--no-progress",
-                    "--dtype", "float16", "--out", str(r / "fp16.safetensors")],
+                    "--dtype", "float16", "--out", str(r / "stats" / "fp16.safetensors")],
          ("layer 1: router logits are not finite", "float16", "--dtype bfloat16")),
     Case("unknown --dtype", lambda r: _run(r, "--dtype", "float17"),
          ("dtype 'float17' is not a torch floating-point dtype", "bfloat16")),

@@ -30,19 +30,19 @@ def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, b
     from allocopt.context import check_context
     from allocopt.data import load_tokens
     from allocopt.errors import AllocoptError
-    from allocopt.io import ensure_writable_dir
+    from allocopt.io import output_dir
     from allocopt.models import load_model
 
     check_context(model_spec, seq_len, allow=allow_long_context)
-    ensure_writable_dir(Path(out).parent)          # fail before the pass, not after it
-    model, tokenizer = load_model(model_spec, dtype=check_dtype(dtype) if dtype else None)
-    if tokenizer is None:
-        raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer next to the checkpoint")
-    tokens = load_tokens(data, tokenizer, seq_len, num_seqs, split="calibration")
-    start = time.perf_counter()
-    stats = run_observer(model, tokens, batch_size=batch_size, progress=progress, similarity_tokens=similarity_tokens)
-    seconds = time.perf_counter() - start
-    path = stats.save(out)
+    with output_dir(Path(out).parent):             # fail before the pass, not after it; a failed pass leaves no new folder
+        model, tokenizer = load_model(model_spec, dtype=check_dtype(dtype) if dtype else None)
+        if tokenizer is None:
+            raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer next to the checkpoint")
+        tokens = load_tokens(data, tokenizer, seq_len, num_seqs, split="calibration")
+        start = time.perf_counter()
+        stats = run_observer(model, tokens, batch_size=batch_size, progress=progress, similarity_tokens=similarity_tokens)
+        seconds = time.perf_counter() - start
+        path = stats.save(out)
     click.echo(f"observed {stats.num_tokens} tokens in {len(tokens)} rows over {len(stats.layers)} MoE layers "
                f"{stats.layers} in {seconds:.1f} s ({stats.num_tokens / max(seconds, 1e-9):.0f} tokens/s)")
     click.echo(f"wrote {path}")
