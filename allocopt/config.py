@@ -45,6 +45,7 @@ class RunConfig:
     search_data: str = D.SEARCH_DATA
     search_seq_len: int = D.SEARCH_SEQ_LEN
     search_num_seqs: int = D.SEARCH_SEQS
+    allow_long_context: bool = False                 # rows longer than the model's context (max_position_embeddings)
     # budget of the search
     evals: int = D.EVALUATIONS                       # distinct plans evaluated
     generations: int | None = None                   # shorthand: evals = generations * population
@@ -97,6 +98,15 @@ class RunConfig:
             return self.storage
         return f"sqlite:///{(self.run_dir.parent / f'{self.name}.db').resolve()}"
 
+    def check_context(self) -> None:
+        """The longer of the two sequence lengths must fit the model's context (read from its config only)."""
+        from allocopt.context import check_context
+
+        both = self.calib_seq_len == self.search_seq_len
+        length, what = max((self.calib_seq_len, "calib_seq_len"), (self.search_seq_len, "search_seq_len"))
+        check_context(self.model, length, "--seq-len" if both else what, self.allow_long_context, self.trust_remote_code,
+                      force="--allow-long-context (allow_long_context = true in a problem file)")
+
     @property
     def max_evals(self) -> int:
         return self.generations * self.population if self.generations is not None else self.evals
@@ -123,6 +133,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
         if self.tolerance < 0:
             raise AllocoptError(f"tolerance must be >= 0, got {self.tolerance}; use e.g. {D.ESAP_TOLERANCE}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
@@ -153,6 +165,15 @@ def read_problem(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AllocoptError(f"problem file {path} is not valid TOML ({exc}); fix the syntax") from exc
+
+
+def check_dtype(name: str) -> str:
+    """A torch dtype name such as ``bfloat16`` (what ``--dtype`` accepts), refused in one line otherwise."""
+    import torch
+
+    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+        raise AllocoptError(f"dtype {name!r} is not a torch floating-point dtype; use bfloat16, float16 or float32")
+    return name
 
 
 def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

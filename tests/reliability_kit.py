@@ -39,6 +39,16 @@ def save_tiny_model(directory: Path, seed: int = 3, family: str = "olmoe", **ove
     return directory
 
 
+def overflow_in_float16(model, layer: int = 1, scale: float = 1e5):
+    """Scale one MoE router so its logits reach ~2e5: finite in float32 and bfloat16 (max ~3e38), inf in float16
+    (max 65504), while the scaled weights themselves (~3e4) still fit in float16. Returns the model."""
+    import torch
+
+    with torch.no_grad():
+        model.model.layers[layer].mlp.gate.weight.mul_(scale)
+    return model
+
+
 def make_root(root: Path, model: bool = True) -> Path:
     """``root/model`` (unless the caller saved its own) and ``root/data.txt``."""
     if model:

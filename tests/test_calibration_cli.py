@@ -42,7 +42,7 @@ def test_observe_cli_writes_stats_matching_the_library(checkpoint, tmp_path):
 
 def test_observe_cli_reports_user_errors_on_one_line(checkpoint, tmp_path):
     result = CliRunner().invoke(cli, ["observe", "--model", str(checkpoint / "model"), "--data", str(tmp_path / "none.txt"),
-                                      "--out", str(tmp_path / "s.safetensors")])
+                                      "--seq-len", "32", "--out", str(tmp_path / "s.safetensors")])   # fits the 128-token context
     assert result.exit_code == 2
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: data spec") and "none.txt" in last

@@ -229,3 +229,26 @@ def test_wrappers_are_removed_when_the_forward_fails():
     with pytest.raises(IndexError):
         observe(model, tokens, batch_size=1, progress=False)
     assert all("forward" not in b.experts.__dict__ for b in find_moe_blocks(model))
+
+
+def test_float16_router_overflow_is_refused_and_bfloat16_is_not():
+    """A router whose logits reach ~2e5 overflows float16 only; its statistics would be NaN, so observe refuses."""
+    from allocopt.errors import AllocoptError
+    from reliability_kit import overflow_in_float16
+
+    tokens = _tokens(rows=2, seq=8)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = overflow_in_float16(build_tiny_model("olmoe", seed=0)).to(dtype)
+        gate = model.model.layers[1].mlp.gate
+        hook = gate.register_forward_hook(lambda m, a, out, d=dtype: logits.__setitem__(d, out[0].clone()))
+        if dtype == torch.float16:
+            with pytest.raises(AllocoptError, match=r"layer 1: router logits are not finite \(inf/NaN\) in float16.*bfloat16"):
+                observe(model, tokens, batch_size=2, progress=False)
+        else:
+            stats = observe(model, tokens, batch_size=2, progress=False)
+            assert not stats.nonfinite() and float(stats.count[1].sum()) == 2 * 8 * 2
+        hook.remove()
+        assert all("forward" not in b.experts.__dict__ and not b.router._forward_hooks for b in find_moe_blocks(model))
+    assert torch.isfinite(logits[torch.float32]).all() and torch.isfinite(logits[torch.bfloat16]).all()
+    assert logits[torch.float32].abs().max() > 65504 and not torch.isfinite(logits[torch.float16]).all()

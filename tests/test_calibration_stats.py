@@ -95,3 +95,21 @@ def test_format_mismatch_and_missing_tensor(observed, tmp_path):
     save_file(tensors, str(partial), metadata={"allocopt": json.dumps(meta)})
     with pytest.raises(AllocoptError, match="lacks tensor"):
         RoutingStats.load(partial)
+
+
+def test_non_finite_statistics_are_never_saved_or_loaded(observed, tmp_path):
+    """What an overflowed float16 pass used to write (NaN gate sums) is refused on both sides of the file."""
+    layer = observed.layers[1]
+    broken = RoutingStats.load(observed.save(tmp_path / "ok.safetensors"))
+    broken.gate_sum[layer][3] = float("nan")
+    broken.norm_sum[layer][0] = float("inf")
+    with pytest.raises(AllocoptError, match=rf"non-finite values \(inf/NaN\) in layer\.{layer}\.gate_sum and 1 more.*bfloat16"):
+        broken.save(tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists() and not list(tmp_path.glob(".*tmp"))
+
+    meta = {"format": "allocopt.stats/1", "model_fingerprint": "m", "data_fingerprint": "d", "num_tokens": 1,
+            "layers": observed.layers}
+    written = tmp_path / "written_elsewhere.safetensors"
+    save_file(broken._tensors(), str(written), metadata={"allocopt": json.dumps(meta)})
+    with pytest.raises(AllocoptError, match=rf"statistics file {written}: non-finite values .* layer\.{layer}\.gate_sum"):
+        RoutingStats.load(written)

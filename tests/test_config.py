@@ -150,3 +150,15 @@ def test_command_line_option_pairs_are_read_as_toml_values():
         "elites": 2, "rate": 0.5, "flag": True, "mode": "fast"}
     with pytest.raises(AllocoptError, match="KEY=VALUE"):
         parse_key_values(("elites",))
+
+
+def test_context_length_is_found_for_every_tiny_family_and_for_gpt2_naming():
+    import transformers
+
+    from allocopt.context import context_length
+    from allocopt.models.tiny import FAMILIES, build_tiny_model
+
+    for family in FAMILIES:
+        assert context_length(build_tiny_model(family).config) == (128, "max_position_embeddings"), family
+    assert context_length(transformers.GPT2Config(n_positions=64))[0] == 64          # n_positions under its alias
+    assert context_length(transformers.T5Config()) is None                           # relative positions: no limit known

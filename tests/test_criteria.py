@@ -124,3 +124,14 @@ def test_third_party_plugin_is_found_through_entry_points(tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "fewest" in available_criteria()
     assert rank(hand_stats(), "fewest")[3] == [3, 1, 0, 2]
+
+
+def test_non_finite_scores_are_never_ranked():
+    """NaN compares false with everything, so a NaN score has no place in an order: rank refuses it."""
+    def broken(stats):
+        scores = get_criterion("reap")(stats)
+        scores[3][2] = np.nan
+        return scores
+
+    with pytest.raises(AllocoptError, match=r"scored experts \[2\] of layer 3 as inf/NaN"):
+        rank(hand_stats(), broken)

@@ -152,3 +152,17 @@ def test_cpu_bf16_model_scores_in_fp32():
     assert exact[-1].value == 1.0
     for s, e in zip(sparse, exact):
         assert isinstance(e.value, float) and 0 < e.value < 1 and s.lo <= e.value <= s.hi
+
+
+@pytest.mark.parametrize("objective", ["esap", "kl_pq"])
+def test_non_finite_teacher_logits_are_refused(objective):
+    """Every plan is compared with the full model: a NaN teacher (here one NaN row of lm_head) fails in one line
+    instead of deep in the teacher cache's histogram."""
+    from allocopt.errors import AllocoptError
+
+    model = build_tiny_model("olmoe", seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    with pytest.raises(AllocoptError, match=r"full model's logits are not finite \(inf/NaN\) in float32 on search batch 0; "
+                                            r"check the checkpoint's weights"):
+        Evaluator(model, _tokens(), objective=objective)

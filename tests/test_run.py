@@ -153,3 +153,16 @@ def test_fixed_allocations_are_reported_as_they_are(root, optimizer):
     assert plan["uniform_esap"] == pytest.approx(uniform.values[0])
     lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
     assert optimizer in lines and "best" not in lines          # named as the baseline it is, not as a search result
+
+
+def test_effective_sparsity_is_recorded_and_printed_when_it_differs_from_the_request(root):
+    """0.3 of 24 experts is 7.2, so 7 are removed: plan.json and the output say 7/24 = 0.2917, not 0.3."""
+    args = [a for a in _args(root, "--optimizer", "uniform", name="s30") if a != "0.5"]
+    args[args.index("--sparsity") + 1:args.index("--sparsity") + 1] = ["0.3"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    top = json.loads((root / "runs" / "s30" / "plan.json").read_text())
+    assert sum(top["counts"]) == 17 and top["sparsity"] == pytest.approx(7 / 24)
+    assert "sparsity 0.2917  (requested 0.3; 7 of 24 routed experts removed)" in result.output.splitlines()
+    plain = CliRunner().invoke(cli, _args(root, "--optimizer", "uniform", name="s50"))
+    assert plain.exit_code == 0 and "sparsity" not in plain.output           # 0.5 of 24 is exact: nothing to say

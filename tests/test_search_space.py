@@ -48,6 +48,16 @@ def test_impossible_budget_message_names_range_and_fix():
         make_space({0: 16, 1: 16}, {0: 2, 1: 2}, {0: 1, 1: 1}, keep=3)
 
 
+def test_sparsity_that_rounds_to_no_expert_is_refused_naming_the_least_that_removes_one():
+    with pytest.raises(AllocoptError) as err:
+        make_space({0: 8, 1: 8, 2: 8}, {0: 2, 1: 2, 2: 2}, {0: 1, 1: 1, 2: 1}, sparsity=0.01)
+    assert str(err.value) == ("sparsity 0.01 removes 0.24 of 24 routed experts, which rounds to none; use a sparsity of at "
+                              "least 0.02084 (removes 1 expert) or give a keep count instead")
+    space = make_space({0: 8, 1: 8, 2: 8}, {0: 2, 1: 2, 2: 2}, {0: 1, 1: 1, 2: 1}, sparsity=0.02084)
+    assert space.budget == 23
+    assert make_space({0: 8, 1: 8, 2: 8}, {0: 2, 1: 2, 2: 2}, {0: 1, 1: 1, 2: 1}, sparsity=0.3).budget == 24 - 7   # 7.2 -> 7
+
+
 @settings(max_examples=60, deadline=None)
 @given(spaces(), st.integers(0, 2**32 - 1))
 def test_operators_only_produce_feasible_plans(space, seed):

@@ -116,7 +116,7 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_asked(root, monkeyp
     base = ["run", "--model", str(root / "model"), "--data", str(root / "empty.txt"), *SMALL, "--out", str(root / "runs" / "t")]
     assert flags(*base) == {False}
     assert flags(*base, "--trust-remote-code") == {True}
-    assert flags("observe", "--model", str(root / "model"), "--data", str(root / "empty.txt"), "--out",
+    assert flags("observe", "--model", str(root / "model"), "--data", str(root / "empty.txt"), "--seq-len", "24", "--out",
                  str(root / "s.safetensors")) == {False}
 
 

@@ -17,9 +17,16 @@ experts otherwise (Llama-4, JetMoE); for each block call the observer
 Slots that are not routed experts are left out of the statistics: zero/identity experts (ids >= E, LongCat)
 and a skip class (weight exactly 0, Zaya).
 
+Non-finite numbers (a float16 router whose logits overflow to inf, NaN weights) are refused at the first
+batch that shows them: the router's outputs, the gate weights and the expert outputs of real tokens must all
+be finite, else ``observe`` raises one AllocoptError naming the layer and the dtype, and nothing is returned
+(so nothing is saved or ranked). Statistics of an overflowed router would rank the busiest experts last.
+
 Expert similarity (for GRAPE-style redundancy): for at most ``similarity_tokens`` real tokens per batch,
 evenly spaced over the batch's real tokens, every expert is run once; the similarity of experts i, j is the
-mean over those tokens of cos(f_i(x), f_j(x)). Cosine (not CKA/MSE) because it is scale-free, bounded in
+mean over those tokens of cos(f_i(x), f_j(x)). That pass runs experts on tokens the router never sends them, so an
+output that overflows there says nothing about the model: such tokens are left out of that expert's pairs (unlike
+routed outputs, which must be finite). Cosine (not CKA/MSE) because it is scale-free, bounded in
 [-1, 1] and accumulates as a plain running mean.
 """
 from __future__ import annotations
@@ -47,7 +54,7 @@ class _LayerRecorder:
         self.similarity_tokens = similarity_tokens
         self.mask: torch.Tensor | None = None
         self.sim_sum = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-        self.sim_count = 0
+        self.sim_count = torch.zeros(num_experts, num_experts, dtype=torch.float64)   # tokens per pair (both finite)
 
     def __call__(self, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, expert_fn) -> torch.Tensor:
         t, k = idx.shape
@@ -55,10 +62,29 @@ class _LayerRecorder:
             raise AllocoptError(f"layer {self.layer}: experts saw {t} token rows but the batch has "
                                 f"{None if self.mask is None else self.mask.numel()}; this model calls its experts in an unsupported way")
         f = expert_fn(hidden.repeat_interleave(k, 0), idx.reshape(-1)).view(t, k, -1)
+        self.check_finite("gate weights", w)
+        self.check_finite("expert outputs", f)
         self._accumulate(idx, w, f)
         if self.similarity_tokens > 0:
             self._similarity(expert_fn, hidden, rows_per_call=t * k)
         return (f * w[..., None].to(f.dtype)).sum(1).to(hidden.dtype)
+
+    def check_finite(self, what: str, values: torch.Tensor) -> None:
+        """Refuse inf/NaN in ``values`` [T, ...] on this batch's real tokens (padding rows may hold anything)."""
+        if values.shape[0] == self.mask.numel():
+            values = values[self.mask.to(values.device)]
+        if bool(torch.isfinite(values).all()):
+            return
+        dtype = str(values.dtype).removeprefix("torch.")
+        fix = ("float16 overflows here: load the model in bfloat16 or float32 (--dtype bfloat16)" if values.dtype == torch.float16
+               else "the checkpoint's weights produce inf/NaN: check them, or load the model in float32 (--dtype float32)")
+        raise AllocoptError(f"layer {self.layer}: {what} are not finite (inf/NaN) in {dtype}, so no statistics were saved; {fix}")
+
+    def router_hook(self, module: torch.nn.Module, args, output) -> None:
+        """Forward hook on the router: its logits (every floating tensor it returns) must be finite."""
+        for value in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.check_finite("router logits", value)
 
     def _accumulate(self, idx: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> None:
         # per-(token, slot) reductions first, in fp32, so no full-size fp64 copy of f is ever made
@@ -87,24 +113,32 @@ class _LayerRecorder:
             m = part.numel()
             x = hidden[part.to(hidden.device)].repeat_interleave(e, 0)
             experts = torch.arange(e, device=hidden.device).repeat(m)
-            unit = torch.nn.functional.normalize(expert_fn(x, experts).view(m, e, -1).float(), dim=-1)
+            out = expert_fn(x, experts).view(m, e, -1).float()
+            finite = torch.isfinite(out).all(-1)                      # [m, e]
+            unit = torch.nn.functional.normalize(torch.where(finite[..., None], out, 0.0), dim=-1)
             self.sim_sum += torch.einsum("tih,tjh->ij", unit, unit).double().cpu()
-            self.sim_count += m
+            self.sim_count += (finite.T.double() @ finite.double()).cpu()
 
     def finish(self) -> None:
-        if self.sim_count:
-            self.stats.similarity[self.layer] = (self.sim_sum / self.sim_count).float()
+        if self.sim_count.any():
+            sim = torch.where(self.sim_count > 0, self.sim_sum / self.sim_count.clamp(min=1), 0.0)
+            self.stats.similarity[self.layer] = sim.float()
 
 
 @contextmanager
 def _wrapped(blocks, recorders) -> Iterator[None]:
-    """Listen to every block's experts call (``allocopt.models.calls``); whatever was there before is restored."""
+    """Listen to every block's experts call (``allocopt.models.calls``) and hook each router (finite logits);
+    whatever was there before is restored."""
     saved: list = []
+    hooks = []
     try:
         for b, rec in zip(blocks, recorders):
             saved.extend(experts_call(b).intercept(b, rec))
+            hooks.append(b.router.register_forward_hook(rec.router_hook))
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         restore(saved)
 
 
@@ -136,4 +170,5 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
             stats.num_tokens += int(real.sum())
     for rec in recorders:
         rec.finish()
+    stats.check_finite("the observed statistics")
     return stats

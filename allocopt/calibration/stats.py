@@ -2,7 +2,8 @@
 
 Why these accumulators: every member of the unified criterion family S(b, alpha, beta) (related-work §3)
 with alpha, beta in the supported set is a ratio of two of them, so criteria never need another forward pass.
-Sums are float64 so millions of tokens add up without drift.
+Sums are float64 so millions of tokens add up without drift. A file never holds inf/NaN: ``save`` and ``load``
+refuse them, since a criterion would rank such experts arbitrarily (NaN sorts last).
 
     stats = observe(model, tokens)          # allocopt.calibration.observer
     stats.save("stats.safetensors")
@@ -79,6 +80,18 @@ class RoutingStats:
             raise AllocoptError(f"unknown statistic {name!r}; use one of {', '.join(ACCUMULATORS)}")
         return getattr(self, name)
 
+    def nonfinite(self) -> list[str]:
+        """Names (``layer.L.name``) of the tensors holding inf or NaN."""
+        return [key for key, t in self._tensors().items() if not bool(torch.isfinite(t).all())]
+
+    def check_finite(self, source: str) -> None:
+        """Raise AllocoptError naming the first tensor with inf/NaN in it."""
+        bad = self.nonfinite()
+        if bad:
+            more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+            raise AllocoptError(f"{source}: non-finite values (inf/NaN) in {bad[0]}{more}; re-run `allocopt observe` "
+                                "with the model in bfloat16 or float32 (--dtype bfloat16)")
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for layer in self.layers:
@@ -88,6 +101,7 @@ class RoutingStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one .safetensors file atomically; the metadata JSON sits in the safetensors header."""
+        self.check_finite(f"statistics to save as {path}")
         meta = {
             "format": FORMAT,
             "model_fingerprint": self.model_fingerprint,
@@ -125,4 +139,5 @@ class RoutingStats:
                 if key not in tensors:
                     raise AllocoptError(f"{path} lacks tensor {key}; the file is incomplete, re-run `allocopt observe`")
                 getattr(stats, name)[layer] = tensors[key]
+        stats.check_finite(f"statistics file {path}")
         return stats

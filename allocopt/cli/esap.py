@@ -21,11 +21,13 @@ from allocopt.errors import AllocoptError
 @click.option("--objective", default=defaults.OBJECTIVE, show_default=True, help="esap, kl_pq, kl_qp or nll.")
 @click.option("--tolerance", default=defaults.ESAP_TOLERANCE, show_default=True, type=float, help="Certified ESAP bound width of the sparse teacher cache.")
 @click.option("--exact", is_flag=True, help="Keep the full-vocabulary teacher distribution (bound width 0).")
+@click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data: str, seq_len: int, num_seqs: int,
-         objective: str, tolerance: float, exact: bool, as_json: bool) -> None:
+         objective: str, tolerance: float, exact: bool, allow_long_context: bool, as_json: bool) -> None:
     """Teacher-forced agreement of a pruned model with the full model on a fixed token set: a plan's experts
     masked on the full model (--plan), or an exported checkpoint (--pruned)."""
+    from allocopt.context import check_context
     from allocopt.data import load_tokens
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
@@ -34,6 +36,7 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     if (plan_path is None) == (pruned_dir is None):
         raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
     plan = Plan.load(plan_path) if plan_path is not None else None
+    check_context(model_spec, seq_len, allow=allow_long_context)
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")

@@ -23,8 +23,10 @@ from allocopt.errors import AllocoptError
                    'needs pip install "allocopt[lm-eval]".')
 @click.option("--lm-eval-include", "lm_eval_include", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Folder of your own lm-eval task YAML files (searched before lm-eval's built-in tasks).")
+@click.option("--allow-long-context", is_flag=True,
+              help="Evaluate even when the testbed tasks' perplexity windows are longer than the model's context.")
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
-             lm_eval_include: str | None) -> None:
+             lm_eval_include: str | None, allow_long_context: bool) -> None:
     """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
 
@@ -33,7 +35,7 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     metrics = (_lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit) if lm_eval_tasks is not None
-               else _testbed_tasks(model_spec, limit, plan_path))
+               else _testbed_tasks(model_spec, limit, plan_path, allow_long_context))
     if out:
         atomic_write_json(out, metrics)
     if as_json:
@@ -54,13 +56,16 @@ def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None
     return {"lm_eval": table, "model": str(model_spec), "seconds": seconds}
 
 
-def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None) -> dict:
+def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None, allow_long_context: bool = False) -> dict:
     import contextlib
 
+    from allocopt.context import check_context
     from allocopt.evaluation import evaluate as run_evaluation
+    from allocopt.evaluation.harness import PPL_SEQ_LEN
     from allocopt.models import describe, load_model, mask_experts
     from allocopt.plan import Plan
 
+    check_context(model_spec, PPL_SEQ_LEN, "the testbed tasks' perplexity window", allow_long_context, settable=False)
     model, tokenizer = load_model(model_spec)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer into the checkpoint directory")

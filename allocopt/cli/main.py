@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -36,11 +37,28 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
 
     def invoke(self, ctx: click.Context):
+        _log_to_stderr()
         try:
             return super().invoke(ctx)
         except AllocoptError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+
+
+class _StderrLines(logging.Handler):
+    """The library's notes and warnings as ``note: ...`` / ``warning: ...`` lines on stderr, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = "note" if record.levelno < logging.WARNING else record.levelname.lower()
+        click.echo(f"{label}: {record.getMessage()}", err=True)
+
+
+def _log_to_stderr() -> None:
+    """Route the ``allocopt`` logger to stderr for this command (``--quiet`` raises the level to warnings)."""
+    logger = logging.getLogger("allocopt")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+    logger.setLevel(logging.INFO)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

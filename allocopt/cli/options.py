@@ -24,14 +24,18 @@ trust_remote_code_option = click.option("--trust-remote-code", is_flag=True, def
                                         help="Allow the checkpoint's own Python code (off unless asked for).")
 seed_option = opt("--seed", type=int, default=D.SEED, help="Random seed.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Make the last printed line a JSON summary.")
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bars (stderr then holds only errors).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars or notes (stderr then holds only warnings and errors).")
 
 
 def silence_progress() -> None:
-    """Turn off transformers' own progress bars (loading and writing shards) for the rest of the process."""
+    """Turn off transformers' own progress bars (loading and writing shards) for the rest of the process, and
+    allocopt's notes (warnings still print)."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    logging.getLogger("allocopt").setLevel(logging.WARNING)
 
 
 def parse_key_values(pairs: tuple[str, ...], what: str = "--option") -> dict[str, Any]:

@@ -18,7 +18,7 @@ from allocopt.errors import AllocoptError
 @opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
 @opt("--optimizer", default=D.OPTIMIZER, help="ga, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
 @opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
-@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall (or use --keep).")
+@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
 @opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
@@ -27,6 +27,7 @@ from allocopt.errors import AllocoptError
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
 @opt("--search-data", metavar="SPEC", help="Search (objective) data only (overrides --data).")
 @opt("--seq-len", type=int, default=D.SEARCH_SEQ_LEN, help="Tokens per row, calibration and search.")
+@opt("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @opt("--num-seqs", "search_num_seqs", type=int, default=D.SEARCH_SEQS, help="Rows of search data.")
 @opt("--calib-num-seqs", type=int, default=D.CALIBRATION_SEQS, help="Rows of calibration data.")
 @opt("--evals", type=int, default=D.EVALUATIONS, help="Distinct plans evaluated.")
@@ -70,6 +71,12 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     click.echo(f"{label:<8} {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
                f"{s['evaluations']} evaluations, {s['wall_time_s']:.1f} s)")
     click.echo(f"counts   {s['counts']}")
+    if config.sparsity is not None and abs(s["sparsity"] - config.sparsity) > 1e-9:     # whole experts only
+        from allocopt.plan import Plan
+
+        total = sum(layer.num_experts for layer in Plan.load(result.plan_path).layers)
+        click.echo(f"sparsity {s['sparsity']:.4f}  (requested {config.sparsity:g}; {total - sum(s['counts'])} of {total} "
+                   "routed experts removed)")
     click.echo(f"plan     {result.plan_path}")
     if as_json:
         click.echo(json.dumps(s))

@@ -85,11 +85,18 @@ def rank(stats: RoutingStats, criterion: str | Criterion, groups: Mapping[int, i
     ``groups[layer]`` > 1 (group-limited routing) ranks within groups instead: the ranking takes the best expert of
     every group, then the second best of every group, and so on, so keeping any multiple of the group count keeps
     the best experts of each group in equal numbers (what the pruned router needs).
+    A non-finite score is refused: NaN compares false with everything, so it would land anywhere in the order.
     """
-    scores = get_criterion(criterion)(stats)
+    fn = get_criterion(criterion)
+    scores = fn(stats)
     out = {}
     for layer in stats.layers:
         s = np.asarray(scores[layer], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(s))
+        if bad.size:
+            name = criterion if isinstance(criterion, str) else getattr(fn, "__name__", "criterion")
+            raise AllocoptError(f"criterion {name!r} scored experts {bad.tolist()} of layer {layer} as inf/NaN, which has no "
+                                "rank; fix the criterion or the statistics (re-run `allocopt observe` in bfloat16 or float32)")
         # lexsort sorts by the last key first: descending score, then ascending id
         order = [int(i) for i in np.lexsort((np.arange(s.size), -s))]
         out[layer] = balance_groups(order, (groups or {}).get(layer, 1))

@@ -126,6 +126,7 @@ def build_teacher(logits_fn: Callable[[int, TokenSet], torch.Tensor], batches: l
     if tolerance < 0:
         raise AllocoptError(f"ESAP tolerance must be >= 0 (got {tolerance}); pass e.g. 1e-4")
     located = [scored_positions(b) for b in batches]
+    logits_fn = _finite_logits(logits_fn, located)
     cut = _NUM_BINS
     if mode == "sparse":
         mass = torch.zeros(_NUM_BINS, dtype=torch.float64)
@@ -159,6 +160,20 @@ def build_teacher(logits_fn: Callable[[int, TokenSet], torch.Tensor], batches: l
                 chunk.tail = torch.where(keep, torch.zeros_like(p), p).sum(-1)
         chunks.append(chunk.finish())
     return TeacherCache(mode, float(tolerance), model_fingerprint, tokens_fingerprint, chunks, batch_size)
+
+
+def _finite_logits(logits_fn: Callable[[int, TokenSet], torch.Tensor], located: list[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> Callable[[int, TokenSet], torch.Tensor]:
+    """``logits_fn`` that refuses inf/NaN teacher logits at scored positions: every plan is compared with them."""
+    def checked(i: int, batch: TokenSet) -> torch.Tensor:
+        logits = logits_fn(i, batch)
+        if not bool(torch.isfinite(logits.reshape(-1, logits.shape[-1])[located[i][0]]).all()):
+            dtype = str(logits.dtype).removeprefix("torch.")
+            fix = ("float16 overflows here: load the model in bfloat16 or float32 (--dtype bfloat16)" if logits.dtype == torch.float16
+                   else "check the checkpoint's weights, or load the model in float32 (--dtype float32)")
+            raise AllocoptError(f"the full model's logits are not finite (inf/NaN) in {dtype} on search batch {i}; {fix}")
+        return logits
+    return checked
 
 
 def _probs(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

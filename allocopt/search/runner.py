@@ -43,6 +43,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
 
     start = time.perf_counter()
     peek_space(config)
+    config.check_context()                              # rows must fit the model's context (config only)
     with output_dir(config.run_dir) as run_dir:          # the default study database lives beside the run dir
         check_storage(config.storage_url)
         return _search(config, run_dir, progress, start)

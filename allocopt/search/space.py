@@ -105,12 +105,27 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     if sparsity is not None:
         if not 0.0 <= sparsity < 1.0:
             raise AllocoptError(f"sparsity {sparsity} must be in [0, 1); it is the fraction of experts removed")
-        keep = total - int(math.floor(sparsity * total + 0.5))
-    keep = int(round(int(keep) / unit)) * unit
+        keep = total - experts_removed(sparsity, total, unit)
+    keep = unit * int(math.floor(int(keep) / unit + 0.5))
     if not int(lower.sum()) <= keep <= int(upper.sum()):
         raise AllocoptError(
             f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "
-            f"{int(lower.sum())}..{int(upper.sum())} (top-k and density bounds); choose a sparsity/keep in that range "
+            f"{int(lower.sum())}..{int(upper.sum())} (top-k, what each router needs and density bounds); choose a sparsity/keep in that range "
             f"or relax min_density/max_density")
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
     return AllocationSpace(layers, e, lower, upper, keep, bpe, unit)
+
+
+def experts_removed(sparsity: float, total: int, unit: int = 1) -> int:
+    """Experts a global ``sparsity`` removes out of ``total``, rounded half up to a multiple of ``unit`` (group-limited
+    routing removes whole units); refused when that is none, since such a run would search nothing and record
+    sparsity 0 while the user asked for more."""
+    removed = unit * int(math.floor(sparsity * total / unit + 0.5))
+    if removed == 0:
+        exact = 0.5 * unit / total                        # the least sparsity that rounds to one unit ...
+        scale = 10 ** (3 - math.floor(math.log10(exact)))
+        least = math.ceil(exact * scale) / scale          # ... rounded up to 4 significant digits
+        what = "1 expert" if unit == 1 else f"{unit} experts, one per routing group"
+        raise AllocoptError(f"sparsity {sparsity:g} removes {sparsity * total:.3g} of {total} routed experts, which rounds to "
+                            f"none; use a sparsity of at least {least:g} (removes {what}) or give a keep count instead")
+    return removed
