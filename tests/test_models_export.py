@@ -148,3 +148,25 @@ def test_cli_prune_end_to_end(tiny_model, tmp_path):
     bad = CliRunner().invoke(cli, ["prune", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o2"),
                                    "--model", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "made for another model" in bad.output and not (tmp_path / "o2").exists()
+
+
+def test_damaged_exports_fail_in_one_line(tiny_model, tmp_path):
+    """An export whose config lost layer_num_experts, and a plain checkpoint missing a tensor, are refused by name;
+    transformers alone would re-initialise the missing weights with a warning."""
+    model = tiny_model("qwen3_moe")
+    save_pruned(model, None, tmp_path / "out", _plan(model))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    del config["layer_num_experts"]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["info", "--model", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert 'lost "layer_num_experts"' in result.output and "re-export it with `allocopt prune`" in result.output
+
+    tiny_model("olmoe").save_pretrained(tmp_path / "plain")
+    [shard] = (tmp_path / "plain").glob("*.safetensors")
+    weights = load_file(shard)
+    del weights["model.layers.2.mlp.gate.weight"]
+    save_file(weights, shard, metadata={"format": "pt"})
+    result = CliRunner().invoke(cli, ["info", "--model", str(tmp_path / "plain")])
+    assert result.exit_code == 2 and result.output.count("error:") == 1
+    assert "missing_keys: model.layers.2.mlp.gate.weight" in result.output and "incomplete or damaged" in result.output

@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import transformers
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from allocopt.calibration import RoutingStats
 from allocopt.cli.main import cli
 from allocopt.errors import AllocoptError
+from allocopt.models import load_model
 from reliability_kit import ENV, SMALL, make_root, run_args
 
 FAST = ["--evals", "4", "--population", "4"]
@@ -151,6 +153,10 @@ def remote(root, tmp_path_factory) -> tuple[Path, Path]:
                             "AutoModelForCausalLM": "remote_code.MarkerMoeForCausalLM"})
     (ckpt / "config.json").write_text(json.dumps(config))
     (ckpt / "remote_code.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    # transformers converts stock checkpoints' per-expert tensors to fused ones only for its own classes, never for
+    # remote code, so this checkpoint stores the fused tensors its code expects (allocopt refuses a mismatch)
+    model, _ = load_model(str(root / "model"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors", metadata={"format": "pt"})
     return ckpt, marker
 
 

@@ -12,18 +12,24 @@ from allocopt import defaults
 @click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the description as JSON (last line).")
 def info(model_spec: str, as_json: bool) -> None:
-    """Describe a model's MoE layers (experts, top-k, shared experts, router rule, storage, size)."""
+    """Describe a model's MoE layers (experts, top-k, shared experts, group-limited routing, the fewest experts the
+    router routes with, router rule, storage, size)."""
     from allocopt.models import describe, load_model
 
     model, _ = load_model(model_spec)
     desc = describe(model)
     click.echo(f"{desc.architecture} ({desc.model_type}), {desc.num_decoder_layers} decoder layers, "
                f"{len(desc.layers)} MoE layers, {desc.dtype}, fingerprint {desc.fingerprint[:12]}")
-    header = f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'shared':>6}  {'router rule':<34} {'storage':<10} {'MB/expert':>9}"
+    width = max(11, *(len(l.router_rule) for l in desc.layers))
+    header = (f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'shared':>6}  {'groups':>6}  {'min kept':>8}  "
+              f"{'router rule':<{width}} {'storage':<10} {'MB/expert':>9}")
     click.echo(header)
     for l in desc.layers:
-        click.echo(f"{l.index:>5}  {l.num_experts:>7}  {l.top_k:>5}  {l.num_shared_experts:>6}  {l.router_rule:<34} "
-                   f"{l.storage:<10} {l.bytes_per_expert / 2**20:>9.3f}")
+        click.echo(f"{l.index:>5}  {l.num_experts:>7}  {l.top_k:>5}  {l.num_shared_experts:>6}  {l.groups:>6}  "
+                   f"{max(l.min_kept, l.top_k):>8}  {l.router_rule:<{width}} {l.storage:<10} {l.bytes_per_expert / 2**20:>9.3f}")
+    for note in dict.fromkeys(l.routing_note for l in desc.layers if l.routing_note):
+        which = [l.index for l in desc.layers if l.routing_note == note]
+        click.echo(f"note: {'layer' if len(which) == 1 else 'layers'} {', '.join(map(str, which))} {note}")
     total_experts = sum(l.num_experts for l in desc.layers)
     click.echo(f"total: {total_experts} routed experts, {desc.expert_bytes / 2**20:.2f} MB of experts "
                f"of {desc.total_bytes / 2**20:.2f} MB")

@@ -213,14 +213,30 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
         raise AllocoptError(f"{path} has no config.json; pass a directory written by `allocopt prune`")
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     cls = pruned_class(_stock_class(config, path))
+    return strict_from_pretrained(cls.from_pretrained, path, config, dtype=dtype).to(device).eval()
+
+
+def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) -> nn.Module:
+    """``load(path, config=config, ...)`` (a ``from_pretrained``) that refuses a checkpoint which does not match its
+    config: transformers re-initialises missing weights with a warning only, which would be a different model."""
     try:
-        model, report = cls.from_pretrained(path, config=config, dtype=dtype or "auto", use_safetensors=True,
-                                            trust_remote_code=False, output_loading_info=True)
+        model, report = load(path, config=config, dtype=kwargs.pop("dtype", None) or "auto", use_safetensors=True,
+                             output_loading_info=True, **kwargs)
     except RuntimeError as exc:          # transformers refuses mis-shaped weights itself
-        raise AllocoptError(f"checkpoint {path} does not match its config ({str(exc).splitlines()[0]}); "
-                            "re-export it with `allocopt prune`") from exc
-    problems = {k: sorted(v) for k, v in report.items() if v}
+        raise AllocoptError(f"checkpoint {path} does not match its config ({str(exc).splitlines()[0][:200]}); "
+                            f"{_fix_for(path, config)}") from exc
+    problems = {k: sorted(v) for k, v in report.items() if v and k != "error_msgs"}
     if problems:
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
-        raise AllocoptError(f"checkpoint {path} does not match its config ({detail}); re-export it with `allocopt prune`")
-    return model.to(device).eval()
+        raise AllocoptError(f"checkpoint {path} does not match its config ({detail}); {_fix_for(path, config)}")
+    return model
+
+
+def _fix_for(path: Path, config: Any) -> str:
+    """What to do about a checkpoint whose weights and config disagree."""
+    if (path / PLAN_FILE).is_file() and getattr(config, LAYER_COUNTS_FIELD, None) is None:
+        return (f"it looks like an allocopt export whose config.json lost \"{LAYER_COUNTS_FIELD}\" (its {PLAN_FILE} lists the "
+                "kept experts): re-export it with `allocopt prune`")
+    if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
+        return "re-export it with `allocopt prune`"
+    return "the checkpoint is incomplete or damaged: copy it again from its source"

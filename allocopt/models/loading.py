@@ -11,7 +11,7 @@ from torch import nn
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
-from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned
+from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned, strict_from_pretrained
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -118,12 +118,13 @@ def _catalog_class(config: Any) -> type:
 
 
 def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    except ValueError as exc:
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        return _catalog_class(config).from_pretrained(path, config=config, **kwargs)
+    """The checkpoint loaded strictly (``export.strict_from_pretrained``) with the auto class, else the family's own
+    class for types the causal-LM auto mapping leaves out (mistral4)."""
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    if type(config) not in transformers.AutoModelForCausalLM._model_mapping and \
+            getattr(config, "model_type", None) in _catalog_types():
+        load = _catalog_class(config).from_pretrained
+    return strict_from_pretrained(load, path, config, **kwargs)
 
 
 def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
@@ -138,8 +139,7 @@ def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device:
     if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
         model = load_pruned(path, dtype=dtype, device=device)
     else:
-        model = _from_pretrained(path, config, dtype=dtype or "auto", use_safetensors=True,
-                                 trust_remote_code=trust_remote_code)
+        model = _from_pretrained(path, config, dtype=dtype, trust_remote_code=trust_remote_code)
         model = model.to(device).eval()
     use_fast_experts(model, device)
     tokenizer = None

@@ -33,7 +33,7 @@ TOP_K = 2
 # Common size fields, applied where the family's config has the field.
 _SHRINK: dict[str, Any] = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=NUM_LAYERS,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, model_max_length=128,
     initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     num_experts=NUM_EXPERTS, num_local_experts=NUM_EXPERTS, n_routed_experts=NUM_EXPERTS, moe_num_experts=NUM_EXPERTS,
     num_experts_per_tok=TOP_K, num_experts_per_token=TOP_K, moe_k=TOP_K, moe_topk=TOP_K, top_k_experts=TOP_K,
