@@ -29,7 +29,7 @@ def info(model_spec: str, as_json: bool) -> None:
                    f"{max(l.min_kept, l.top_k):>8}  {l.router_rule:<{width}} {l.storage:<10} {l.bytes_per_expert / 2**20:>9.3f}")
     for note in dict.fromkeys(l.routing_note for l in desc.layers if l.routing_note):
         which = [l.index for l in desc.layers if l.routing_note == note]
-        click.echo(f"note: {'layer' if len(which) == 1 else 'layers'} {', '.join(map(str, which))} {note}")
+        click.echo(f"note: {'layer' if len(which) == 1 else 'layers'} {', '.join(map(str, which))}: {note}")
     total_experts = sum(l.num_experts for l in desc.layers)
     click.echo(f"total: {total_experts} routed experts, {desc.expert_bytes / 2**20:.2f} MB of experts "
                f"of {desc.total_bytes / 2**20:.2f} MB")

@@ -49,10 +49,10 @@ class MoELayerInfo:
     def routing_note(self) -> str:
         """Why ``min_kept``/``groups`` constrain a plan, in words (empty when they do not)."""
         if self.min_kept >= self.num_experts:
-            return "is routed by a token-id table that names every expert, so it keeps all of them"
+            return "routed by a token-id table that names every expert, so all its experts stay"
         if self.groups > 1:
             size = self.num_experts // self.groups
-            return (f"uses group-limited routing ({self.groups} groups of {size}, {self.router_rule}): every group must keep "
+            return (f"group-limited routing ({self.groups} groups of {size}, {self.router_rule}): every group keeps "
                     f"the same number of experts, at least {self.min_kept // self.groups}")
         return ""
 
@@ -391,12 +391,12 @@ def kept_problem(layer: MoELayerInfo, kept: Sequence[int]) -> str | None:
     if len(ids) < layer.top_k:
         return f"keeps {len(ids)} experts, fewer than its top-k {layer.top_k}; keep at least top-k experts per layer"
     if len(ids) < n and layer.min_kept >= n:
-        return f"keeps {len(ids)} of {n} experts, but it {layer.routing_note}"
+        return f"keeps {len(ids)} of {n} experts, but it is {layer.routing_note}"
     if layer.groups > 1 and len(ids) < n:
         size = n // layer.groups
         per_group = [sum(1 for e in ids if e // size == g) for g in range(layer.groups)]
         if len(set(per_group)) > 1 or per_group[0] < layer.min_kept // layer.groups:
-            return f"{layer.routing_note}, and the plan keeps {per_group} experts per group"
+            return f"uses {layer.routing_note}, and the plan keeps {per_group} experts per group"
     return None
 
 
