@@ -27,7 +27,10 @@ class RunConfig:
     model: str = D.MODEL                            # local checkpoint dir or "testbed"
     trust_remote_code: bool = False
     dtype: str | None = None                         # None: the checkpoint's own dtype
-    device: str = D.DEVICE
+    device: str = D.DEVICE                           # "auto": CUDA when present, else CPU
+    device_map: str | None = D.DEVICE_MAP            # "auto": accelerate places layers over GPUs, CPU and disk
+    max_memory: dict = field(default_factory=dict)  # {"cuda:0" = "70GiB", "cpu" = "200GiB"}; implies device_map
+    offload_dir: str | None = None                   # where weights beyond max_memory go
     # what is searched
     criterion: str = D.CRITERION                     # within-layer ranking, e.g. "reap" or "unified:b=1,alpha=0,beta=2"
     optimizer: str = D.OPTIMIZER
@@ -106,6 +109,14 @@ class RunConfig:
         length, what = max((self.calib_seq_len, "calib_seq_len"), (self.search_seq_len, "search_seq_len"))
         check_context(self.model, length, "--seq-len" if both else what, self.allow_long_context, self.trust_remote_code,
                       force="--allow-long-context (allow_long_context = true in a problem file)")
+
+    def load_options(self):
+        """How the model loads (``allocopt.models.LoadOptions``), the same object every command builds."""
+        from allocopt.models.loading import LoadOptions
+
+        return LoadOptions(device=self.device, dtype=self.dtype, device_map=self.device_map,
+                           max_memory=dict(self.max_memory), offload_dir=self.offload_dir,
+                           trust_remote_code=self.trust_remote_code)
 
     @property
     def max_evals(self) -> int:

@@ -40,12 +40,16 @@ STUDIES_DIR = "studies"
 MIN_DENSITY = 0.0
 MAX_DENSITY = 1.0
 
-# Where the model runs during `allocopt run` and how many rows go through it at once.
-DEVICE = "cpu"
+# Where the model runs ("auto": CUDA when present, else CPU) and how many rows go through it at once. A device map
+# ("auto": accelerate spreads layers over GPUs, CPU and disk within --max-memory) is off unless asked for.
+DEVICE = "auto"
+DEVICE_MAP = None
 # transformers fused-experts kernel per device type (None: transformers' own default). On CPU the eager per-expert
 # loop is ~7x faster than grouped_mm for the testbed (benchmarks/experts_kernel.py); results are identical.
 EXPERTS_IMPLEMENTATION: dict[str, str | None] = {"cpu": "eager", "cuda": None}
 CALIBRATION_BATCH_SIZE = 8
+# Largest safetensors shard `allocopt prune` writes when it streams a model that does not fit in memory (bytes).
+EXPORT_SHARD_BYTES = 5 * 10**9
 
 # Observer: real tokens per batch on which every expert runs once to estimate the E x E expert-output similarity.
 SIMILARITY_TOKENS = 256

@@ -43,6 +43,8 @@ from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, find_moe_blocks
 from allocopt.models.calls import experts_call, restore
+from allocopt.models.decoder import DecoderRunner, resident
+from allocopt.models.hooks import input_device
 
 
 class _LayerRecorder:
@@ -142,12 +144,38 @@ def _wrapped(blocks, recorders) -> Iterator[None]:
         restore(saved)
 
 
+def _set_mask(recorders: list[_LayerRecorder], batch: TokenSet) -> None:
+    real = batch.attention_mask.reshape(-1).bool().cpu()  # [B*T], the row order of the blocks' flattened hidden
+    for rec in recorders:
+        rec.mask = real
+
+
+def _layer_by_layer(model: torch.nn.Module, batches: list[TokenSet], recorders: list[_LayerRecorder], progress: bool) -> None:
+    """Every batch through decoder layer 0, then through layer 1, ...: one read of each layer's weights."""
+    runner = DecoderRunner(model)
+    states: list = [None] * len(batches)
+    embeddings: list = [None] * len(batches)
+    with tqdm(total=len(runner.layers) * len(batches), desc="observe (layer by layer)", disable=not progress,
+              unit="batch") as bar:
+        for index, layer in enumerate(runner.layers):
+            with resident(layer):
+                for i, batch in enumerate(batches):
+                    _set_mask(recorders, batch)
+                    states[i], embeddings[i] = runner.run_layer(batch.input_ids, batch.attention_mask, index, states[i],
+                                                                embeddings[i])
+                    bar.update()
+
+
 def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults.CALIBRATION_BATCH_SIZE, progress: bool = True,
-            similarity_tokens: int = defaults.SIMILARITY_TOKENS) -> RoutingStats:
+            similarity_tokens: int = defaults.SIMILARITY_TOKENS, layer_major: bool | None = None) -> RoutingStats:
     """Run ``tokens`` through ``model`` once and return the per-expert routing statistics.
 
     Memory is bounded by the accumulators (O(E^2) per layer); nothing grows with the number of tokens.
     ``similarity_tokens=0`` skips the similarity pass (the matrices then stay zero).
+
+    ``layer_major`` (default: when accelerate offloaded some weights) streams the model instead: every row goes
+    through decoder layer 0, then every row through layer 1, ..., each layer's weights read once and resident only
+    while it runs, the rows' hidden states kept between layers; statistics equal the batch-by-batch pass.
     """
     if batch_size < 1:
         raise AllocoptError(f"batch_size must be >= 1 (got {batch_size}); pass a positive --batch-size")
@@ -160,14 +188,18 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
                                {b.info.index: b.info.num_experts for b in blocks})
     recorders = [_LayerRecorder(stats, b.info.index, b.info.num_experts, similarity_tokens, b.family.router_tail == "skip")
                  for b in blocks]
-    device = next(model.parameters()).device
+    device = input_device(model)
+    batches = [b.to(device) for b in tokens.batches(batch_size)]
+    if layer_major is None:
+        layer_major = any(p.device.type == "meta" for p in model.parameters())
     with torch.inference_mode(), _wrapped(blocks, recorders):
-        for batch in tqdm(list(tokens.batches(batch_size)), desc="observe", disable=not progress, unit="batch"):
-            real = batch.attention_mask.reshape(-1).bool()  # [B*T], the row order of the blocks' flattened hidden
-            for rec in recorders:
-                rec.mask = real
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
-            stats.num_tokens += int(real.sum())
+        if layer_major:
+            _layer_by_layer(model, batches, recorders, progress)
+        else:
+            for batch in tqdm(batches, desc="observe", disable=not progress, unit="batch"):
+                _set_mask(recorders, batch)
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    stats.num_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
     for rec in recorders:
         rec.finish()
     stats.check_finite("the observed statistics")

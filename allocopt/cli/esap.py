@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from allocopt import defaults
+from allocopt.cli.options import load_options, loading_options
 from allocopt.errors import AllocoptError
 
 
@@ -23,8 +24,9 @@ from allocopt.errors import AllocoptError
 @click.option("--exact", is_flag=True, help="Keep the full-vocabulary teacher distribution (bound width 0).")
 @click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
+@loading_options
 def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data: str, seq_len: int, num_seqs: int,
-         objective: str, tolerance: float, exact: bool, allow_long_context: bool, as_json: bool) -> None:
+         objective: str, tolerance: float, exact: bool, allow_long_context: bool, as_json: bool, **loading) -> None:
     """Teacher-forced agreement of a pruned model with the full model on a fixed token set: a plan's experts
     masked on the full model (--plan), or an exported checkpoint (--pruned)."""
     from allocopt.context import check_context
@@ -36,8 +38,9 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     if (plan_path is None) == (pruned_dir is None):
         raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
     plan = Plan.load(plan_path) if plan_path is not None else None
-    check_context(model_spec, seq_len, allow=allow_long_context)
-    model, tokenizer = load_model(model_spec)
+    options = load_options(loading)
+    check_context(model_spec, seq_len, allow=allow_long_context, trust_remote_code=options.trust_remote_code)
+    model, tokenizer = load_model(model_spec, options)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")
     if plan is not None:
@@ -47,7 +50,7 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     if plan is not None:
         [v] = ev.evaluate([plan.kept])
     else:
-        v = ev.score_model(load_model(str(pruned_dir))[0])
+        v = ev.score_model(load_model(str(pruned_dir), options)[0])
     if not v.ok:
         raise AllocoptError(f"the pruned model failed on {data}: {v.failed}; check the checkpoint's weights")
     click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens "

@@ -8,6 +8,7 @@ import time
 import click
 
 from allocopt import defaults
+from allocopt.cli.options import load_options, loading_options
 from allocopt.errors import AllocoptError
 
 
@@ -25,8 +26,9 @@ from allocopt.errors import AllocoptError
               help="Folder of your own lm-eval task YAML files (searched before lm-eval's built-in tasks).")
 @click.option("--allow-long-context", is_flag=True,
               help="Evaluate even when the testbed tasks' perplexity windows are longer than the model's context.")
+@loading_options
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
-             lm_eval_include: str | None, allow_long_context: bool) -> None:
+             lm_eval_include: str | None, allow_long_context: bool, **loading) -> None:
     """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
 
@@ -34,8 +36,9 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
         raise AllocoptError("--plan works with the testbed tasks only; export the plan with `allocopt prune` for lm-eval")
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
+    options = load_options(loading)
     metrics = (_lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit) if lm_eval_tasks is not None
-               else _testbed_tasks(model_spec, limit, plan_path, allow_long_context))
+               else _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options))
     if out:
         atomic_write_json(out, metrics)
     if as_json:
@@ -56,7 +59,8 @@ def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None
     return {"lm_eval": table, "model": str(model_spec), "seconds": seconds}
 
 
-def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None, allow_long_context: bool = False) -> dict:
+def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None, allow_long_context: bool = False,
+                   options=None) -> dict:
     import contextlib
 
     from allocopt.context import check_context
@@ -66,7 +70,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
     from allocopt.plan import Plan
 
     check_context(model_spec, PPL_SEQ_LEN, "the testbed tasks' perplexity window", allow_long_context, settable=False)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, options)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer into the checkpoint directory")
     masking = contextlib.nullcontext()

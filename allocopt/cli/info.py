@@ -6,17 +6,19 @@ import json
 import click
 
 from allocopt import defaults
+from allocopt.cli.options import load_options, loading_options
 
 
 @click.command("info")
 @click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the description as JSON (last line).")
-def info(model_spec: str, as_json: bool) -> None:
+@loading_options
+def info(model_spec: str, as_json: bool, **loading) -> None:
     """Describe a model's MoE layers (experts, top-k, shared experts, group-limited routing, the fewest experts the
     router routes with, router rule, storage, size)."""
     from allocopt.models import describe, load_model
 
-    model, _ = load_model(model_spec)
+    model, _ = load_model(model_spec, load_options(loading))
     desc = describe(model)
     click.echo(f"{desc.architecture} ({desc.model_type}), {desc.num_decoder_layers} decoder layers, "
                f"{len(desc.layers)} MoE layers, {desc.dtype}, fingerprint {desc.fingerprint[:12]}")

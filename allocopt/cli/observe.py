@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from allocopt import defaults
+from allocopt.cli.options import load_options, loading_options
 
 
 @click.command("observe")
@@ -19,23 +20,23 @@ from allocopt import defaults
 @click.option("--batch-size", default=defaults.CALIBRATION_BATCH_SIZE, show_default=True, type=int, help="Rows per forward pass.")
 @click.option("--similarity-tokens", default=defaults.SIMILARITY_TOKENS, show_default=True, type=int,
               help="Real tokens per batch on which every expert runs once (expert similarity); 0 turns it off.")
-@click.option("--dtype", default=None, help="Load the model in this dtype (default: the checkpoint's), e.g. bfloat16.")
 @click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@loading_options
 def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, batch_size: int, similarity_tokens: int,
-            dtype: str | None, allow_long_context: bool, progress: bool) -> None:
+            allow_long_context: bool, progress: bool, **loading) -> None:
     """Collect per-expert routing statistics (counts, gate and output-norm sums, expert similarity)."""
     from allocopt.calibration import observe as run_observer
-    from allocopt.config import check_dtype
     from allocopt.context import check_context
     from allocopt.data import load_tokens
     from allocopt.errors import AllocoptError
     from allocopt.io import output_dir
     from allocopt.models import load_model
 
-    check_context(model_spec, seq_len, allow=allow_long_context)
+    options = load_options(loading)
+    check_context(model_spec, seq_len, allow=allow_long_context, trust_remote_code=options.trust_remote_code)
     with output_dir(Path(out).parent):             # fail before the pass, not after it; a failed pass leaves no new folder
-        model, tokenizer = load_model(model_spec, dtype=check_dtype(dtype) if dtype else None)
+        model, tokenizer = load_model(model_spec, options)
         if tokenizer is None:
             raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer next to the checkpoint")
         tokens = load_tokens(data, tokenizer, seq_len, num_seqs, split="calibration")

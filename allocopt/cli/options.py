@@ -23,6 +23,50 @@ model_option = opt("--model", default=D.MODEL, metavar="DIR|testbed",
 trust_remote_code_option = click.option("--trust-remote-code", is_flag=True, default=None,
                                         help="Allow the checkpoint's own Python code (off unless asked for).")
 seed_option = opt("--seed", type=int, default=D.SEED, help="Random seed.")
+
+# Where and how a model loads: the same options on every command that loads one (allocopt.models.LoadOptions).
+_LOADING = (
+    opt("--device", default=D.DEVICE, help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."),
+    opt("--dtype", help="Load the weights in this dtype (default: the checkpoint's), e.g. bfloat16."),
+    opt("--device-map", type=click.Choice(["auto"]), help="Let accelerate place layers over GPUs, CPU and disk."),
+    opt("--max-memory", "max_memory_pairs", multiple=True, metavar="DEVICE=SIZE",
+        help="Memory a device may hold (repeatable), e.g. --max-memory cuda:0=70GiB --max-memory cpu=200GiB; implies "
+             "--device-map auto."),
+    opt("--offload-dir", type=click.Path(file_okay=False), help="Folder for weights beyond --max-memory (disk offload)."),
+    trust_remote_code_option,
+)
+
+
+def loading_options(command: Callable) -> Callable:
+    """Add the loading options to a command; :func:`load_options` turns them into a LoadOptions."""
+    for decorator in reversed(_LOADING):
+        command = decorator(command)
+    return command
+
+
+def load_options(given: dict[str, Any]):
+    """Pop the loading options from a command's keyword arguments -> ``allocopt.models.LoadOptions``."""
+    from allocopt.config import check_dtype
+    from allocopt.models.loading import LoadOptions
+
+    values = {"device": given.pop("device", None), "dtype": given.pop("dtype", None),
+              "device_map": given.pop("device_map", None), "offload_dir": given.pop("offload_dir", None),
+              "trust_remote_code": given.pop("trust_remote_code", None),
+              "max_memory": memory_limits(given.pop("max_memory_pairs", ()) or ())}
+    if values["dtype"]:
+        check_dtype(values["dtype"])
+    return LoadOptions().with_(**{k: v for k, v in values.items() if v not in (None, {})})
+
+
+def memory_limits(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("cuda:0=70GiB", "cpu=600MiB")`` -> ``{"cuda:0": "70GiB", "cpu": "600MiB"}`` (checked when loading)."""
+    out = {}
+    for pair in pairs:
+        device, eq, size = pair.partition("=")
+        if not eq or not device.strip() or not size.strip():
+            raise AllocoptError(f"--max-memory {pair!r} is not DEVICE=SIZE; write e.g. --max-memory cpu=600MiB")
+        out[device.strip()] = size.strip()
+    return out
 json_option = click.option("--json", "as_json", is_flag=True, help="Make the last printed line a JSON summary.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars or notes (stderr then holds only warnings and errors).")
 

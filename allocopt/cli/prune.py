@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from allocopt.cli.options import quiet_option, silence_progress
+from allocopt.cli.options import load_options, loading_options, quiet_option, silence_progress
 from allocopt.errors import AllocoptError
 
 
@@ -15,9 +15,10 @@ from allocopt.errors import AllocoptError
 @click.option("--model", "model_spec", default=None, help="Checkpoint directory or `testbed` (default: the plan's \"model\").")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @quiet_option
-def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, quiet: bool) -> None:
+@loading_options
+def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, quiet: bool, **loading) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
-    from allocopt.models import describe, load_model, prune_model, save_pruned
+    from allocopt.models import describe, load_model, save_pruned
     from allocopt.models.card import render_card
     from allocopt.plan import Plan
 
@@ -27,11 +28,11 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     spec = model_spec or plan.extra.get("model")
     if not spec:
         raise AllocoptError(f"plan file {plan_path} names no model; pass --model PATH")
-    model, tokenizer = load_model(str(spec))
+    model, tokenizer = load_model(str(spec), load_options(loading))
     before = describe(model)
     plan.validate_for(before, source=f"plan file {plan_path}")
-    prune_model(model, plan, progress=not quiet)
-    after = describe(model)
-    save_pruned(model, tokenizer, out_dir, plan, card=render_card(plan, before, after, str(spec)), overwrite=overwrite)
+    save_pruned(model, tokenizer, out_dir, plan, card=lambda pruned: render_card(plan, before, pruned, str(spec)),
+                overwrite=overwrite, progress=not quiet)         # streams layer by layer if the model was offloaded
+    after = describe(model, fingerprint=False)
     click.echo(f"wrote {out_dir}: {sum(after.num_experts.values())}/{sum(before.num_experts.values())} routed experts kept, "
                f"{before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB")

@@ -6,15 +6,14 @@ import json
 import click
 
 from allocopt import defaults as D
-from allocopt.cli.options import (json_option, model_option, opt, parse_key_values, quiet_option, seed_option,
-                                  silence_progress, trust_remote_code_option)
+from allocopt.cli.options import (json_option, loading_options, memory_limits, model_option, opt, parse_key_values,
+                                  quiet_option, seed_option, silence_progress)
 from allocopt.errors import AllocoptError
 
 
 @click.command("run")
 @opt("--problem", type=click.Path(dir_okay=False), help="Problem file (TOML); command-line options override it.")
 @model_option
-@trust_remote_code_option
 @opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
 @opt("--optimizer", default=D.OPTIMIZER, help="ga, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
 @opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
@@ -36,8 +35,6 @@ from allocopt.errors import AllocoptError
 @seed_option
 @opt("--option", "option_pairs", multiple=True, metavar="KEY=VALUE", help="Optimizer option, repeatable (e.g. elites=4).")
 @opt("--tolerance", type=float, default=D.ESAP_TOLERANCE, help="Certified bound width of the teacher cache.")
-@opt("--device", default=D.DEVICE, help="torch device for the model.")
-@opt("--dtype", help="Load the model in this dtype (default: the checkpoint's).")
 @opt("--storage", metavar="URL", help="Optuna storage URL [default: sqlite:///<studies dir>/<name>.db].")
 @opt("--out", type=click.Path(file_okay=False), help=f"Run directory [default: {D.STUDIES_DIR}/<name>/].")
 @opt("--name", "run_name", help="Run and study name [default: from the options, e.g. testbed-reap-ga-s50-seed42].")
@@ -45,6 +42,7 @@ from allocopt.errors import AllocoptError
 @click.option("--resume", is_flag=True, help="Continue the existing study of this run name; fail if there is none.")
 @quiet_option
 @json_option
+@loading_options
 def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     """Search how many experts each MoE layer keeps and write plan.json."""
     from allocopt.config import RunConfig
@@ -54,6 +52,7 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
         raise AllocoptError("--sparsity and --keep are mutually exclusive; give only one of them")
     if option_pairs:
         given["options"] = parse_key_values(option_pairs)
+    given["max_memory"] = memory_limits(given.pop("max_memory_pairs", ()) or ()) or None
     config = RunConfig.from_sources(problem, given)
     if resume:
         from allocopt.search.workers import require_study

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from allocopt.cli.options import loading_options, memory_limits
+
 
 @click.command("worker")
 @click.option("--study", "study_name", required=True, help="Study (run) name of the search to join.")
@@ -15,13 +17,15 @@ import click
               help="Plans taken and evaluated together in one batched pass (more: faster per plan, less sharing).")
 @click.option("--idle-timeout", type=float, default=None,
               help="Exit after this many seconds without work [default: wait until the search is done].")
-@click.option("--device", default=None, help="torch device here [default: the coordinator's].")
 @click.option("--exit-with-parent", type=int, default=None, hidden=True,
               help="Exit when the process with this id (the coordinator that started us) is gone.")
-def worker(study_name: str, storage: str, batch: int, idle_timeout: float | None, device: str | None,
-           exit_with_parent: int | None) -> None:
-    """Take WAITING trials of a study, evaluate them and record the results, until the search is done."""
+@loading_options
+def worker(study_name: str, storage: str, batch: int, idle_timeout: float | None, exit_with_parent: int | None,
+           **loading) -> None:
+    """Take WAITING trials of a study, evaluate them and record the results, until the search is done. Loading
+    options left out are the coordinator's."""
     from allocopt.search.workers import serve
 
-    done = serve(storage, study_name, batch=batch, idle_timeout=idle_timeout, parent=exit_with_parent, device=device)
+    loading["max_memory"] = memory_limits(loading.pop("max_memory_pairs", ()) or ())
+    done = serve(storage, study_name, batch=batch, idle_timeout=idle_timeout, parent=exit_with_parent, loading=loading)
     click.echo(f"worker evaluated {done} plans of study {study_name}")

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from allocopt.models.hooks import input_device
+
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -22,7 +24,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
 def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                          batch_size: int = 64) -> list[str]:
     """The decoded greedy continuation of each prompt (``max_new_tokens`` tokens; callers cut at a newline)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
         rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[s:s + batch_size]]

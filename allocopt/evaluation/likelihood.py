@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from allocopt.evaluation.generation import pad_id
+from allocopt.models.hooks import input_device
 
 
 @torch.inference_mode()
@@ -17,7 +18,7 @@ def continuation_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str
     Context and continuation are tokenized separately and concatenated, so every choice of one question is
     scored on the same context tokens.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = [(tokenizer(c, add_special_tokens=False)["input_ids"], tokenizer(x, add_special_tokens=False)["input_ids"])
                for c, x in pairs]
     scores: list[float] = []

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocopt.data.tokens import TokenSet
+from allocopt.models.hooks import input_device
 
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokens: TokenSet, batch_size: int = 16) -> float:
     """Position t scores token t+1 where ``score_mask[t]`` (the TokenSet convention), so padding never counts."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for batch in tokens.batches(batch_size):
         ids = batch.input_ids.to(device)

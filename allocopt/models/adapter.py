@@ -25,6 +25,7 @@ from torch import nn
 from allocopt.errors import AllocoptError
 from allocopt.models.families import (GENERIC_COUNT_FIELDS, GENERIC_SHARED_COUNT_FIELDS, GENERIC_TOP_K_FIELDS, Family,
                                       family_for, is_known)
+from allocopt.models.hooks import onloaded
 from allocopt.models.routing import RoutingParams, config_value, group_floor
 
 _LAYER_LIST_NAMES = ("layers", "blocks", "h")
@@ -378,6 +379,14 @@ def _with_inferred_rules(model: nn.Module, blocks: list[MoEBlock]) -> list[MoEBl
     return out
 
 
+def _owner(root: nn.Module, tensor: torch.Tensor) -> nn.Module:
+    """The submodule of ``root`` that holds ``tensor`` directly."""
+    for m in root.modules():
+        if any(t is tensor for t in m.parameters(recurse=False)):
+            return m
+    return root
+
+
 def kept_problem(layer: MoELayerInfo, kept: Sequence[int]) -> str | None:
     """Why ``kept`` cannot be the experts this layer keeps (None when it can): ids in range, at least top-k and
     what the router needs (a hash-routed layer keeps all), the same number in every group of group-limited routing."""
@@ -411,10 +420,12 @@ def model_fingerprint(model: nn.Module, blocks: list[MoEBlock] | None = None) ->
     h = hashlib.sha256(json.dumps(essentials, sort_keys=True).encode())
     with torch.no_grad():
         for b in blocks:
-            w = b.router_weight.detach()
-            if w.device.type == "meta":
-                raise AllocoptError("cannot fingerprint a model whose weights are still on the meta device; load it fully first")
-            h.update(w.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+            owner = _owner(b.router, b.router_weight)
+            with onloaded(owner):                    # an offloaded router's weight comes back from CPU or disk
+                w = b.router_weight.detach()
+                if w.device.type == "meta":
+                    raise AllocoptError("cannot fingerprint a model whose weights are still on the meta device; load it fully first")
+                h.update(w.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -7,8 +7,8 @@ linears. Each convention here gives the same view of a block call: the hidden ro
 expert ids and gate weights, and ``expert_fn(hidden [N, H], ids [N]) -> [N, H]``, each row's unweighted expert
 output (``f_e(x)``, spec transformers-moe A.5). The observer and the routing probe are written against that view.
 
-``intercept(block, on_route)`` installs instance-attribute wrappers and returns the list of (module, previous
-forward) to restore. ``on_route(hidden, idx, w, expert_fn)`` may return the block's expert output (the standard
+``intercept(block, on_route)`` installs wrappers (``allocopt.models.hooks.shadow_forward``, inside any accelerate
+hook) and returns the functions that undo them. ``on_route(hidden, idx, w, expert_fn)`` may return the block's expert output (the standard
 convention then uses it instead of calling the experts again); None means "run the experts as usual".
 """
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from allocopt.models.hooks import shadow_forward
+
 OnRoute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
                    "torch.Tensor | None"]
-Restore = list[tuple[nn.Module, Any]]
+Restore = list[Callable[[], None]]
 
 
 class ExpertsCall(Protocol):
@@ -28,11 +30,10 @@ class ExpertsCall(Protocol):
 
 
 def _shadow(module: nn.Module, forward: Callable[..., Any], restore: Restore) -> Callable[..., Any]:
-    """Install ``forward`` as an instance attribute of ``module``; returns what was called before."""
-    restore.append((module, module.__dict__.get("forward")))
-    own = module.forward
-    module.forward = forward
-    return own
+    """Make ``module`` run ``forward``; returns what it ran before (for ``forward`` to call)."""
+    before: list[Callable[..., Any]] = []
+    restore.append(shadow_forward(module, lambda own: (before.append(own), forward)[1]))
+    return before[0]
 
 
 class StandardCall:
@@ -140,8 +141,5 @@ def experts_call(block: Any) -> ExpertsCall:
 
 
 def restore(saved: Restore) -> None:
-    for module, before in reversed(saved):
-        if before is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = before
+    for undo in reversed(saved):
+        undo()

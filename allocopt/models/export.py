@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import transformers
@@ -29,6 +29,7 @@ from allocopt.models.adapter import (MoEBlock, decoder_layers, describe, expert_
                                      kept_problem, text_config)
 from allocopt.models.families import COUNT_ATTRS, Family
 from allocopt.models.routing import config_value
+from allocopt.models.streaming import is_offloaded, write_streamed
 from allocopt.plan import PLAN_FILE, Plan
 
 LAYER_COUNTS_FIELD = "layer_num_experts"
@@ -123,19 +124,25 @@ def _as_kept(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]])
     return {int(l): sorted(int(e) for e in k) for l, k in plan_or_kept.items()}
 
 
-def prune_model(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]], progress: bool = False) -> nn.Module:
-    """Remove every expert not kept, in place, and record per-layer counts in the config. Returns ``model``."""
+def _validate(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """The plan's kept ids per layer, checked against the model before any weight is touched."""
     kept = _as_kept(model, plan_or_kept)
-    blocks = find_moe_blocks(model)
-    by_layer = {b.layer: b for b in blocks}
+    by_layer = {b.layer: b for b in find_moe_blocks(model)}
     unknown = sorted(set(kept) - set(by_layer))
     if unknown:
         raise AllocoptError(f"layers {unknown} are not MoE layers of {type(model).__name__} (MoE layers: {sorted(by_layer)}); "
                             "use a plan made for this model")
-    for layer, keep in kept.items():                   # validate everything before touching any weight
+    for layer, keep in kept.items():
         problem = kept_problem(by_layer[layer].info, keep)
         if problem:
             raise AllocoptError(f"layer {layer} {problem}; fix the plan")
+    return kept
+
+
+def prune_model(model: nn.Module, plan_or_kept: Plan | Mapping[int, Sequence[int]], progress: bool = False) -> nn.Module:
+    """Remove every expert not kept, in place, and record per-layer counts in the config. Returns ``model``."""
+    kept = _validate(model, plan_or_kept)                # everything checked before any weight is touched
+    blocks = find_moe_blocks(model)
     for b in tqdm(blocks, desc="pruning layers", unit="layer", disable=not progress):
         if b.layer in kept and len(kept[b.layer]) < b.info.num_experts:
             prune_block(b, kept[b.layer])
@@ -155,19 +162,31 @@ def _record_counts(model: nn.Module, family: Family) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],
-                card: str | None = None, overwrite: bool = False) -> Path:
+                card: str | Callable[[Any], str] | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write the pruned checkpoint (safetensors, the model's dtype) atomically to ``out_dir``.
 
     ``model`` is pruned in place first unless it already has the plan's counts (no second copy of the
-    weights is ever made). Writes plan.json (for a ``Plan``) and README.md (``card``) beside the weights.
+    weights is ever made); a model accelerate offloaded is pruned and written one decoder layer at a time
+    (``streaming.write_streamed``). Writes plan.json (for a ``Plan``) and README.md (``card``, or ``card(info)``
+    of the pruned model) beside the weights.
     """
     kept = plan.kept if isinstance(plan, Plan) else {int(l): tuple(k) for l, k in plan.items()}
     current = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
-    if any(current.get(l) != len(k) for l, k in kept.items()):
-        prune_model(model, plan)
+    streamed = is_offloaded(model)
+    if streamed:
+        _validate(model, plan)
+    elif any(current.get(l) != len(k) for l, k in kept.items()):
+        prune_model(model, plan, progress=progress)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if streamed:
+            write_streamed(model, {l: list(k) for l, k in kept.items()}, tmp, progress=progress)
+            _record_counts(model, find_moe_blocks(model)[0].family)
+            model.config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        if callable(card):                         # a streamed model's offloaded copy is the unpruned one: no fingerprint
+            card = card(describe(model, fingerprint=not streamed))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if isinstance(plan, Plan):
@@ -205,15 +224,18 @@ def _stock_class(config: Any, path: Path) -> type:
     return base
 
 
-def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu") -> nn.Module:
+def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", **placement: Any) -> nn.Module:
     """Load an allocopt checkpoint with the stock transformers class, strictly: any missing, unexpected or
-    mis-shaped weight is an error (a silently re-initialised expert would be a different model)."""
+    mis-shaped weight is an error (a silently re-initialised expert would be a different model).
+    ``placement``: transformers' ``device_map``/``max_memory``/``offload_folder`` (the model then stays where
+    accelerate put it instead of moving to ``device``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise AllocoptError(f"{path} has no config.json; pass a directory written by `allocopt prune`")
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     cls = pruned_class(_stock_class(config, path))
-    return strict_from_pretrained(cls.from_pretrained, path, config, dtype=dtype).to(device).eval()
+    model = strict_from_pretrained(cls.from_pretrained, path, config, dtype=dtype, **placement)
+    return (model if placement else model.to(device)).eval()
 
 
 def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) -> nn.Module:
@@ -225,6 +247,11 @@ def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) ->
     except RuntimeError as exc:          # transformers refuses mis-shaped weights itself
         raise AllocoptError(f"checkpoint {path} does not match its config ({str(exc).splitlines()[0][:200]}); "
                             f"{_fix_for(path, config)}") from exc
+    except ValueError as exc:
+        if "offload_folder" not in str(exc):
+            raise
+        raise AllocoptError("--max-memory leaves some weights for the disk but no --offload-dir was given; pass "
+                            "--offload-dir DIR (a folder with room for the weights that do not fit)") from exc
     problems = {k: sorted(v) for k, v in report.items() if v and k != "error_msgs"}
     if problems:
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())

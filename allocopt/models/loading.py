@@ -1,9 +1,18 @@
-"""Load a model by spec: a local checkpoint directory or the word ``testbed``. Safetensors only, no hub."""
+"""Load a model by spec: a local checkpoint directory or the word ``testbed``. Safetensors only, no hub.
+
+Every command loads through :func:`load_model` with one :class:`LoadOptions` (``--device``, ``--dtype``,
+``--device-map``, ``--max-memory``, ``--offload-dir``, ``--trust-remote-code``; the same keys in problem files).
+A device map hands placement to accelerate (transformers' ``device_map``/``max_memory``/``offload_folder``): layers
+spread over GPUs, the CPU and disk, so a model larger than one device, or than host RAM, still loads.
+
+    model, tokenizer = load_model("./OLMoE-1B-7B", LoadOptions(max_memory={"cpu": "600MiB"}, offload_dir="/tmp/off"))
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import transformers
@@ -14,6 +23,66 @@ from allocopt.errors import AllocoptError
 from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned, strict_from_pretrained
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded, the same for every command. Sizes are accelerate's ("70GiB", "600MiB")."""
+
+    device: str = defaults.DEVICE                    # "auto": CUDA when present, else CPU (ignored under a device map)
+    dtype: str | None = None                         # None: the checkpoint's own dtype
+    device_map: str | None = defaults.DEVICE_MAP     # "auto": accelerate places layers on GPUs, CPU and disk
+    max_memory: Mapping[str, str] = field(default_factory=dict)   # {"cuda:0": "70GiB", "cpu": "200GiB"}
+    offload_dir: str | None = None                   # where weights beyond max_memory go (disk offload)
+    trust_remote_code: bool = False
+
+    @property
+    def dispatched(self) -> bool:
+        """A device map is in use (asked for, or implied by a memory limit or an offload folder)."""
+        return self.device_map is not None or bool(self.max_memory) or self.offload_dir is not None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keywords for placement (empty when the model goes to one device afterwards)."""
+        if not self.dispatched:
+            return {}
+        out: dict[str, Any] = {"device_map": self.device_map or "auto"}
+        if self.max_memory:
+            out["max_memory"] = parse_max_memory(self.max_memory)
+        if self.offload_dir is not None:
+            out["offload_folder"] = str(self.offload_dir)
+        return out
+
+    def with_(self, **changes: Any) -> "LoadOptions":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_max_memory(limits: Mapping[str, str]) -> dict[int | str, str]:
+    """``{"cuda:0": "70GiB", "cpu": "200GiB"}`` -> accelerate's ``{0: "70GiB", "cpu": "200GiB"}``, checked."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict[int | str, str] = {}
+    for device, size in limits.items():
+        key: int | str = device.strip().lower()
+        if key in ("cuda", "gpu"):
+            key = 0
+        elif isinstance(key, str) and (key.startswith("cuda:") or key.isdigit()):
+            try:
+                key = int(key.removeprefix("cuda:"))
+            except ValueError:
+                key = device
+        if isinstance(key, str) and key not in ("cpu", "mps", "xpu", "disk"):
+            raise AllocoptError(f"--max-memory device {device!r} is not a device; use cuda:N, cpu (e.g. --max-memory cpu=600MiB)")
+        try:
+            convert_file_size_to_int(str(size))
+        except ValueError as exc:
+            raise AllocoptError(f"--max-memory size {size!r} for {device} is not a size; write e.g. 70GiB or 600MiB") from exc
+        out[key] = str(size)
+    return out
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -127,22 +196,26 @@ def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
     return strict_from_pretrained(load, path, config, **kwargs)
 
 
-def load_model(spec: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
-               trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+def load_model(spec: str | Path, options: LoadOptions | None = None, *, dtype: torch.dtype | str | None = None,
+               device: str | None = None, trust_remote_code: bool | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode; pruned allocopt exports go through ``load_pruned`` automatically.
 
-    ``dtype=None`` keeps the checkpoint's own dtype. ``tokenizer`` is None when the directory has none.
+    ``options`` (or the shortcuts ``dtype``/``device``/``trust_remote_code``) say where and how: one device, or a
+    device map over GPUs, CPU and disk. ``tokenizer`` is None when the directory has none.
     """
+    options = (options or LoadOptions()).with_(dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     path = resolve(spec)
-    config = load_config(path, trust_remote_code)
+    config = load_config(path, options.trust_remote_code)
     check_safetensors(path)
+    placement = options.from_pretrained_kwargs()
     if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
-        model = load_pruned(path, dtype=dtype, device=device)
+        model = load_pruned(path, dtype=options.dtype, device=options.resolved_device(), **placement)
     else:
-        model = _from_pretrained(path, config, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = model.to(device).eval()
-    use_fast_experts(model, device)
+        model = _from_pretrained(path, config, dtype=options.dtype, trust_remote_code=options.trust_remote_code, **placement)
+        model = model.eval() if placement else model.to(options.resolved_device()).eval()
+    use_fast_experts(model, options.resolved_device())
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
     return model, tokenizer
+

@@ -4,9 +4,11 @@ A pruned expert must be unselectable and the survivors must renormalise as if it
 added to the router's logits *before* the family's own softmax/sigmoid/top-k. We cannot hook the
 router's output (top-k has already run), so the router's own forward runs inside a ``TorchFunctionMode``
 that adds the mask to the first ``F.linear`` result of router width. Selection-only biases (DeepSeek
-``e_score_correction_bias``, ERNIE ``moe_statics``) are set to -inf at pruned ids, or a large bias could
-still pick an expert whose probability is 0. Rows after the routed experts (zero/identity experts, a skip
-class, shared-expert rows) are never masked. Nothing is copied but the few bias entries that change.
+``e_score_correction_bias``, ERNIE ``moe_statics``) are replaced by copies that are -inf at the pruned ids
+while the block runs, or a large bias could still pick an expert whose probability is 0. Rows after the routed
+experts (zero/identity experts, a skip class, shared-expert rows) are never masked. Nothing is copied but the
+few bias entries that change, and nothing is changed outside a block's own forward, so masking also works on a
+model accelerate dispatched or offloaded (``allocopt.models.hooks``).
 
 Example::
 
@@ -25,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, find_moe_blocks
+from allocopt.models.hooks import shadow_forward
 
 
 class _RouterLogitMask(TorchFunctionMode):
@@ -61,7 +64,8 @@ def _pruned_ids(block: MoEBlock, kept: Sequence[int]) -> list[int]:
 @contextlib.contextmanager
 def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterator[nn.Module]:
     """Inside the context only ``kept[layer]`` experts are routable in each listed MoE layer; layers not in
-    ``kept`` are untouched. On exit the model is exactly as before (outputs ``torch.equal``)."""
+    ``kept`` are untouched. On exit the model is exactly as before (outputs ``torch.equal``). Works on a model that
+    accelerate dispatched or offloaded: every change is made while the block runs, on its materialised weights."""
     blocks = {b.layer: b for b in find_moe_blocks(model)}
     unknown = sorted(set(kept) - set(blocks))
     if unknown:
@@ -72,8 +76,9 @@ def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterato
     try:
         for block, ids in plan:
             undo.append(_mask_router(block, ids))
-            for bias in block.selection_biases():
-                undo.append(_mask_bias(bias, ids))
+            biases = _bias_owners(block)
+            if biases:
+                undo.append(shadow_forward(block.block, lambda own, _b=biases, _ids=ids: _with_masked_biases(own, _b, _ids)))
         yield model
     finally:
         for fn in reversed(undo):
@@ -81,29 +86,39 @@ def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterato
 
 
 def _mask_router(block: MoEBlock, ids: list[int]) -> Callable[[], None]:
-    router = block.router
-    weight = block.router_weight
-    add = torch.zeros(block.router_rows, dtype=torch.float32, device=weight.device)   # tail rows stay routable
+    add = torch.zeros(block.router_rows, dtype=torch.float32)          # tail rows stay routable
     add[ids] = float("-inf")
-    had_own = "forward" in router.__dict__            # an enclosing mask_experts already shadows forward
-    previous = router.__dict__.get("forward")
-    router.forward = lambda *a, **k: _masked_forward(previous or type(router).forward.__get__(router), add, *a, **k)
-
-    def restore() -> None:
-        if had_own:
-            router.forward = previous
-        else:
-            del router.forward
-    return restore
+    return shadow_forward(block.router, lambda own: lambda *a, **k: _masked_forward(own, add, *a, **k))
 
 
-def _mask_bias(bias: torch.Tensor, ids: list[int]) -> Callable[[], None]:
-    idx = torch.tensor(ids, device=bias.device)
-    with torch.no_grad():
-        saved = bias.data.index_select(-1, idx).clone()
-        bias.data.index_fill_(-1, idx, float("-inf"))
+def _bias_owners(block: MoEBlock) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of each selection-only bias of the block (router or block level)."""
+    out = []
+    for path in block.family.selection_bias_paths:
+        owner_path, _, name = path.rpartition(".")
+        try:
+            owner = block.block.get_submodule(owner_path) if owner_path else block.block
+        except AttributeError:
+            continue
+        if isinstance(getattr(owner, name, None), torch.Tensor):
+            out.append((owner, name))
+    return out
 
-    def restore() -> None:
-        with torch.no_grad():
-            bias.data.index_copy_(-1, idx, saved)
-    return restore
+
+def _with_masked_biases(forward: Callable[..., Any], biases: list[tuple[nn.Module, str]], ids: list[int]) -> Callable[..., Any]:
+    """``forward`` run with each selection bias replaced by a copy that is -inf at the pruned ids."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        saved = []
+        try:
+            for owner, name in biases:
+                original = getattr(owner, name)
+                masked = original.detach().clone()
+                masked[..., ids] = float("-inf")
+                store = owner._parameters if name in owner._parameters else owner._buffers
+                saved.append((store, name, original))
+                store[name] = nn.Parameter(masked, requires_grad=False) if store is owner._parameters else masked
+            return forward(*args, **kwargs)
+        finally:
+            for store, name, original in reversed(saved):
+                store[name] = original
+    return run

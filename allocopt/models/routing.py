@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from allocopt.models.hooks import input_device
+
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda x: torch.softmax(x, dim=-1),
     "sigmoid": torch.sigmoid,
@@ -274,28 +276,29 @@ def observe_routing(model: nn.Module) -> Iterator[dict[int, Observed]]:
     """Inside the context every MoE block records its router logits and the (indices, weights) its experts get."""
     from allocopt.models.adapter import find_moe_blocks
     from allocopt.models.calls import experts_call, restore
+    from allocopt.models.hooks import shadow_forward
 
     seen: dict[int, Observed] = {}
     saved: list = []
     try:
         for b in find_moe_blocks(model):
             rec = seen.setdefault(b.layer, Observed())
-            own = b.router.forward
-            saved.append((b.router, b.router.__dict__.get("forward")))
 
-            def router_forward(*a, _own=own, _rec=rec, _rows=b.router_rows, **k):
-                with _FirstLinear(_rows) as mode:
-                    out = _own(*a, **k)
-                if mode.logits is not None:
-                    _rec.logits.append(mode.logits.float())
-                return out
+            def router_forward(own, _rec=rec, _rows=b.router_rows):
+                def run(*a, **k):
+                    with _FirstLinear(_rows) as mode:
+                        out = own(*a, **k)
+                    if mode.logits is not None:
+                        _rec.logits.append(mode.logits.float())
+                    return out
+                return run
 
             def on_route(hidden, idx, w, expert_fn, _rec=rec):
                 _rec.index.append(idx.detach())
                 _rec.weights.append(w.detach().float())
                 return None
 
-            b.router.forward = router_forward
+            saved.append(shadow_forward(b.router, router_forward))
             saved.extend(experts_call(b).intercept(b, on_route))
         yield seen
     finally:
@@ -338,7 +341,7 @@ def probe(model: nn.Module, tokens: int = 24, seed: int = 0) -> tuple[dict[int, 
     """One forward of ``tokens`` random token ids with routing recorded; returns (records per layer, input ids)."""
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids = torch.randint(3, max(4, vocab), (1, tokens), generator=torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.no_grad(), observe_routing(model) as seen:
         model(input_ids=ids.to(device), use_cache=False)
     return seen, ids.reshape(-1)

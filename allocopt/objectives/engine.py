@@ -29,6 +29,7 @@ from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
 from allocopt.models.adapter import kept_problem
+from allocopt.models.hooks import input_device
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.teacher import TeacherCache, build_teacher
@@ -62,7 +63,7 @@ class Evaluator:
         self.layers = sorted(info.num_experts)
         self.num_experts, self.top_k = info.num_experts, info.top_k
         self.full: Key = tuple(tuple(range(self.num_experts[l])) for l in self.layers)
-        device = next(model.parameters()).device
+        device = input_device(model)
         bs = batch_size or len(tokens)
         self.batches = [b.to(device) for b in tokens.batches(bs)]
         self.runner = DecoderRunner(model)
@@ -159,7 +160,7 @@ class Evaluator:
     def score_model(self, other: nn.Module) -> ObjectiveValue:
         """The objective of another model on the same tokens against this teacher, e.g. an exported checkpoint,
         which should score exactly what its plan scored under masking."""
-        device = next(other.parameters()).device
+        device = input_device(other)
         lo = hi = 0.0
         for batch, chunk in zip(self.batches, self.teacher.chunks):
             logits = other(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),

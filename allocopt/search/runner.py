@@ -57,8 +57,7 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     from allocopt.search.optimizers import SearchContext, get_optimizer
     from allocopt.search.workers import recorder_for, workers_for
 
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_model(config.model, config.load_options())
     if tokenizer is None:
         raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
     info = describe(model)

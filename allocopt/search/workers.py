@@ -217,7 +217,7 @@ def tell(study: optuna.Study, trial: FrozenTrial, result: Any) -> None:
 # ---- worker processes --------------------------------------------------------------------------------
 
 def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | None = None,
-          parent: int | None = None, device: str | None = None) -> int:
+          parent: int | None = None, loading: dict[str, Any] | None = None) -> int:
     """Evaluate WAITING trials of a study until its search is done; returns how many this worker evaluated.
 
     The evaluator is rebuilt from the study's ``run_config`` and refused unless its model and search data
@@ -232,7 +232,7 @@ def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | N
             raise AllocoptError(f"study {study_name!r} has no run configuration; start it with `allocopt run --storage ...` first")
         time.sleep(POLL_S * 10)
     attrs = study.user_attrs
-    config = RunConfig(**{**attrs[RUN_CONFIG], **({"device": device} if device else {})})
+    config = RunConfig(**{**attrs[RUN_CONFIG], **{k: v for k, v in (loading or {}).items() if v not in (None, {})}})
     evaluator = _evaluator(config, attrs)
     study.set_user_attr(READY + owner_id(), True)        # the coordinator's WorkerPool waits for this
     done = 0
@@ -259,8 +259,7 @@ def _evaluator(config, attrs: dict[str, Any]):
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
 
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_model(config.model, config.load_options())
     if describe(model).fingerprint != attrs.get("model_fingerprint"):
         raise AllocoptError(f"model {config.model} here differs from the one the study was scored with; "
                             "give the worker the same checkpoint")

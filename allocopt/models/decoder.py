@@ -1,0 +1,171 @@
+"""Run a decoder from layer j on cached states, or one layer at a time, without per-family code.
+
+Two candidates that keep the same experts in every MoE layer before layer j compute identical hidden states at
+the input of layer j, so the second one can start there. Decoder layers 0..j-1 have their ``forward`` temporarily
+replaced by one that returns the cached output of layer j-1, so embeddings, the causal mask, rotary tables and
+per-layer attention types (indexed by position in the list) are all computed exactly as in a normal forward, and
+only the real layers j.. do work. A layer's output is cached whole, whatever its structure: a tensor for most
+families, a tuple where a layer hands more than its hidden state to the next one (GLM-MoE-DSA and HY-V4 pass the
+indexer's top-k along). A layer that already has an instance ``forward`` (accelerate's hooks) keeps it: skipping
+replaces it for the call and restores it after, so a skipped offloaded layer is not even read from disk.
+``DecoderRunner.check`` compares this against a full forward once; callers fall back when it differs.
+
+``run_layer`` goes one step further for models larger than memory: it runs layer j alone (the layers before it
+skipped, the ones after it never reached, the embedding replaced by its cached output), so a caller can push
+every row through one layer while only that layer's weights are resident (:func:`resident`).
+
+Example::
+
+    runner = DecoderRunner(model)
+    logits, states = runner.run(ids, mask, capture=[2, 4])        # full forward, keep inputs of layers 2, 4
+    logits2, _ = runner.run(ids, mask, start=2, hidden=states[2])  # same logits, layers 0-1 skipped
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from allocopt.models.adapter import decoder_layers
+
+State = Any          # a decoder layer's output: a tensor, or a tuple whose first item is the hidden state
+
+
+def _detached(output: State) -> State:
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, tuple):
+        return tuple(_detached(o) for o in output)
+    return output
+
+
+def state_bytes(state: State) -> int:
+    """Bytes held by a cached layer output (tensors inside tuples included)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (tuple, list)):
+        return sum(state_bytes(s) for s in state)
+    return 0
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward once the layer of interest has run."""
+
+
+@contextlib.contextmanager
+def _replaced(module: nn.Module, forward: Any) -> Iterator[None]:
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+class DecoderRunner:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        _, self.layers = decoder_layers(model)
+
+    @contextlib.contextmanager
+    def _skip(self, start: int, state: State) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for layer in list(self.layers)[:start]:
+                stack.enter_context(_replaced(layer, lambda *a, **k: state))
+            yield
+
+    @contextlib.contextmanager
+    def _capture(self, layers: Sequence[int], out: dict[int, State]) -> Iterator[None]:
+        """``out[j]`` = the output of decoder layer j-1, i.e. everything layer j is started from."""
+        def hook(index: int):
+            def fn(module: nn.Module, args: tuple, output: State) -> None:
+                out[index] = _detached(output)
+            return fn
+        handles = [self.layers[j - 1].register_forward_hook(hook(j)) for j in layers if j > 0]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+            hidden: State | None = None, capture: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, State]]:
+        """Logits [B, T, V] and the states layers in ``capture`` (all > start) start from."""
+        if start and hidden is None:
+            raise ValueError("start > 0 needs the output of layer start-1 (the state layer `start` starts from)")
+        states: dict[int, State] = {}
+        with self._skip(start, hidden), self._capture([j for j in capture if j > start], states):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits, states
+
+    @torch.no_grad()
+    def run_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int, state: State | None,
+                  embeddings: torch.Tensor | None = None) -> tuple[State, torch.Tensor]:
+        """Layer ``index`` alone, started from ``state`` (the output of layer index-1; None for layer 0): returns
+        (its output, the embedding output). With ``embeddings`` given the embedding does not run either."""
+        if index and state is None:
+            raise ValueError("index > 0 needs the output of layer index-1")
+        captured: dict[str, Any] = {}
+
+        def keep_output(module: nn.Module, args: tuple, output: State) -> None:
+            captured["out"] = _detached(output)
+            raise _Stop
+
+        def keep_embeddings(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            captured["emb"] = output.detach()
+
+        embedding = self.model.get_input_embeddings()
+        handles = [self.layers[index].register_forward_hook(keep_output),
+                   embedding.register_forward_hook(keep_embeddings)]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._skip(index, state))
+            if embeddings is not None:
+                stack.enter_context(_replaced(embedding, lambda *a, **k: embeddings))
+            try:
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+        if "out" not in captured:
+            raise RuntimeError(f"decoder layer {index} did not run; this model's forward does not call its layers in order")
+        return captured["out"], captured.get("emb", embeddings)
+
+    def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]) -> bool:
+        """True when starting from every layer in ``layers`` reproduces the full forward's logits."""
+        full, states = self.run(input_ids, attention_mask, capture=layers)
+        atol = 1e-5 if full.dtype == torch.float32 else 1e-2
+        for j in layers:
+            if j == 0:
+                continue
+            part, _ = self.run(input_ids, attention_mask, start=j, hidden=states[j])
+            if part.shape != full.shape or not torch.allclose(part.float(), full.float(), rtol=0, atol=atol, equal_nan=True):
+                return False
+        return True
+
+
+@contextlib.contextmanager
+def resident(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the context every offloaded weight of ``module`` (accelerate's CPU/disk offload) is loaded once and
+    stays loaded across calls, instead of being read again for each forward; on exit it is offloaded again.
+    A module that is not offloaded is left as it is."""
+    pinned = []
+    try:
+        for m in module.modules():
+            hook = getattr(m, "_hf_hook", None)
+            if hook is not None and getattr(hook, "offload", False):
+                hook.pre_forward(m)
+                hook.offload = False
+                pinned.append((m, hook))
+        yield module
+    finally:
+        for m, hook in reversed(pinned):
+            hook.offload = True
+            hook.post_forward(m, None)

@@ -1,0 +1,122 @@
+"""Export a pruned checkpoint from a model that does not fit in memory: one decoder layer at a time.
+
+``save_pruned`` of a model accelerate offloaded (to CPU or disk) comes here. Each decoder layer's weights are read
+once (``decoder.resident``), its MoE block pruned, its tensors written to the current safetensors shard, and the
+layer offloaded again before the next one, so memory holds about one layer; shards are cut at ``max_shard_bytes``
+and indexed in ``model.safetensors.index.json`` as transformers writes them. Tensors are written under the
+model's own (in-memory) names, which transformers loads as they are.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from allocopt import defaults
+from allocopt.models.adapter import decoder_layers, find_moe_blocks, invalidate
+from allocopt.models.decoder import resident
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ShardWriter:
+    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets a shard of its own)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = Path(directory), int(max_bytes)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        name = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Write the last shard, give every shard its final -of- name and write the index (one file: no index)."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            (self.directory / self.files[0][0]).rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.directory / name).rename(self.directory / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's direct parameters and persistent buffers (what its state dict holds without children)."""
+    yield from module.named_parameters(recurse=False)
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    yield from ((n, b) for n, b in module.named_buffers(recurse=False) if n not in skip)
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of tensors that are another name's tensor (tied embeddings), found before any weight moves."""
+    first: dict[int, str] = {}
+    later = set()
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if id(t) in first:
+            later.add(name)
+        else:
+            first[id(t)] = name
+    return later
+
+
+def write_streamed(model: nn.Module, kept: dict[int, list[int]], directory: Path,
+                   max_shard_bytes: int = defaults.EXPORT_SHARD_BYTES, progress: bool = False) -> None:
+    """Prune ``model`` (an accelerate-dispatched model) layer by layer and write its weights to ``directory``."""
+    from allocopt.models.export import prune_block
+
+    list_name, layers = decoder_layers(model)
+    blocks = {b.layer: b for b in find_moe_blocks(model)}
+    writer = ShardWriter(directory, max_shard_bytes)
+    tied = _tied_names(model)                                    # tied weights are written once, under one name
+
+    def write(prefix: str, module: nn.Module) -> None:
+        for name, tensor in _own_tensors(module):
+            if f"{prefix}{name}" not in tied:
+                writer.add(f"{prefix}{name}", tensor)
+
+    for name, module in model.named_modules():                  # everything outside the decoder layers
+        if name != list_name and not name.startswith(f"{list_name}.") and any(True for _ in _own_tensors(module)):
+            with resident(module):
+                write(f"{name}." if name else "", module)
+    for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer", disable=not progress)):
+        with resident(layer):
+            block = blocks.get(index)
+            if block is not None and index in kept and len(kept[index]) < block.info.num_experts:
+                prune_block(block, kept[index])
+            for sub, module in layer.named_modules():
+                write(f"{list_name}.{index}.{sub}." if sub else f"{list_name}.{index}.", module)
+    writer.finish()
+    invalidate(model)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Some weights live on CPU or disk behind accelerate hooks (the model is on the meta device there)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+__all__ = ["INDEX_FILE", "ShardWriter", "is_offloaded", "write_streamed"]

@@ -1,0 +1,135 @@
+"""Models larger than the memory given (issue 14): accelerate places layers on CPU and disk, and every stage gives
+what it gives on the plain model. Tiny models with a CPU budget of a fraction of their weights, so most layers are
+offloaded to disk and their weights come back only while they run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from allocopt.calibration import RoutingStats, observe
+from allocopt.cli.main import cli
+from allocopt.data import load_tokens
+from allocopt.models import describe, load_model, load_pruned, mask_experts
+from allocopt.models.loading import LoadOptions
+from allocopt.objectives import Evaluator
+from allocopt.plan import Plan
+from conftest import random_kept
+from reliability_kit import TEXT, save_tiny_model
+
+FAMILIES = ["olmoe", "deepseek_v3", "afmoe", "glm_moe_dsa"]   # plain, group-limited + buffer bias, block-level bias, tuple layers
+
+
+def _budget(directory) -> str:
+    total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    return f"{max(1, int(total * 0.3) // 1024)}KB"              # a third of the weights: the rest goes to disk
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"dispatch-{request.param}")
+    save_tiny_model(root / "model", family=request.param, seed=7)
+    (root / "data.txt").write_text(TEXT, encoding="utf-8")
+    plain, tokenizer = load_model(root / "model", device="cpu")
+    options = LoadOptions(max_memory={"cpu": _budget(root / "model")}, offload_dir=str(root / "offload"))
+    dispatched, _ = load_model(root / "model", options)
+    return root, plain, dispatched, tokenizer, options
+
+
+def test_layers_are_offloaded_and_outputs_match(pair):
+    root, plain, dispatched, tokenizer, _ = pair
+    assert "disk" in set(dispatched.hf_device_map.values())
+    assert any(p.device.type == "meta" for p in dispatched.parameters())          # weights really left memory
+    assert describe(dispatched).fingerprint == describe(plain).fingerprint           # routers read back from disk
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    kept = random_kept(describe(plain), (4, 6, 5), seed=1)
+    with torch.no_grad():
+        assert torch.equal(plain(ids, use_cache=False).logits, dispatched(ids, use_cache=False).logits)
+        with mask_experts(plain, kept), mask_experts(dispatched, kept):
+            a, b = plain(ids, use_cache=False).logits, dispatched(ids, use_cache=False).logits
+    assert torch.equal(a, b)
+    assert all("forward" not in m.__dict__ or hasattr(m, "_hf_hook") for m in dispatched.modules())
+
+
+def test_statistics_and_esap_with_prefix_reuse_match(pair):
+    root, plain, dispatched, tokenizer, _ = pair
+    tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 4, split="calibration")
+    a, b = observe(plain, tokens, progress=False), observe(dispatched, tokens, progress=False)
+    for layer in a.layers:
+        for name in ("count", "gate_sum", "norm_sum", "gate_norm_sum", "max_act"):
+            assert torch.allclose(getattr(a, name)[layer], getattr(b, name)[layer], rtol=1e-6, atol=0), name
+    plans = [random_kept(describe(plain), (4, 5, 6), seed=s) for s in range(4)]
+    fast, slow = Evaluator(dispatched, tokens), Evaluator(plain, tokens, prefix_reuse=False)
+    assert fast.prefix_reuse                                   # accelerate's hooks do not switch prefix reuse off
+    assert [v.value for v in fast.evaluate(plans)] == pytest.approx([v.value for v in slow.evaluate(plans)], abs=1e-7)
+    assert fast.counters["prefix_hits"] > 0
+
+
+def test_observe_cli_under_a_memory_limit_equals_the_plain_run(pair, tmp_path):
+    root, *_ , options = pair
+    common = ["observe", "--model", str(root / "model"), "--data", str(root / "data.txt"), "--seq-len", "16",
+              "--num-seqs", "4", "--no-progress"]
+    plain = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "a.safetensors"), "--device", "cpu"])
+    limited = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "b.safetensors"),
+                                       "--max-memory", f"cpu={options.max_memory['cpu']}", "--offload-dir", str(tmp_path / "off")])
+    assert plain.exit_code == 0 and limited.exit_code == 0, limited.output
+    a, b = RoutingStats.load(tmp_path / "a.safetensors"), RoutingStats.load(tmp_path / "b.safetensors")
+    assert a.model_fingerprint == b.model_fingerprint
+    assert all(torch.allclose(a.gate_norm_sum[l], b.gate_norm_sum[l], rtol=1e-6) for l in a.layers)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-memory", "cpu600MiB"], "is not DEVICE=SIZE"),
+    (["--max-memory", "cpu=lots"], "is not a size"),
+    (["--max-memory", "tpu=1GiB", "--offload-dir", "x"], "is not a device"),
+    (["--max-memory", "cpu=100KB"], "no --offload-dir"),
+])
+def test_bad_loading_options_fail_in_one_line(pair, args, words):
+    root, *_ = pair
+    result = CliRunner().invoke(cli, ["info", "--model", str(root / "model"), *args])
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and words in result.output, result.output
+
+
+def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_path):
+    """`allocopt prune` under a memory limit writes layer by layer, in shards, a checkpoint with the same tensors
+    as the in-memory export; both load and give the masked model's logits."""
+    root, plain, _, _, options = pair
+    info = describe(plain)
+    kept = random_kept(info, (4, 6, 5), seed=3)
+    plan = Plan.from_counts(info.fingerprint, kept, info.num_experts, {l: len(k) for l, k in kept.items()})
+    plan.extra["model"] = str(root / "model")
+    plan.save(tmp_path / "plan.json")
+    base = ["prune", "--plan", str(tmp_path / "plan.json"), "--quiet"]
+    assert CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "mem"), "--device", "cpu"]).exit_code == 0
+    limited = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "disk"), "--max-memory", f"cpu={options.max_memory['cpu']}",
+                                       "--offload-dir", str(tmp_path / "off")])
+    assert limited.exit_code == 0, limited.output
+    a, b = load_pruned(tmp_path / "mem"), load_pruned(tmp_path / "disk")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert describe(b).num_experts == {lp.index: len(lp.kept) for lp in plan.layers}
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), mask_experts(plain, plan.kept):
+        masked = plain(ids, use_cache=False).logits
+    with torch.no_grad():
+        assert (b(ids, use_cache=False).logits - masked).abs().max().item() <= 1e-5
+    assert (tmp_path / "disk" / "README.md").read_text() == (tmp_path / "mem" / "README.md").read_text()
+
+
+def test_shards_are_cut_and_indexed(tmp_path):
+    from safetensors.torch import load_file
+
+    from allocopt.models.streaming import INDEX_FILE, ShardWriter
+
+    writer = ShardWriter(tmp_path, max_bytes=100)
+    tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(7)}                 # 40 bytes each: 2 per shard
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.finish()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    loaded = {k: v for f in set(index["weight_map"].values()) for k, v in load_file(tmp_path / f).items()}
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert index["metadata"]["total_size"] == 7 * 40
