@@ -51,8 +51,10 @@ CALIBRATION_BATCH_SIZE = 8
 SIMILARITY_TOKENS = 256
 
 # ESAP engine: bytes of cached decoder hidden states kept for prefix reuse, and rows per forward (None = all rows).
+# The rows per forward are also the step of multi-fidelity scoring (racing scores whole micro-batches): 4 rows of
+# 256 tokens cost the testbed the same per token as all 16 in one forward on a CPU (benchmarks/esap_throughput.py).
 PREFIX_CACHE_BYTES = 1 << 30
-ESAP_BATCH_SIZE = None
+ESAP_BATCH_SIZE = 4
 
 # Default `ga` search (tuned in benchmarks/search_efficiency.py: a small elitist population with big steps is a
 # fast local search around uniform). Mutation step defaults to max(MUTATION_MAX_DELTA, mean experts / 8).
