@@ -61,6 +61,23 @@ ESAP_BATCH_SIZE = 4
 GA_OFFSPRING = 8
 GA_ELITES = 4
 GA_CROSSOVER_PROB = 0.9
+# Racing (successive halving inside a generation, allocopt.search.racing): on by default for ga; offspring per
+# generation when racing; the fraction promoted after the first stage and after later ones; an entrant more than
+# RACE_Z paired standard errors below the incumbent on the same rows is dropped (None: off).
+GA_RACING = True
+GA_RACE_OFFSPRING = 16
+RACE_KEEP_FIRST = 0.25
+RACE_KEEP_NEXT = 0.5
+RACE_Z = None
+# Generations without a better best before ga restarts around it with a doubled step; the share of --evals the
+# sensitivity DP warm start may spend on its probes (fewer counts are probed per layer when it would spend more).
+GA_PATIENCE = 6
+GA_DP_BUDGET_SHARE = 1 / 3
+
+# Sensitivity allocation (`dp`, and `ga`'s warm start): counts probed per layer (every count when a layer has at most
+# this many besides the base) and linearisation rounds (1: probes around uniform only).
+DP_PROBES = 12
+DP_ROUNDS = 1
 
 # lm-evaluation-harness adapter: requests per forward pass (lm-eval's own default of 1 leaves a CPU mostly idle).
 LM_EVAL_BATCH_SIZE = 16

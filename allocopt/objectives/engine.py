@@ -40,6 +40,7 @@ from allocopt.models import describe, mask_experts
 from allocopt.models.adapter import kept_problem
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
+from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
 
 Key = tuple[tuple[int, ...], ...]          # kept expert ids per MoE layer, in layer order
@@ -68,34 +69,16 @@ class ObjectiveValue:
 
     @property
     def se(self) -> float:
-        """Standard error of ``value`` over rows (ratio estimator, rows as clusters); NaN with fewer than 2 rows."""
-        if self.value is None:
-            return math.nan
-        return _cluster_se(np.asarray(self.row_sums), np.asarray(self.row_tokens, dtype=float), self.value)
-
-
-def _cluster_se(sums: np.ndarray, tokens: np.ndarray, mean: float) -> float:
-    r, total = len(sums), float(tokens.sum())
-    if r < 2 or total <= 0:
-        return math.nan
-    resid = sums - mean * tokens
-    return math.sqrt(r / (r - 1) * float((resid ** 2).sum())) / total
+        """Standard error of ``value`` over rows (rows as clusters, ``rowstats.cluster_se``); NaN below 2 rows."""
+        return math.nan if self.value is None else cluster_se(np.asarray(self.row_sums), np.asarray(self.row_tokens))
 
 
 def paired_difference(a: ObjectiveValue, b: ObjectiveValue) -> tuple[float, float]:
-    """``a - b`` on the rows both have scored, and its standard error from per-row differences.
-
-    Both come from the same search set, so row i has the same scored positions in both; pairing removes the
-    between-row variance that a difference of two independent standard errors would carry. Returns NaNs when
-    either plan failed. Shapes: ``a.row_sums``, ``b.row_sums`` [rows] (the shorter one decides how many rows).
-    """
+    """``a - b`` on the rows both have scored, and its standard error from per-row differences
+    (``rowstats.paired``); NaNs when either plan failed. Shapes: ``row_sums`` [rows] each."""
     if a.value is None or b.value is None:
         return math.nan, math.nan
-    r = min(len(a.row_sums), len(b.row_sums))
-    tokens = np.asarray(a.row_tokens[:r], dtype=float)
-    d = np.asarray(a.row_sums[:r]) - np.asarray(b.row_sums[:r])
-    diff = float(d.sum()) / float(tokens.sum())
-    return diff, _cluster_se(d, tokens, diff)
+    return paired(np.asarray(a.row_sums), np.asarray(b.row_sums), np.asarray(a.row_tokens))
 
 
 @dataclass
@@ -258,7 +241,7 @@ class Evaluator:
         if s.failed is not None or total == 0:
             return ObjectiveValue(None, None, None, total, s.failed or f"the first {r} rows score no position", rows=r)
         sums = (s.lo[:r] + s.hi[:r]) / 2
-        return ObjectiveValue(float(sums.sum()) / total, float(s.lo[:r].sum()) / total, float(s.hi[:r].sum()) / total,
+        return ObjectiveValue(pooled(sums, row_tokens), float(s.lo[:r].sum()) / total, float(s.hi[:r].sum()) / total,
                               total, rows=r, row_sums=tuple(float(x) for x in sums),
                               row_tokens=tuple(int(t) for t in row_tokens))
 

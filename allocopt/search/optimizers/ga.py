@@ -1,13 +1,21 @@
-"""The default search: a steady elitist GA that works as a local search around the uniform plan.
+"""The default search: a steady elitist GA around the uniform plan, warm-started by the sensitivity DP, with
+racing and restarts.
 
-Why these choices (optimizers.md §4.3, measured with benchmarks/search_efficiency.py):
-the optimum sits near uniform and step size matters more than the library, so generation 0 is the uniform
-plan plus level-switch neighbours of it (not random compositions far away), mutation moves up to
-``mutation_max_delta`` experts scaled with the layer width, two-point crossover recombines good per-layer
-moves found by different parents (BudgetRepair restores the sum), and (mu + lambda) survival keeps elites.
-Small batches (8 offspring, 4 elites) let improvements compound quickly; on the 24x64 toy this reaches
-EvoESAP's final best after 300 evaluations in about 60 (see the benchmark). ``ctx.population`` is not used:
-pass ``options["offspring"]`` for bigger GPU batches.
+Why these choices (measured with benchmarks/search_efficiency.py on the testbed, studies/reports/search_efficiency.md):
+* the optimum sits near uniform and step size matters more than the library (optimizers.md §4.3), so generation 0
+  is the uniform plan, the ``dp`` plan (additive model fitted to per-layer probes around uniform, solved exactly;
+  ``allocopt.search.sensitivity``) and level-switch neighbours of both, not random compositions far away;
+* two-point crossover recombines per-layer moves found by different parents (BudgetRepair restores the sum),
+  level-switch mutation moves up to ``mutation_max_delta`` experts, and (mu + lambda) survival keeps the elites;
+* racing (``allocopt.search.racing``, EvoPress's multi-step selection) scores each generation's offspring on the
+  first rows of the search set and promotes only the best to all rows, so a generation costs a fraction of its
+  plans: more candidates per evaluation budget;
+* when the best has not improved for ``patience`` generations the population has converged: the GA restarts
+  from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving.
+
+Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
+``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``patience``,
+``race_first_rows``, ``race_z``. ``ctx.population`` is not used.
 """
 from __future__ import annotations
 
@@ -18,9 +26,12 @@ from pymoo.operators.crossover.pntx import TwoPointCrossover
 from allocopt import defaults
 from allocopt.search.mutation import LevelSwitchMutation
 from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
-from allocopt.search.problem import AllocationProblem, drive
+from allocopt.search.optimizers.dp import probes_per_layer
+from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
+from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
+from allocopt.search.sensitivity import sensitivity_step
 
 
 def default_step(space) -> int:
@@ -28,20 +39,81 @@ def default_step(space) -> int:
     return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
 
 
+def _flag(value) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+
+
 class GeneticSearch:
     name = "ga"
 
+    def races(self, options: dict) -> bool:
+        return _flag(options.get("racing", defaults.GA_RACING))
+
+    def schedule(self, ctx: SearchContext) -> RaceSchedule | None:
+        """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
+        f = ctx.fidelity
+        if not self.races(ctx.options) or f is None or f.rows <= f.step:
+            return None
+        return RaceSchedule.halving(f.rows, f.step, first=int(ctx.options.get("race_first_rows", f.step)),
+                                    keep_first=defaults.RACE_KEEP_FIRST, keep_next=defaults.RACE_KEEP_NEXT)
+
     def run(self, ctx: SearchContext) -> SearchResult:
         opt, space = ctx.options, ctx.space
-        offspring = max(2, int(opt.get("offspring", defaults.GA_OFFSPRING)))
+        schedule = self.schedule(ctx)
+        offspring = max(2, int(opt.get("offspring", defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)))
         survivors = max(2, int(opt.get("elites", defaults.GA_ELITES)))
-        dmax = int(opt.get("mutation_max_delta", default_step(space)))
-        algorithm = GA(pop_size=survivors, n_offsprings=offspring,
-                       sampling=NeighbourhoodSampling(space.uniform(), dmax),
-                       crossover=TwoPointCrossover(prob=float(opt.get("crossover_prob", defaults.GA_CROSSOVER_PROB))),
-                       mutation=LevelSwitchMutation(tmax=int(opt.get("mutation_max_moves", defaults.MUTATION_MAX_MOVES)),
-                                                    dmax=dmax),
-                       repair=BudgetRepair(space.budget), eliminate_duplicates=True)
-        cache = ctx.cache()
-        drive(algorithm, AllocationProblem(space, cache), ctx.seed)
-        return result_from(cache)
+        step = dmax = int(opt.get("mutation_max_delta", default_step(space)))
+        patience = int(opt.get("patience", defaults.GA_PATIENCE))
+        z = opt.get("race_z", defaults.RACE_Z)
+        cache = ctx.cache(probes=True)
+        uniform = space.uniform()
+        cache(uniform[None])
+        centres = [uniform]
+        warm = self._warm_start(ctx, cache, uniform)
+        if warm is not None and tuple(warm) != tuple(uniform):
+            centres.append(warm)
+        evaluate = (lambda X: race(cache, X, schedule, None if z is None else float(z))) if schedule else cache
+        problem = AllocationProblem(space, cache, evaluate=evaluate)
+        restart = 0
+        while not cache.exhausted:
+            _, before = cache.best(space.budget)
+            watch = _Stagnation(cache, space.budget, patience)
+            algorithm = GA(pop_size=survivors, n_offsprings=offspring,
+                           sampling=NeighbourhoodSampling(np.array(centres), step),
+                           crossover=TwoPointCrossover(prob=float(opt.get("crossover_prob", defaults.GA_CROSSOVER_PROB))),
+                           mutation=LevelSwitchMutation(tmax=int(opt.get("mutation_max_moves", defaults.MUTATION_MAX_MOVES)),
+                                                        dmax=step),
+                           repair=BudgetRepair(space.budget), eliminate_duplicates=True)
+            spent = cache.spent
+            drive(algorithm, problem, ctx.seed + restart, stop=watch)
+            if cache.spent == spent:                     # nothing new around this centre at any step: converged
+                break
+            best, after = cache.best(space.budget)
+            step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
+            centres, restart = [best], restart + 1
+        return result_from(cache, budget=space.budget)
+
+    def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
+        """The sensitivity DP plan around uniform, when enabled and its probes fit ``DP_BUDGET_SHARE`` of the budget."""
+        if not _flag(ctx.options.get("warm_start", True)):
+            return None
+        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
+        if probes < 1:
+            return None
+        return sensitivity_step(cache, ctx.space, uniform, probes)
+
+
+class _Stagnation:
+    """``stop()`` for ``drive``: True once the best on the budget has not improved for ``patience`` generations."""
+
+    def __init__(self, cache: EvaluationCache, budget: int, patience: int):
+        self.cache, self.budget, self.patience = cache, budget, patience
+        self.best, self.idle = cache.best(budget)[1], 0
+
+    def __call__(self) -> bool:
+        value = self.cache.best(self.budget)[1]
+        if value > self.best:
+            self.best, self.idle = value, 0
+        else:
+            self.idle += 1
+        return self.idle >= self.patience
