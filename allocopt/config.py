@@ -46,7 +46,7 @@ class RunConfig:
     search_seq_len: int = D.SEARCH_SEQ_LEN
     search_num_seqs: int = D.SEARCH_SEQS
     # budget of the search
-    evals: int = D.EVALUATIONS                       # distinct plans evaluated
+    evals: int = D.EVALUATIONS                       # budget in full-fidelity evaluation equivalents (racing: r/R)
     generations: int | None = None                   # shorthand: evals = generations * population
     population: int = D.POPULATION
     seed: int = D.SEED

@@ -62,6 +62,7 @@ class ObjectiveValue:
     rows: int = 0                          # rows scored (the first ``rows`` of the search set)
     row_sums: tuple[float, ...] = ()       # [rows] per-row sums of the per-position values
     row_tokens: tuple[int, ...] = ()       # [rows] scored positions per row
+    layer_tokens: int = 0                  # decoder layer-tokens this engine forwarded for the plan (rows x tokens x layers run)
 
     @property
     def ok(self) -> bool:
@@ -89,6 +90,7 @@ class _RowSums:
     hi: np.ndarray                          # [rows] float64
     done: list[bool]                        # [micro-batches]
     failed: str | None = None
+    layer_tokens: int = 0                   # rows x tokens x decoder layers forwarded for this plan
 
 
 class Evaluator:
@@ -215,6 +217,7 @@ class Evaluator:
                 run = len(self.runner.layers) - (self.layers[start] if start >= 0 else 0)
                 self.counters["layers_run"] += run
                 self.counters["layer_tokens"] += run * batch.input_ids.numel()
+                self._scored[k].layer_tokens += run * batch.input_ids.numel()
                 for i in range(max(start + 1, 0), n):
                     if self.layers[i] in states:
                         self.prefix.put((c, i, k[:i]), states[self.layers[i]], protect=demand[(i, k[:i])] > 0)
@@ -239,11 +242,12 @@ class Evaluator:
         total = int(row_tokens.sum())
         s = self._scored[key]
         if s.failed is not None or total == 0:
-            return ObjectiveValue(None, None, None, total, s.failed or f"the first {r} rows score no position", rows=r)
+            return ObjectiveValue(None, None, None, total, s.failed or f"the first {r} rows score no position", rows=r,
+                                  layer_tokens=s.layer_tokens)
         sums = (s.lo[:r] + s.hi[:r]) / 2
         return ObjectiveValue(pooled(sums, row_tokens), float(s.lo[:r].sum()) / total, float(s.hi[:r].sum()) / total,
                               total, rows=r, row_sums=tuple(float(x) for x in sums),
-                              row_tokens=tuple(int(t) for t in row_tokens))
+                              row_tokens=tuple(int(t) for t in row_tokens), layer_tokens=s.layer_tokens)
 
     @torch.no_grad()
     def score_model(self, other: nn.Module) -> ObjectiveValue:

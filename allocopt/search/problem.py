@@ -23,7 +23,7 @@ class EvaluationCache:
     """
 
     def __init__(self, evaluate: Callable[[np.ndarray], np.ndarray], max_evals: int,
-                 on_generation: Callable[[int, float], None] | None = None, fidelity: Fidelity | None = None,
+                 on_generation: Callable[[float, float], None] | None = None, fidelity: Fidelity | None = None,
                  budget: int | None = None):
         if max_evals < 1:
             raise AllocoptError(f"the evaluation budget must be at least 1 (got {max_evals}); raise --evals")
@@ -80,7 +80,7 @@ class EvaluationCache:
                 self.scores.pop(key, None)
                 self.history.append((np.array(key, dtype=np.int64), float(value)))
             if self.on_generation is not None:
-                self.on_generation(int(round(self.spent)), self.best(self.budget)[1])
+                self.on_generation(self.spent, self.best(self.budget)[1])
         if self.remaining <= 1e-9:
             self.exhausted = True
         return np.array([self.values.get(k, np.nan) for k in keys])

@@ -35,6 +35,8 @@ class RunResult:
     front_path: Path | None          # nsga2 only
     new_evaluations: int             # plans evaluated by this call (0 when the study already had them all)
     calibration_reused: bool
+    trace: list[dict[str, float]]    # after each batch the optimizer evaluated: budget spent, engine layer-tokens,
+                                     # seconds since the evaluator was ready, best value (benchmarks/search_efficiency.py)
 
 
 def run_search(config: RunConfig, progress: bool = True) -> RunResult:
@@ -71,6 +73,7 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
 
     tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
     evaluator = Evaluator(model, tokens, objective=config.objective, tolerance=config.tolerance)
+    ready = time.perf_counter()
     counter = {"plans": 0, "partial": 0}
     values: dict[tuple[int, ...], Any] = {}
 
@@ -108,10 +111,18 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
                                                                evaluator.rows_for(1))
     uniform = search_space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
+    trace = [{"equivalents": 0.0, "layer_tokens": evaluator.counters["layer_tokens"],
+              "seconds": time.perf_counter() - ready, "best": sign * uniform_value}]
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
+        def traced(spent: float, best: float) -> None:
+            trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
+                          "seconds": time.perf_counter() - ready, "best": sign * best})
+            if on_generation is not None:
+                on_generation(spent, best)
+
         ctx = SearchContext(space=search_space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
-                            on_generation=on_generation, options=dict(config.options), expert_space=space,
+                            on_generation=traced, options=dict(config.options), expert_space=space,
                             fidelity=fidelity)
         result = optimizer.run(ctx)
 
@@ -152,7 +163,7 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
             "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
                        for x, v, m in result.front]})
-    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused)
+    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused, trace)
 
 
 # ---- racing -----------------------------------------------------------------------------------------
@@ -303,15 +314,15 @@ class _progress_bar:
     def __init__(self, total: int, sign: float, enabled: bool):
         self.total, self.sign, self.enabled, self.bar = total, sign, enabled, None
 
-    def __enter__(self) -> Callable[[int, float], None] | None:
+    def __enter__(self) -> Callable[[float, float], None] | None:
         if not self.enabled:
             return None
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.total, desc="search", unit="eval")
 
-        def update(evaluations: int, best: float) -> None:
-            self.bar.update(max(0, min(evaluations, self.total) - self.bar.n))
+        def update(evaluations: float, best: float) -> None:
+            self.bar.update(max(0, min(int(evaluations), self.total) - self.bar.n))
             self.bar.set_postfix(best=f"{self.sign * best:.5f}", refresh=False)
 
         return update

@@ -35,6 +35,7 @@ from allocopt.search.space import AllocationSpace
 ALLOCATION = "allocation"
 ROW_SUMS = "row_sums"            # trial user attr: per-row sums of the objective over the rows scored
 ROW_TOKENS = "row_tokens"        # trial user attr: scored positions of each of those rows
+LAYER_TOKENS = "layer_tokens"    # trial user attr: decoder layer-tokens forwarded for the plan (its compute cost)
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
@@ -143,6 +144,7 @@ class RowRecord:
     row_tokens: tuple[int, ...]
     failed: str | None = None
     steps: dict[int, float] = field(default_factory=dict)      # rows -> partial value reported in this run
+    layer_tokens: int | None = None                              # compute spent on the plan so far (engine)
 
     def head(self, rows: int) -> "RowRecord":
         r = min(rows, self.rows)
@@ -157,7 +159,8 @@ def row_record(result: Any) -> RowRecord | None:
         return None
     failed = getattr(result, "failed", None)
     sums = None if failed or getattr(result, "value", None) is None else tuple(float(x) for x in result.row_sums)
-    return RowRecord(int(rows), sums, tuple(int(t) for t in getattr(result, "row_tokens", ())), failed)
+    return RowRecord(int(rows), sums, tuple(int(t) for t in getattr(result, "row_tokens", ())), failed,
+                     layer_tokens=getattr(result, "layer_tokens", None))
 
 
 class StudyRecorder:
@@ -314,20 +317,25 @@ class RecordedObjective:
                 continue
             self._pruned.add(plan)
             started = self._started.pop(plan, datetime.datetime.now())
+            cost = {} if record.layer_tokens is None else {LAYER_TOKENS: int(record.layer_tokens)}
             if record.row_sums is None:
                 self.recorder.record(plan, self.optimizer, TrialState.FAIL, None,
-                                     {"fail_reason": record.failed or "objective returned no value"}, record.steps, started)
+                                     {"fail_reason": record.failed or "objective returned no value", **cost},
+                                     record.steps, started)
                 continue
             last = record.steps[max(record.steps)] if record.steps else None
             values = [last] if last is not None and math.isfinite(last) and len(self.recorder.study.directions) == 1 else None
             self.recorder.record(plan, self.optimizer, TrialState.PRUNED, values,
-                                 {ROW_SUMS: list(record.row_sums), ROW_TOKENS: list(record.row_tokens)}, record.steps, started)
+                                 {ROW_SUMS: list(record.row_sums), ROW_TOKENS: list(record.row_tokens), **cost},
+                                 record.steps, started)
 
     def _finish(self, plan: tuple[int, ...], result: Any, started: datetime.datetime) -> float:
         memory = self.recorder.space.memory_bytes(plan) if self.recorder.space is not None else None
         out = outcome(result, memory, len(self.recorder.study.directions))
         attrs = dict(out.attrs)
         record = row_record(result)
+        if getattr(result, "layer_tokens", None) is not None:
+            attrs[LAYER_TOKENS] = int(result.layer_tokens)
         previous = self._rows.get(plan)
         steps = dict(previous.steps) if previous is not None else {}
         if record is not None and record.row_sums is not None:

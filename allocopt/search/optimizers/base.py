@@ -22,7 +22,7 @@ class SearchContext:
     ranking: dict[int, list[int]]                    # best-first expert ids per layer
     scores: dict[int, np.ndarray]                    # criterion scores per layer (for `global`)
     stats: Any = None                                # RoutingStats (for `grape`: similarity[layer] [E, E])
-    on_generation: Callable[[int, float], None] | None = None
+    on_generation: Callable[[float, float], None] | None = None   # (equivalents spent, best value so far)
     options: dict = field(default_factory=dict)
     expert_space: AllocationSpace | None = None      # ``space`` counted in experts when it counts in units (groups)
     fidelity: Fidelity | None = None                 # partial scores on the first search rows (racing); None: none
