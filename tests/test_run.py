@@ -183,7 +183,6 @@ def test_ga_races_by_default_and_records_the_race(root):
     assert top["evaluation_equivalents"] == pytest.approx(spent)
 
     model, tokenizer = load_model(str(root / "model"))
-    ranking = rank(RoutingStats.load(root / "runs" / "race" / "calibration.safetensors"), "reap")
     evaluator = Evaluator(model, load_tokens(str(root / "data.txt"), tokenizer, 32, 16, split="search"))
     check = raced[:3] + pruned[:3]
     values = evaluator.evaluate([{int(l): ids for l, ids in t.user_attrs["kept"].items()} for t in check])

@@ -133,6 +133,9 @@ def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, probes: in
         return None
     if partial:
         scores = cache.score(np.vstack([base[None], plans]), rows)
+        if any(s is None for s in scores):               # the budget ran out part-way
+            cache.prune(plans)
+            return None
         base_value, values = scores[0].value, np.array([s.value for s in scores[1:]])
         cache.prune(plans)
     else:

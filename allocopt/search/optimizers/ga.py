@@ -94,13 +94,21 @@ class GeneticSearch:
         return result_from(cache, budget=space.budget)
 
     def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
-        """The sensitivity DP plan around uniform, when enabled and its probes fit ``DP_BUDGET_SHARE`` of the budget."""
+        """The sensitivity DP plan around uniform (re-linearised ``dp_rounds`` times while that improves), when
+        enabled and one round of probes fits ``GA_DP_BUDGET_SHARE`` of the budget."""
         if not _flag(ctx.options.get("warm_start", True)):
             return None
         probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
         if probes < 1:
             return None
-        return sensitivity_step(cache, ctx.space, uniform, probes)
+        rows = ctx.options.get("dp_rows")
+        base, plan = uniform, None
+        for _ in range(int(ctx.options.get("dp_rounds", defaults.DP_ROUNDS))):
+            step = sensitivity_step(cache, ctx.space, base, probes, None if rows is None else int(rows))
+            if step is None or tuple(step) == tuple(base) or not np.array_equal(cache.best(ctx.space.budget)[0], step):
+                break
+            base = plan = step
+        return plan
 
 
 class _Stagnation:
