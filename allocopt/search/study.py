@@ -129,6 +129,11 @@ def outcome(result: Any, memory_bytes: float | None, objectives: int) -> Outcome
     worker so a plan's trial looks the same whoever evaluated it. Two objectives add the plan's memory."""
     value, bound = _value(result), _bound(result)
     attrs: dict[str, Any] = {} if bound is None else {"bound": bound}
+    if getattr(result, "layer_tokens", None):
+        attrs[LAYER_TOKENS] = int(result.layer_tokens)
+    if getattr(result, "rows", 0) and math.isfinite(value):
+        attrs[ROW_SUMS] = [float(x) for x in result.row_sums]
+        attrs[ROW_TOKENS] = [int(t) for t in result.row_tokens]
     if not math.isfinite(value):
         attrs["fail_reason"] = str(getattr(result, "failed", None) or "objective returned no value")
         return Outcome(None, attrs)
@@ -334,12 +339,9 @@ class RecordedObjective:
         out = outcome(result, memory, len(self.recorder.study.directions))
         attrs = dict(out.attrs)
         record = row_record(result)
-        if getattr(result, "layer_tokens", None) is not None:
-            attrs[LAYER_TOKENS] = int(result.layer_tokens)
         previous = self._rows.get(plan)
         steps = dict(previous.steps) if previous is not None else {}
         if record is not None and record.row_sums is not None:
-            attrs.update({ROW_SUMS: list(record.row_sums), ROW_TOKENS: list(record.row_tokens)})
             record.steps = steps
             self._rows[plan] = record
         started = self._started.pop(plan, started)
