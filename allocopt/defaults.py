@@ -72,6 +72,7 @@ RACE_Z = None
 # Generations without a better best before ga restarts around it with a doubled step; the share of --evals the
 # sensitivity DP warm start may spend on its probes (fewer counts are probed per layer when it would spend more).
 GA_PATIENCE = 6
+GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
 GA_DP_BUDGET_SHARE = 1 / 3
 
 # Sensitivity allocation (`dp`, and `ga`'s warm start): counts probed per layer (every count when a layer has at most

@@ -11,11 +11,13 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   first rows of the search set and promotes only the best to all rows, so a generation costs a fraction of its
   plans: more candidates per evaluation budget;
 * when the best has not improved for ``patience`` generations the population has converged: the GA restarts
-  from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving.
+  from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
+  with ``restart=dp`` a restart that follows a fruitless one also re-linearises the DP around the best plan.
 
 Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
 ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``patience``,
-``race_first_rows``, ``race_z``. ``ctx.population`` is not used.
+``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``), ``dp_rows``, ``dp_rounds``. ``ctx.population`` is
+not used.
 """
 from __future__ import annotations
 
@@ -91,6 +93,10 @@ class GeneticSearch:
             best, after = cache.best(space.budget)
             step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
             centres, restart = [best], restart + 1
+            if str(opt.get("restart", defaults.GA_RESTART)) == "dp" and after <= before:
+                relinearised = self._relinearise(ctx, cache, best)     # the additive model around the best
+                if relinearised is not None and tuple(relinearised) != tuple(best):
+                    centres.append(relinearised)
         return result_from(cache, budget=space.budget)
 
     def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
@@ -109,6 +115,12 @@ class GeneticSearch:
                 break
             base = plan = step
         return plan
+
+
+    def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
+        """The sensitivity DP plan with probes around ``best`` (``restart=dp``), if one round of probes fits."""
+        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
+        return sensitivity_step(cache, ctx.space, best, probes) if probes >= 1 else None
 
 
 class _Stagnation:
