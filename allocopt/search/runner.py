@@ -44,7 +44,8 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     from allocopt.search.study import check_storage
 
     start = time.perf_counter()
-    peek_space(config)
+    space = peek_space(config)
+    check_options(config, space)
     with output_dir(config.run_dir) as run_dir:          # the default study database lives beside the run dir
         check_storage(config.storage_url)
         return _search(config, run_dir, progress, start)
@@ -235,6 +236,16 @@ def peek_space(config: RunConfig):
     with torch.device("meta"):
         skeleton = instantiate(model_config)
     return space_for(config, describe(skeleton, fingerprint=False))
+
+
+def check_options(config: RunConfig, space) -> None:
+    """The optimizer's own check of ``--option`` values and the budget (``check(space, max_evals, options)``,
+    optional), before any weights load; ``space`` is in experts (None: known only after loading)."""
+    from allocopt.search.optimizers import get_optimizer
+
+    check = getattr(get_optimizer(config.optimizer), "check", None)
+    if check is not None:
+        check(None if space is None else space.lattice(), config.max_evals, dict(config.options))
 
 
 def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:

@@ -59,7 +59,8 @@ class Optimizer(Protocol):
     (uniform, global, grape), reported as it is instead of falling back to uniform; ``memory_objective = True``
     makes the study two-objective (objective, memory_bytes), as NSGA-II's front needs; ``races(options) -> bool``
     says the optimizer races candidates on partial fidelity when ``ctx.fidelity`` allows (the runner reports when
-    it cannot)."""
+    it cannot); ``check(space, max_evals, options)`` refuses bad options or a budget too small with one
+    AllocoptError before the model loads (``space`` may be None when only the loaded model tells it)."""
 
     name: str
 
@@ -75,3 +76,24 @@ def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int
         raise AllocoptError(f"all {cache.evaluations} evaluated plans failed (NaN objective); check the objective "
                             "log above and the model/data settings")
     return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned))
+
+
+def option(options: dict, key: str, kind: type, default, choices: tuple | None = None):
+    """``options[key]`` as ``kind`` (int, float, bool or str), else ``default``; one-line AllocoptError otherwise."""
+    if key not in options or options[key] is None:
+        return default
+    value = options[key]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return text in ("true", "1", "yes", "on")
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise AllocoptError(f"--option {key}={value!r} is not a {kind.__name__}; e.g. --option {key}={default}") from None
+    if choices is not None and out not in choices:
+        raise AllocoptError(f"--option {key}={value!r} must be one of {', '.join(map(str, choices))}")
+    return out

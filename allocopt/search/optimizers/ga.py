@@ -12,12 +12,12 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   plans: more candidates per evaluation budget;
 * when the best has not improved for ``patience`` generations the population has converged: the GA restarts
   from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
-  with ``restart=dp`` a restart that follows a fruitless one also re-linearises the DP around the best plan.
+  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best plan.
 
 Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
-``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``patience``,
-``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``), ``dp_rows``, ``dp_rounds``. ``ctx.population`` is
-not used.
+``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
+``dp_rounds``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population``
+is not used.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
+from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
-from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
 from allocopt.search.optimizers.dp import probes_per_layer
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
@@ -41,32 +42,42 @@ def default_step(space) -> int:
     return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
 
 
-def _flag(value) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-
-
 class GeneticSearch:
     name = "ga"
 
     def races(self, options: dict) -> bool:
-        return _flag(options.get("racing", defaults.GA_RACING))
+        return option(options, "racing", bool, defaults.GA_RACING)
+
+    def check(self, space, max_evals: int, options: dict) -> None:
+        """Every option parses; counts are positive (one-line AllocoptError otherwise)."""
+        for key in ("racing", "warm_start"):
+            option(options, key, bool, True)
+        for key, low in (("offspring", 2), ("elites", 2), ("mutation_max_delta", 1), ("mutation_max_moves", 1),
+                         ("patience", 1), ("dp_probes", 1), ("dp_rows", 1), ("dp_rounds", 1), ("race_first_rows", 1)):
+            value = option(options, key, int, None)
+            if value is not None and value < low:
+                raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+        option(options, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)
+        option(options, "race_z", float, defaults.RACE_Z)
+        option(options, "restart", str, defaults.GA_RESTART, choices=("step", "dp"))
 
     def schedule(self, ctx: SearchContext) -> RaceSchedule | None:
         """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
         f = ctx.fidelity
         if not self.races(ctx.options) or f is None or f.rows <= f.step:
             return None
-        return RaceSchedule.halving(f.rows, f.step, first=int(ctx.options.get("race_first_rows", f.step)),
+        return RaceSchedule.halving(f.rows, f.step, first=option(ctx.options, "race_first_rows", int, f.step),
                                     keep_first=defaults.RACE_KEEP_FIRST, keep_next=defaults.RACE_KEEP_NEXT)
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opt, space = ctx.options, ctx.space
+        self.check(space, ctx.max_evals, opt)
         schedule = self.schedule(ctx)
-        offspring = max(2, int(opt.get("offspring", defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)))
-        survivors = max(2, int(opt.get("elites", defaults.GA_ELITES)))
-        step = dmax = int(opt.get("mutation_max_delta", default_step(space)))
-        patience = int(opt.get("patience", defaults.GA_PATIENCE))
-        z = opt.get("race_z", defaults.RACE_Z)
+        offspring = option(opt, "offspring", int, defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
+        survivors = option(opt, "elites", int, defaults.GA_ELITES)
+        step = dmax = option(opt, "mutation_max_delta", int, default_step(space))
+        patience = option(opt, "patience", int, defaults.GA_PATIENCE)
+        z = option(opt, "race_z", float, defaults.RACE_Z)
         cache = ctx.cache(probes=True)
         uniform = space.uniform()
         cache(uniform[None])
@@ -74,7 +85,7 @@ class GeneticSearch:
         warm = self._warm_start(ctx, cache, uniform)
         if warm is not None and tuple(warm) != tuple(uniform):
             centres.append(warm)
-        evaluate = (lambda X: race(cache, X, schedule, None if z is None else float(z))) if schedule else cache
+        evaluate = (lambda X: race(cache, X, schedule, z)) if schedule else cache
         problem = AllocationProblem(space, cache, evaluate=evaluate)
         restart = 0
         while not cache.exhausted:
@@ -82,8 +93,8 @@ class GeneticSearch:
             watch = _Stagnation(cache, space.budget, patience)
             algorithm = GA(pop_size=survivors, n_offsprings=offspring,
                            sampling=NeighbourhoodSampling(np.array(centres), step),
-                           crossover=TwoPointCrossover(prob=float(opt.get("crossover_prob", defaults.GA_CROSSOVER_PROB))),
-                           mutation=LevelSwitchMutation(tmax=int(opt.get("mutation_max_moves", defaults.MUTATION_MAX_MOVES)),
+                           crossover=TwoPointCrossover(prob=option(opt, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)),
+                           mutation=LevelSwitchMutation(tmax=option(opt, "mutation_max_moves", int, defaults.MUTATION_MAX_MOVES),
                                                         dmax=step),
                            repair=BudgetRepair(space.budget), eliminate_duplicates=True)
             spent = cache.spent
@@ -93,7 +104,7 @@ class GeneticSearch:
             best, after = cache.best(space.budget)
             step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
             centres, restart = [best], restart + 1
-            if str(opt.get("restart", defaults.GA_RESTART)) == "dp" and after <= before:
+            if option(opt, "restart", str, defaults.GA_RESTART) == "dp" and after <= before:
                 relinearised = self._relinearise(ctx, cache, best)     # the additive model around the best
                 if relinearised is not None and tuple(relinearised) != tuple(best):
                     centres.append(relinearised)
@@ -102,20 +113,19 @@ class GeneticSearch:
     def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
         """The sensitivity DP plan around uniform (re-linearised ``dp_rounds`` times while that improves), when
         enabled and one round of probes fits ``GA_DP_BUDGET_SHARE`` of the budget."""
-        if not _flag(ctx.options.get("warm_start", True)):
+        if not option(ctx.options, "warm_start", bool, True):
             return None
         probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
         if probes < 1:
             return None
-        rows = ctx.options.get("dp_rows")
+        rows = option(ctx.options, "dp_rows", int, None)
         base, plan = uniform, None
-        for _ in range(int(ctx.options.get("dp_rounds", defaults.DP_ROUNDS))):
-            step = sensitivity_step(cache, ctx.space, base, probes, None if rows is None else int(rows))
+        for _ in range(option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS)):
+            step = sensitivity_step(cache, ctx.space, base, probes, rows)
             if step is None or tuple(step) == tuple(base) or not np.array_equal(cache.best(ctx.space.budget)[0], step):
                 break
             base = plan = step
         return plan
-
 
     def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
         """The sensitivity DP plan with probes around ``best`` (``restart=dp``), if one round of probes fits."""
