@@ -197,3 +197,36 @@ def test_ga_races_by_default_and_records_the_race(root):
     assert again.exit_code == 0, again.output
     assert json.loads(again.output.strip().splitlines()[-1])["counts"] == top["counts"]
     assert len(study.get_trials()) == len(trials)
+
+
+def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
+    """`--optimizer dp`: every layer probed at every other count with the rest at uniform (trials off the budget);
+    the plan is the brute-force optimum of the additive -log ESAP model built from those trials."""
+    import itertools
+    import math
+
+    args = ["run", "--model", str(root / "model"), "--data", str(root / "data.txt"), "--seq-len", "32", "--num-seqs",
+            "6", "--calib-num-seqs", "8", "--sparsity", "0.5", "--quiet", "--optimizer", "dp", "--out",
+            str(root / "runs" / "dp"), "--name", "dp", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output.strip().splitlines()[-1])
+    model, _ = load_model(str(root / "model"))
+    info = describe(model)
+    lower = [max(info.top_k[l], 1) for l in sorted(info.num_experts)]
+    upper = [info.num_experts[l] for l in sorted(info.num_experts)]
+    value = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "dp")}
+    uniform = tuple(e // 2 for e in upper)
+    probes = [(l, c) for l in range(3) for c in range(lower[l], upper[l] + 1) if c != uniform[l]]
+    assert top["evaluations"] == len(value) == 1 + len(probes) + (tuple(top["counts"]) != uniform)
+
+    def loss(l, c):
+        x = list(uniform)
+        x[l] = c
+        return -math.log(value[tuple(x)]) + math.log(value[uniform])
+
+    budget = sum(uniform)
+    plans = [p for p in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(lower, upper)]) if sum(p) == budget]
+    best = min(plans, key=lambda p: sum(loss(l, c) for l, c in enumerate(p)))
+    want = best if value.get(best, -1) >= value[uniform] else uniform
+    assert tuple(top["counts"]) == want and top["esap"] == pytest.approx(max(value[uniform], value.get(best, -1)))
