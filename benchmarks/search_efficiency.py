@@ -235,7 +235,8 @@ def summarise(problem: dict, results: dict[str, list[dict]], long_run: dict) -> 
                      "gap_closed_at_100_full": [gap(s["best_at_100_full"], uniform, best_known) for s in per_seed]})
     return {"problem": problem, "uniform": uniform, "best_known": best_known, "best_known_run": {
                 k: long_run[k] for k in ("best", "counts", "equivalents", "evaluations", "pruned")},
-            "full_forward_layer_tokens": full, "rows": rows}
+            "full_forward_layer_tokens": full, "rows": rows,
+            "traces": {row: [r["trace"] for r in runs] for row, runs in results.items()}}
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -252,7 +253,8 @@ def markdown(report: dict) -> str:
            f"other developers; {cfg['date']}. Seeds {', '.join(map(str, cfg['seeds']))}; every row but `ga` (the default, "
            f"{cfg['default_evals']} equivalents) ran {cfg['evals']} evaluation equivalents. Costs count from the moment "
            "the evaluator is ready; tokens are decoder layer-tokens forwarded for candidates, in units of one full "
-           "forward of the search set (\"full\"). W = the reference's wall-clock, T = its tokens (per seed).", ""]
+           "forward of the search set (\"full\"). W = the reference's wall-clock, T = its tokens (per seed). "
+           "Curves: `search_efficiency.png`.", ""]
     for p in report["problems"]:
         prob = p["problem"]
         out += [f"## {prob['criterion']}, {prob['sparsity'] * 100:g}% sparsity", "",
@@ -261,15 +263,17 @@ def markdown(report: dict) -> str:
                 f"{p['best_known_run']['equivalents']:g} equivalents, {p['best_known_run']['evaluations']} full "
                 f"evaluations + {p['best_known_run']['pruned']} pruned). Mean over seeds; gap = fraction of the "
                 "uniform -> best-known gap closed.", "",
-                "| row | best @ T/5 | best @ 100 full | best @ W/10 | best @ W | final best | gap closed (final) "
-                "| equivalents | tokens / full | search s | reaches reference's best: s (x W), tokens (x T) per seed |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| row | best @ T/5 | best @ 100 full | best @ W/10 | best @ W | best @ 300 equiv | final best "
+                "| gap closed (final) | equivalents | tokens / full | search s "
+                "| reaches reference's best: s (x W), tokens (x T) per seed |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in p["rows"]:
             reach = "; ".join("not reached" if s["reach_ref_seconds"] is None else
                               f"{s['reach_ref_seconds']:.1f} s ({s['reach_ref_wall_ratio']:.3f}), "
                               f"{s['reach_ref_tokens_full']:.1f} ({s['reach_ref_tokens_ratio']:.3f})" for s in r["seeds"])
             out.append(f"| {r['row']} | {_f(r['best_at_ref_tokens_5'])} | {_f(r['best_at_100_full'])} | "
-                       f"{_f(r['best_at_ref_wall_10'])} | {_f(r['best_at_ref_wall'])} | {_f(r['best'])} | "
+                       f"{_f(r['best_at_ref_wall_10'])} | {_f(r['best_at_ref_wall'])} | {_f(r['best_at_300_evals'])} | "
+                       f"{_f(r['best'])} | "
                        f"{_f(r['gap_closed'], 3)} | {r['equivalents']:.0f} | {r['tokens_full']:.0f} | {r['seconds']:.0f} | {reach} |")
         ref = next(r for r in p["rows"] if r["row"] == REFERENCE)
         out += ["", "Reference per seed: " + "; ".join(
@@ -280,6 +284,39 @@ def markdown(report: dict) -> str:
             out += ["Default (`ga`) per seed, gap closed at W: " + ", ".join(_f(g, 4) for g in default["gap_closed_at_ref_wall"])
                     + "; at 100 full: " + ", ".join(_f(g, 4) for g in default["gap_closed_at_100_full"]) + ".", ""]
     return "\n".join(out) + "\n"
+
+
+def figure(report: dict, path: Path) -> str:
+    """Best ESAP (mean over seeds) against layer-tokens and against seconds, one panel pair per problem."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = report["problems"]
+    fig, axes = plt.subplots(len(problems), 2, figsize=(11, 4 * len(problems)), squeeze=False)
+    for (ax_t, ax_s), p in zip(axes, problems):
+        full = p["full_forward_layer_tokens"]
+        for r in p["rows"]:
+            runs = p["traces"][r["row"]]
+            for ax, key, scale in ((ax_t, "layer_tokens", full), (ax_s, "seconds", 1.0)):
+                grid = np.unique(np.concatenate([[q[key] / scale for q in t] for t in runs]))
+                mean = np.mean([[best_at(t, key, g * scale) for g in grid] for t in runs], axis=0)
+                ax.step(grid, mean, where="post", lw=2.2 if r["row"] in ("ga", REFERENCE) else 1.2, label=r["row"])
+        for ax, label in ((ax_t, "layer-tokens forwarded / one full forward"), (ax_s, "wall-clock seconds")):
+            ax.axhline(p["best_known"], ls=":", color="0.3", lw=1)
+            ax.axhline(p["uniform"], ls="--", color="0.5", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("best ESAP (mean over seeds)")
+            ax.set_ylim(p["uniform"] - 0.002, p["best_known"] + 0.002)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{p['problem']['criterion']}, {p['problem']['sparsity'] * 100:g}% sparsity", fontsize=10)
+        ax_t.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
                          "seeds": [D.SEED + i for i in range(args.seeds)], "evals": args.evals,
                          "default_evals": args.default_evals, "best_known_evals": args.best_known_evals},
               "problems": [measure(p, args, work) for p in problems]}
+    report["figure"] = figure(report, out / "search_efficiency.png")
+    for p in report["problems"]:
+        p.pop("traces")                          # the cached per-run results keep them; the report stays small
     atomic_write_json(out / "search_efficiency.json", report)
     atomic_write_text(out / "search_efficiency.md", markdown(report))
-    log(f"wrote {out / 'search_efficiency.md'} and .json")
+    log(f"wrote {out / 'search_efficiency.md'}, .json and .png")
     return 0
 
 

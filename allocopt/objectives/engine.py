@@ -82,6 +82,12 @@ def paired_difference(a: ObjectiveValue, b: ObjectiveValue) -> tuple[float, floa
     return paired(np.asarray(a.row_sums), np.asarray(b.row_sums), np.asarray(a.row_tokens))
 
 
+def _non_finite_rows(logits: torch.Tensor) -> int:
+    """Positions whose logits hold a NaN or an infinity: their sum is then non-finite too (one reduction instead of
+    a boolean copy of the [n, V] logits; finite fp32 logits never sum past fp32's range over a vocabulary)."""
+    return int((~torch.isfinite(logits.float().sum(-1))).sum())
+
+
 @dataclass
 class _RowSums:
     """What one plan has scored so far: per-row sums of the lower/upper per-position terms, per micro-batch."""
@@ -222,7 +228,7 @@ class Evaluator:
                     if self.layers[i] in states:
                         self.prefix.put((c, i, k[:i]), states[self.layers[i]], protect=demand[(i, k[:i])] > 0)
                 sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
-                bad = int((~torch.isfinite(sel)).any(-1).sum())
+                bad = _non_finite_rows(sel)
                 if bad:
                     self._scored[k].failed = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
                     continue
@@ -259,7 +265,7 @@ class Evaluator:
             logits = other(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                            use_cache=False).logits.to(batch.input_ids.device)
             sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
-            bad = int((~torch.isfinite(sel)).any(-1).sum())
+            bad = _non_finite_rows(sel)
             if bad:
                 return ObjectiveValue(None, None, None, self.teacher.num_scored,
                                       f"non-finite logits at {bad} of {sel.shape[0]} scored positions")
