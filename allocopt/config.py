@@ -50,7 +50,7 @@ class RunConfig:
     search_num_seqs: int = D.SEARCH_SEQS
     allow_long_context: bool = False                 # rows longer than the model's context (max_position_embeddings)
     # budget of the search
-    evals: int = D.EVALUATIONS                       # distinct plans evaluated
+    evals: int = D.EVALUATIONS                       # budget in full-fidelity evaluation equivalents (racing: r/R)
     generations: int | None = None                   # shorthand: evals = generations * population
     population: int = D.POPULATION
     seed: int = D.SEED

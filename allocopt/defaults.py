@@ -55,14 +55,34 @@ EXPORT_SHARD_BYTES = 5 * 10**9
 SIMILARITY_TOKENS = 256
 
 # ESAP engine: bytes of cached decoder hidden states kept for prefix reuse, and rows per forward (None = all rows).
+# The rows per forward are also the step of multi-fidelity scoring (racing scores whole micro-batches): 4 rows of
+# 256 tokens cost the testbed the same per token as all 16 in one forward on a CPU (benchmarks/esap_throughput.py).
 PREFIX_CACHE_BYTES = 1 << 30
-ESAP_BATCH_SIZE = None
+ESAP_BATCH_SIZE = 4
 
 # Default `ga` search (tuned in benchmarks/search_efficiency.py: a small elitist population with big steps is a
 # fast local search around uniform). Mutation step defaults to max(MUTATION_MAX_DELTA, mean experts / 8).
 GA_OFFSPRING = 8
 GA_ELITES = 4
 GA_CROSSOVER_PROB = 0.9
+# Racing (successive halving inside a generation, allocopt.search.racing): on by default for ga; offspring per
+# generation when racing; the fraction promoted after the first stage and after later ones; an entrant more than
+# RACE_Z paired standard errors below the incumbent on the same rows is dropped (None: off).
+GA_RACING = True
+GA_RACE_OFFSPRING = 16
+RACE_KEEP_FIRST = 0.25
+RACE_KEEP_NEXT = 0.5
+RACE_Z = None
+# Generations without a better best before ga restarts around it with a doubled step; the share of --evals the
+# sensitivity DP warm start may spend on its probes (fewer counts are probed per layer when it would spend more).
+GA_PATIENCE = 6
+GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
+GA_DP_BUDGET_SHARE = 1 / 3
+
+# Sensitivity allocation (`dp`, and `ga`'s warm start): counts probed per layer (every count when a layer has at most
+# this many besides the base) and linearisation rounds (1: probes around uniform only).
+DP_PROBES = 12
+DP_ROUNDS = 1
 
 # lm-evaluation-harness adapter: requests per forward pass (lm-eval's own default of 1 leaves a CPU mostly idle).
 LM_EVAL_BATCH_SIZE = 16

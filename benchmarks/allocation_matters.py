@@ -1,4 +1,5 @@
-"""Does the allocation matter? Uniform, global, GRAPE and the searched (ga) allocation, per criterion and sparsity.
+"""Does the allocation matter? Uniform, global, GRAPE, the sensitivity DP and the searched (ga) allocation, per
+criterion and sparsity.
 
     python benchmarks/allocation_matters.py                                   # the full grid, default budget
     python benchmarks/allocation_matters.py --criteria reap,ean --sparsities 0.5 --seeds 3 --evals 100 --limit 100
@@ -9,7 +10,8 @@ with ``mask_experts`` to one loaded copy of the model and scored on the held-out
 ``allocation_matters.md`` (the table), ``allocation_matters.json`` (every raw number) and
 ``allocation_matters_density.png`` (+ .csv) into ``<out>``.
 
-Uniform, global and GRAPE are deterministic and run once; ga runs once per seed and is reported as mean±std.
+Uniform, global, GRAPE and dp (the sensitivity DP, ga's warm start, at the same budget) are deterministic and run
+once; ga runs once per seed and is reported as mean±std.
 ``allocopt run`` never returns a plan worse than uniform, so a baseline that scores below uniform would come back
 as the uniform plan; here each baseline is read back from its study as the plan the optimizer itself proposed.
 """
@@ -29,7 +31,7 @@ from allocopt.io import atomic_write_json, atomic_write_text
 
 CRITERIA = ("frequency", "ean", "seer", "reap", "man", "msan")
 SPARSITIES = (0.25, 0.5)
-BASELINES = ("uniform", "global", "grape")     # one plan each, no seed dependence
+BASELINES = ("uniform", "global", "grape", "dp")     # one plan each, no seed dependence
 SEARCHED = "ga"
 DOMAINS = ("code", "prose", "math")
 REPORT = "allocation_matters"
@@ -199,7 +201,7 @@ def markdown(report: dict) -> str:
 # ---- density plot ---------------------------------------------------------------------------------------------
 
 def density_plot(runs: list[dict], criterion: str, sparsity: float, out: Path) -> dict[str, str]:
-    """uniform, global, grape and every ga seed for one criterion and sparsity, via allocopt.plotting.density."""
+    """uniform, global, grape, dp and every ga seed for one criterion and sparsity, via allocopt.plotting.density."""
     from allocopt.plan import PLAN_FILE, Plan
     from allocopt.plotting.density import PlanSeries, draw_density
     from allocopt.plotting.output import save_csv, save_figure

@@ -84,9 +84,16 @@ def trial_counts(storage: str, name: str) -> dict[str, int]:
     complete = [tuple(t.user_attrs["allocation"]) for t in trials if t.state == TrialState.COMPLETE]
     states = collections.Counter(t.state.name for t in trials)
     return {"complete": len(complete), "distinct": len(set(complete)), "duplicated": len(complete) - len(set(complete)),
-            "running": states.get("RUNNING", 0), "waiting": states.get("WAITING", 0), "fail": states.get("FAIL", 0)}
+            "running": states.get("RUNNING", 0), "waiting": states.get("WAITING", 0), "fail": states.get("FAIL", 0),
+            "pruned": states.get("PRUNED", 0)}
 
 
 def complete_allocations(storage: str, name: str) -> set[tuple[int, ...]]:
     study = optuna.load_study(study_name=name, storage=storage)
     return {tuple(t.user_attrs["allocation"]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def pruned_allocations(storage: str, name: str) -> list[tuple[int, ...]]:
+    """Allocations of PRUNED trials (racing), sorted; a plan appears once per PRUNED trial."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    return sorted(tuple(t.user_attrs["allocation"]) for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))

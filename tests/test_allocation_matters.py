@@ -21,7 +21,7 @@ def _script():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
-    code = _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "4",
+    code = _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
                            "--limit", "4", "--out", str(out)])
     assert code == 0
     return out
@@ -30,14 +30,14 @@ def report(tmp_path_factory):
 def test_writes_table_json_and_density_plot(report):
     data = json.loads((report / "allocation_matters.json").read_text())
     rows = {r["allocation"]: r for r in data["rows"]}
-    assert set(rows) == {"uniform", "global", "grape", "ga"}
+    assert set(rows) == {"uniform", "global", "grape", "dp", "ga"}
     assert all(r["criterion"] == "frequency" and r["sparsity"] == 0.5 for r in rows.values())
     for r in rows.values():
         assert 0.0 < r["esap"] <= 1.0
         assert all(0.0 <= r[k] <= 100.0 for k in ("math_em", "code_em", "mc_acc"))
         assert all(math.isfinite(r[f"ppl_{d}"]) and r[f"ppl_{d}"] > 1.0 for d in ("code", "prose", "math"))
     # the searched plan never scores below uniform on the search set; deltas are measured against uniform
-    assert rows["ga"]["esap"] >= rows["uniform"]["esap"]
+    assert rows["ga"]["esap"] >= rows["uniform"]["esap"] and rows["dp"]["esap"] >= rows["uniform"]["esap"]
     assert rows["ga"]["d_math_em"] == pytest.approx(rows["ga"]["math_em"] - rows["uniform"]["math_em"])
     for run in data["runs"]:                          # every plan keeps exactly half of the 6 x 16 routed experts
         assert sum(run["counts"]) == 48 and all(4 <= c <= 16 for c in run["counts"])
@@ -46,20 +46,20 @@ def test_writes_table_json_and_density_plot(report):
 
     table = (report / "allocation_matters.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| frequency | 0.5 |")]
-    assert [line.split(" | ")[2] for line in lines] == ["uniform", "global", "grape", "ga"]
+    assert [line.split(" | ")[2] for line in lines] == ["uniform", "global", "grape", "dp", "ga"]
     assert f"{rows['uniform']['esap']:.4f}" in lines[0]
     assert (report / "allocation_matters_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len((report / "allocation_matters_density.csv").read_text().splitlines()) == 1 + 4 * 6
+    assert len((report / "allocation_matters_density.csv").read_text().splitlines()) == 1 + 5 * 6
 
 
 def test_rerun_reuses_studies_and_held_out_results(report, capsys):
     before = json.loads((report / "allocation_matters.json").read_text())
-    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "4",
+    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
                     "--limit", "4", "--out", str(report)])
     after = json.loads((report / "allocation_matters.json").read_text())
     assert [r["heldout"] for r in after["runs"]] == [r["heldout"] for r in before["runs"]]
     assert [r["esap"] for r in after["runs"]] == [r["esap"] for r in before["runs"]]
-    assert "[4/4] frequency s0.5 ga seed 42" in capsys.readouterr().out
+    assert "[5/5] frequency s0.5 ga seed 42" in capsys.readouterr().out
 
 
 def test_bad_option_is_one_line_error(tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_bad_option_is_one_line_error(tmp_path, capsys):
 
 def test_data_option_calibrates_and_searches_on_that_data(report, tmp_path):
     """--data reaches every run: the math-only grid ranks and scores on math text, so uniform's ESAP differs."""
-    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "4",
+    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
                     "--limit", "4", "--data", "testbed:math", "--out", str(tmp_path)])
     mix = json.loads((report / "allocation_matters.json").read_text())
     math_only = json.loads((tmp_path / "allocation_matters.json").read_text())

@@ -1,7 +1,9 @@
 """optuna-dashboard serves the study a real `allocopt run` wrote: the storage URL from plan.json is all it needs.
 
 The dashboard is started as users start it (the `optuna-dashboard` console script on localhost) and read
-through its JSON API, so the check covers the SQLite file, the study name and the per-trial user attrs.
+through its JSON API, so the check covers the SQLite file, the study name, the per-trial user attrs and the race:
+PRUNED trials with their intermediate values (partial ESAP by search rows scored), what the dashboard's
+"Intermediate Values" view draws.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def _wait_for(url: str, server: subprocess.Popen, timeout: float = 60) -> dict:
 @pytest.fixture(scope="module")
 def run_storage(tmp_path_factory) -> str:
     root = make_root(tmp_path_factory.mktemp("dashboard"))
-    done = allocopt(*run_args(root, NAME, "--optimizer", "ga", "--evals", "8", "--population", "4", "--seed", "1"))
+    # 16 search rows (4 micro-batches) so the default ga races: the study holds PRUNED trials with intermediate values
+    done = allocopt(*run_args(root, NAME, "--optimizer", "ga", "--evals", "16", "--num-seqs", "16", "--seed", "1"))
     assert done.returncode == 0, done.stderr
     plan = json.loads((root / "runs" / NAME / "plan.json").read_text(encoding="utf-8"))
     assert plan["run_name"] == NAME
@@ -81,6 +84,11 @@ def test_dashboard_serves_the_run_study_over_http(run_storage):
             attrs = {a["key"]: a["value"] for a in got["user_attrs"]}
             assert json.loads(attrs["allocation"]) == want.user_attrs["allocation"]
             assert float(got["values"][0]) == pytest.approx(want.values[0])
+            steps = {int(iv["step"]): float(iv["value"]) for iv in got["intermediate_values"]}
+            assert steps == pytest.approx(want.intermediate_values)         # the race, by rows scored
+        pruned = [t for t in served if t["state"] == "Pruned"]
+        assert pruned and all(t["intermediate_values"] for t in pruned)
+        assert any(t["state"] == "Complete" and t["intermediate_values"] for t in served)   # raced survivors
         assert {"allocation", "kept", "memory_bytes"} <= {a["key"] for a in detail["union_user_attrs"]}
         assert len(detail["best_trials"]) == 1
         assert detail["best_trials"][0]["values"][0] == pytest.approx(study.best_value)

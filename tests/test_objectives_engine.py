@@ -166,3 +166,61 @@ def test_non_finite_teacher_logits_are_refused(objective):
     with pytest.raises(AllocoptError, match=r"full model's logits are not finite \(inf/NaN\) in float32 on search batch 0; "
                                             r"check the checkpoint's weights"):
         Evaluator(model, _tokens(), objective=objective)
+
+
+def _row_esap_sums(full, kept, tokens: TokenSet) -> list[float]:
+    """Per row: sum over its scored positions of sum_v min(p, q), from two plain forwards in fp64."""
+    from allocopt.models import mask_experts
+
+    with torch.no_grad():
+        p = torch.softmax(full(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits.double(), -1)
+        with mask_experts(full, kept):
+            q = torch.softmax(full(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits.double(), -1)
+    overlap = torch.minimum(p, q).sum(-1)
+    score = tokens.score_mask.clone()
+    score[:, -1] = False
+    return [float(overlap[i][score[i]].sum()) for i in range(len(tokens))]
+
+
+def test_partial_scores_are_the_first_rows_and_reuse_what_was_scored():
+    model = _peaked(build_tiny_model("olmoe", seed=7))
+    tokens = _tokens(rows=6, pad=4)
+    plans = _random_plans(model, 3, seed=2)
+    ev = Evaluator(model, tokens, exact=True, batch_size=2, prefix_reuse=False)
+    partial = ev.evaluate(plans, rows=3)                          # rounded up to whole micro-batches: 4 rows
+    assert [v.rows for v in partial] == [4, 4, 4] and ev.rows_for(3) == 4 and ev.num_rows == 6
+    head = TokenSet(tokens.input_ids[:4], tokens.attention_mask[:4], tokens.score_mask[:4])
+    alone = Evaluator(model, head, exact=True, batch_size=2).evaluate(plans)
+    for p, a in zip(partial, alone):
+        assert p.value == pytest.approx(a.value, abs=1e-12) and p.tokens == a.tokens
+    per_pass = len(ev.runner.layers) * 2 * tokens.input_ids.shape[1]          # one micro-batch through every layer
+    assert ev.counters["layer_tokens"] == 3 * 2 * per_pass
+    full = ev.evaluate(plans)                                     # only the last micro-batch is new
+    assert ev.counters["layer_tokens"] == 3 * 3 * per_pass and [v.rows for v in full] == [6, 6, 6]
+    fresh = Evaluator(model, tokens, exact=True, batch_size=2, prefix_reuse=False, teacher=ev.teacher).evaluate(plans)
+    assert [v.value for v in full] == pytest.approx([v.value for v in fresh], abs=1e-12)
+    first = ev.evaluate(plans[:1], rows=1)[0]                     # fewer rows than scored: the same sums, cut
+    assert first.rows == 2 and first.row_sums == full[0].row_sums[:2] and ev.counters["layer_tokens"] == 9 * per_pass
+
+
+def test_row_sums_standard_error_and_paired_difference_follow_their_definitions():
+    import numpy as np
+
+    from allocopt.objectives.engine import paired_difference
+
+    model = _peaked(build_tiny_model("olmoe", seed=8))
+    tokens = _tokens(rows=5, pad=3)
+    a_plan, b_plan = _random_plans(model, 2, seed=3)
+    a, b = Evaluator(model, tokens, exact=True, batch_size=2).evaluate([a_plan, b_plan])
+    for v, plan in ((a, a_plan), (b, b_plan)):
+        assert list(v.row_sums) == pytest.approx(_row_esap_sums(model, plan, tokens), abs=1e-5)
+        n = np.array(v.row_tokens, dtype=float)
+        s = np.array(v.row_sums)
+        assert n.sum() == v.tokens and v.value == pytest.approx(s.sum() / n.sum(), abs=1e-12)
+        want = np.sqrt(5 / 4 * ((s - v.value * n) ** 2).sum()) / n.sum()
+        assert v.se == pytest.approx(want, rel=1e-9) and v.se > 0
+    diff, se = paired_difference(a, b)
+    d = np.array(a.row_sums) - np.array(b.row_sums)
+    n = np.array(a.row_tokens, dtype=float)
+    assert diff == pytest.approx(a.value - b.value, abs=1e-12)
+    assert se == pytest.approx(np.sqrt(5 / 4 * ((d - diff * n) ** 2).sum()) / n.sum(), rel=1e-9)

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from reliability_kit import (allocopt, complete_allocations, make_root, popen, run_args, sqlite_url,
-                             trial_counts)
+from reliability_kit import (allocopt, complete_allocations, make_root, popen, pruned_allocations, run_args,
+                             sqlite_url, trial_counts)
 
-EVALS = ["--evals", "18", "--population", "6", "--seed", "7"]
+# 16 search rows (4 micro-batches), so ga races: the killed study holds PRUNED trials the resumed run replays.
+EVALS = ["--evals", "18", "--population", "6", "--seed", "7", "--num-seqs", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,10 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
     ref_plan = json.loads((root / "runs" / f"ref-{optimizer}" / "plan.json").read_text())
     assert plan["layers"] == ref_plan["layers"] and plan["esap"] == ref_plan["esap"], counts
     assert plan["evaluations"] == ref_plan["evaluations"]
+    assert plan["pruned"] == ref_plan["pruned"] and plan["evaluation_equivalents"] == ref_plan["evaluation_equivalents"]
+    assert pruned_allocations(storage, name) == pruned_allocations(ref_storage, f"ref-{optimizer}"), counts
+    if optimizer == "ga":
+        assert plan["pruned"] > 0, counts                         # the race really ran, and resumed
 
 
 def test_resume_without_a_study_is_refused(root):

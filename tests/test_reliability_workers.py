@@ -1,6 +1,9 @@
 """Four processes share one search on a real PostgreSQL server: `allocopt run --workers 2` (itself and one
 spawned worker) plus two `allocopt worker` processes started by hand. No plan may be evaluated twice or lost,
-and the plan must equal a single-process SQLite run with the same seed (who evaluated a plan does not matter)."""
+and the plan must equal a single-process SQLite run with the same seed (who evaluated a plan does not matter).
+
+The queue hands out whole evaluations, so a shared search scores every plan on all rows: ga's racing falls back
+(plan.json and the CLI say so), and the single-process reference runs with racing off to be the same search."""
 from __future__ import annotations
 
 import collections
@@ -11,6 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from allocopt.search.runner import RACING_OFF_QUEUE
 from postgres import postgres_url
 from reliability_kit import allocopt, make_root, save_tiny_model, popen, run_args, sqlite_url, trial_counts
 
@@ -46,7 +50,7 @@ def _wait_for_study(storage: str, name: str, proc, timeout: float = 600) -> None
 
 
 def test_four_workers_on_postgres_lose_and_repeat_nothing(root, pg_url, record_property):
-    reference = popen(*run_args(root, "single", *EVALS))          # overlaps with the shared search below
+    reference = popen(*run_args(root, "single", *EVALS, "--option", "racing=false"))   # overlaps with the search below
     coordinator = popen(*run_args(root, "shared", "--storage", pg_url, "--workers", "2", *EVALS))
     _wait_for_study(pg_url, "shared", coordinator)
     extra = [popen("worker", "--study", "shared", "--storage", pg_url, "--idle-timeout", "120") for _ in range(2)]
@@ -69,6 +73,8 @@ def test_four_workers_on_postgres_lose_and_repeat_nothing(root, pg_url, record_p
     assert counts["duplicated"] == 0 and counts["waiting"] == 0 and counts["running"] == 0, summary
     assert counts["complete"] == plan["evaluations"] <= 32, summary     # nothing lost: every plan has its trial
     assert len(owners) >= 2, summary                                     # the work was really shared
+    assert plan["racing"] == RACING_OFF_QUEUE and plan["pruned"] == 0, summary   # fell back, and said so
+    assert not [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     single = json.loads((root / "runs" / "single" / "plan.json").read_text())
     assert plan["layers"] == single["layers"] and plan["esap"] == pytest.approx(single["esap"], abs=1e-9), summary
     assert trial_counts(sqlite_url(root, "single"), "single")["distinct"] == counts["distinct"]

@@ -77,8 +77,10 @@ def test_every_evaluation_is_a_trial_and_the_plan_is_the_best_one(root, first):
     allocations = [tuple(t.user_attrs["allocation"]) for t in trials]
     assert len(set(allocations)) == len(allocations)                 # each plan evaluated once
     assert len(trials) >= top["evaluations"] >= 1
-    assert all(sum(a) == sum(top["counts"]) for a in allocations)    # all on the budget
-    assert max(t.value for t in trials) == pytest.approx(top["esap"])
+    on_budget = [a for a in allocations if sum(a) == sum(top["counts"])]
+    for probe in set(allocations) - set(on_budget):                  # the DP warm start's sensitivity probes:
+        assert any(sum(x != y for x, y in zip(probe, a)) == 1 for a in on_budget)   # one layer of a plan moved
+    assert max(t.value for t in trials if tuple(t.user_attrs["allocation"]) in on_budget) == pytest.approx(top["esap"])
     assert tuple(top["counts"]) in allocations
 
 
@@ -166,3 +168,78 @@ def test_effective_sparsity_is_recorded_and_printed_when_it_differs_from_the_req
     assert "sparsity 0.2917  (requested 0.3; 7 of 24 routed experts removed)" in result.output.splitlines()
     plain = CliRunner().invoke(cli, _args(root, "--optimizer", "uniform", name="s50"))
     assert plain.exit_code == 0 and "sparsity" not in plain.output           # 0.5 of 24 is exact: nothing to say
+
+
+def test_ga_races_by_default_and_records_the_race(root):
+    """16 search rows = 4 micro-batches: offspring are scored on 4 rows, the best promoted to 8, survivors to all 16.
+    Eliminated plans are PRUNED trials with their partial values by row count; survivors COMPLETE with their full
+    value (what an independent evaluator says); the budget counts rows."""
+    args = ["run", "--model", str(root / "model"), "--data", str(root / "data.txt"), "--seq-len", "32", "--num-seqs",
+            "16", "--calib-num-seqs", "8", "--evals", "30", "--sparsity", "0.5", "--quiet", "--out",
+            str(root / "runs" / "race"), "--name", "race", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output.strip().splitlines()[-1])
+    assert top["racing"] == "on" and top["pruned"] > 0 and top["evaluation_equivalents"] <= 30 + 1e-9
+    study = optuna.load_study(study_name="race", storage=f"sqlite:///{root / 'runs'}/race.db")
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(pruned) == top["pruned"] and len(complete) == top["evaluations"]
+    for t in pruned:
+        steps = sorted(t.intermediate_values)
+        assert steps and set(steps) <= {4, 8} and t.value == t.intermediate_values[steps[-1]]
+        assert len(t.user_attrs["row_sums"]) == steps[-1] and t.user_attrs["layer_tokens"] > 0
+    raced = [t for t in complete if t.intermediate_values]
+    assert raced and all(len(t.user_attrs["row_sums"]) == 16 for t in complete)
+    spent = len(complete) + sum(len(t.user_attrs["row_sums"]) / 16 for t in pruned)
+    assert top["evaluation_equivalents"] == pytest.approx(spent)
+
+    model, tokenizer = load_model(str(root / "model"))
+    evaluator = Evaluator(model, load_tokens(str(root / "data.txt"), tokenizer, 32, 16, split="search"))
+    check = raced[:3] + pruned[:3]
+    values = evaluator.evaluate([{int(l): ids for l, ids in t.user_attrs["kept"].items()} for t in check])
+    for t, v in zip(check, values):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.value == pytest.approx(v.value, abs=1e-9)             # a survivor's value is its full value
+        else:                                                              # a pruned plan's partial is its first rows
+            rows = max(t.intermediate_values)
+            assert t.value == pytest.approx(sum(v.row_sums[:rows]) / sum(v.row_tokens[:rows]), abs=1e-9)
+
+    again = CliRunner().invoke(cli, args)                                  # resume: every race replays from the study
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output.strip().splitlines()[-1])["counts"] == top["counts"]
+    assert len(study.get_trials()) == len(trials)
+
+
+def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
+    """`--optimizer dp`: every layer probed at every other count with the rest at uniform (trials off the budget);
+    the plan is the brute-force optimum of the additive -log ESAP model built from those trials."""
+    import itertools
+    import math
+
+    args = ["run", "--model", str(root / "model"), "--data", str(root / "data.txt"), "--seq-len", "32", "--num-seqs",
+            "6", "--calib-num-seqs", "8", "--sparsity", "0.5", "--quiet", "--optimizer", "dp", "--out",
+            str(root / "runs" / "dp"), "--name", "dp", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output.strip().splitlines()[-1])
+    model, _ = load_model(str(root / "model"))
+    info = describe(model)
+    lower = [max(info.top_k[l], 1) for l in sorted(info.num_experts)]
+    upper = [info.num_experts[l] for l in sorted(info.num_experts)]
+    value = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "dp")}
+    uniform = tuple(e // 2 for e in upper)
+    probes = [(l, c) for l in range(3) for c in range(lower[l], upper[l] + 1) if c != uniform[l]]
+    assert top["evaluations"] == len(value) == 1 + len(probes) + (tuple(top["counts"]) != uniform)
+
+    def loss(l, c):
+        x = list(uniform)
+        x[l] = c
+        return -math.log(value[tuple(x)]) + math.log(value[uniform])
+
+    budget = sum(uniform)
+    plans = [p for p in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(lower, upper)]) if sum(p) == budget]
+    best = min(plans, key=lambda p: sum(loss(l, c) for l, c in enumerate(p)))
+    want = best if value.get(best, -1) >= value[uniform] else uniform
+    assert tuple(top["counts"]) == want and top["esap"] == pytest.approx(max(value[uniform], value.get(best, -1)))

@@ -11,7 +11,8 @@ from allocopt.search.space import make_space
 from allocopt.search.toy import toy_objective
 from allocopt.errors import AllocoptError
 
-SEARCHING = ["ga", "evoesap", "cmaes", "tpe", "random"]
+SEARCHING = ["ga", "evoesap", "cmaes", "tpe", "random", "dp"]
+PROBING = ("ga", "dp")          # evaluate sensitivity probes (plans off the budget) besides plans on it
 
 
 def context(space, seed=0, max_evals=40, population=8, sim_seed=0, **options):
@@ -54,9 +55,11 @@ def test_every_optimizer_only_evaluates_feasible_plans(space, seed):
         if name == "nsga2":
             lo, hi = budget_range(space, (0.25, 0.75))
             assert ((plans.sum(1) >= lo) & (plans.sum(1) <= hi)).all()
-        else:
-            assert (plans.sum(1) == space.budget).all(), name
-            assert space.contains(result.best)
+            continue
+        on_budget = plans[plans.sum(1) == space.budget]
+        for probe in plans[plans.sum(1) != space.budget]:     # sensitivity probes: one layer of a plan moved
+            assert name in PROBING and (np.count_nonzero(on_budget != probe, axis=1) == 1).any(), (name, probe)
+        assert space.contains(result.best), name
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +74,9 @@ def test_search_evaluates_uniform_and_never_returns_worse(space, name):
     result = get_optimizer(name).run(ctx)
     plans = {tuple(p) for p in np.concatenate(seen)}
     assert tuple(space.uniform()) in plans
-    assert result.evaluations == 60 and len(result.history) == 60
+    assert len(result.history) == result.evaluations == (60 if name != "dp" else 1 + 6 * 9 + 1)  # dp: one round
     assert result.best_value >= float(f(space.uniform()[None])[0])
-    assert result.best_value == max(v for _, v in result.history)
+    assert result.best_value == max(v for x, v in result.history if x.sum() == space.budget)
     assert float(f(result.best[None])[0]) == pytest.approx(result.best_value)
 
 

@@ -57,11 +57,15 @@ def density(plans: tuple[str, ...], out: Path | None) -> None:
 @_storage
 @_study
 @_out
-def convergence(targets: tuple[str, ...], storage: str | None, study_name: str | None, out: Path | None) -> None:
-    """Best ESAP so far vs evaluations, one line per optimizer (TARGETS: run dirs, .db files, storage URLs)."""
+@click.option("--x", "axis", type=click.Choice(["evaluations", "tokens", "seconds"]), default="evaluations",
+              show_default=True, help="x axis: full-fidelity evaluation equivalents, decoder layer-tokens forwarded, "
+              "or wall-clock seconds.")
+def convergence(targets: tuple[str, ...], storage: str | None, study_name: str | None, out: Path | None,
+                axis: str) -> None:
+    """Best ESAP so far vs search cost, one line per optimizer (TARGETS: run dirs, .db files, storage URLs)."""
     from allocopt.plotting import plot_convergence
 
-    _report(plot_convergence(targets, out, storage, study_name))
+    _report(plot_convergence(targets, out, storage, study_name, x=axis))
 
 
 def run_script(kind: str) -> None:

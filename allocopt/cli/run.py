@@ -29,7 +29,9 @@ from allocopt.errors import AllocoptError
 @opt("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @opt("--num-seqs", "search_num_seqs", type=int, default=D.SEARCH_SEQS, help="Rows of search data.")
 @opt("--calib-num-seqs", type=int, default=D.CALIBRATION_SEQS, help="Rows of calibration data.")
-@opt("--evals", type=int, default=D.EVALUATIONS, help="Distinct plans evaluated.")
+@opt("--evals", type=int, default=D.EVALUATIONS,
+     help="Search budget in full-fidelity evaluation equivalents: a plan scored on all search rows costs 1, one that "
+          "racing pruned after r of R rows costs r/R (without racing: distinct plans evaluated).")
 @opt("--generations", type=int, help="Shorthand for --evals GENERATIONS*POPULATION.")
 @opt("--population", type=int, default=D.POPULATION, help="Population size (evolutionary optimizers).")
 @seed_option
@@ -67,8 +69,11 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
 
     fixed = getattr(get_optimizer(config.optimizer), "fixed_allocation", False)
     label = config.optimizer if fixed else "best"        # a fixed allocation (grape, global) searched nothing
+    raced = f" + {s['pruned']} pruned by racing = {s['evaluation_equivalents']:g} equivalents" if s.get("pruned") else ""
     click.echo(f"{label:<8} {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
-               f"{s['evaluations']} evaluations, {s['wall_time_s']:.1f} s)")
+               f"{s['evaluations']} evaluations{raced}, {s['wall_time_s']:.1f} s)")
+    if s.get("racing") not in (None, "on"):
+        click.echo(f"racing   {s['racing']}")
     click.echo(f"counts   {s['counts']}")
     if config.sparsity is not None and abs(s["sparsity"] - config.sparsity) > 1e-9:     # whole experts only
         from allocopt.plan import Plan

@@ -26,8 +26,9 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def esap_exact(logits: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v = torch.minimum(logp.exp(), log_probs(logits).exp()).sum(-1)
+def esap_exact(logits: torch.Tensor, logp: torch.Tensor, p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p`` = ``logp.exp()`` when the caller keeps it (the teacher cache does: one pass less per candidate)."""
+    v = torch.minimum(logp.exp() if p is None else p, torch.softmax(logits.float(), dim=-1)).sum(-1)
     return v, v
 
 

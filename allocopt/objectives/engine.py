@@ -9,18 +9,27 @@ Per ``evaluate(plans)`` call the engine
 3. runs all token rows of a micro-batch in one forward and scores them against the teacher cache, in fp32,
    pooled over scored positions in fp64. Non-finite logits mark that plan failed; others go on.
 
+Multi-fidelity: ``evaluate(plans, rows=r)`` scores only the first micro-batches covering r rows (nested subsets:
+the first r rows of the search set), and keeps per-row sums, so raising the fidelity later runs only the rows
+not yet scored. A partial value carries its standard error over rows and :func:`paired_difference` compares two
+plans on the same rows (per-row differences, so the rows' shared difficulty cancels). Racing (EvoPress's
+multi-step selection, arXiv 2410.14649 §3) builds on this; a plan's reported objective is its full value.
+
 Example::
 
     ev = Evaluator(model, tokens)                               # builds the sparse teacher cache once
     [v] = ev.evaluate([{0: [0, 1, 3], 2: [1, 2]}])
     v.value, v.lo, v.hi                                          # ESAP estimate and certified bounds
+    [p] = ev.evaluate([{0: [0, 1]}], rows=4)                     # first 4 rows only: p.rows == 4, p.se
 """
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +41,7 @@ from allocopt.models.adapter import kept_problem
 from allocopt.models.hooks import input_device
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
+from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
 
 Key = tuple[tuple[int, ...], ...]          # kept expert ids per MoE layer, in layer order
@@ -39,19 +49,63 @@ Key = tuple[tuple[int, ...], ...]          # kept expert ids per MoE layer, in l
 
 @dataclass(frozen=True)
 class ObjectiveValue:
+    """The objective of one plan on the first ``rows`` rows of the search set (all rows: its full value).
+
+    ``row_sums[i]`` is the sum of the per-position value (the midpoint of the certified interval) over the scored
+    positions of row i, ``row_tokens[i]`` how many positions row i scores; ``value`` pools them (sum / tokens).
+    """
+
     value: float | None                    # None when the candidate failed
     lo: float | None
     hi: float | None
     tokens: int                            # scored positions pooled
     failed: str | None = None
+    rows: int = 0                          # rows scored (the first ``rows`` of the search set)
+    row_sums: tuple[float, ...] = ()       # [rows] per-row sums of the per-position values
+    row_tokens: tuple[int, ...] = ()       # [rows] scored positions per row
+    layer_tokens: int = 0                  # decoder layer-tokens this engine forwarded for the plan (rows x tokens x layers run)
 
     @property
     def ok(self) -> bool:
         return self.failed is None
 
+    @property
+    def se(self) -> float:
+        """Standard error of ``value`` over rows (rows as clusters, ``rowstats.cluster_se``); NaN below 2 rows."""
+        return math.nan if self.value is None else cluster_se(np.asarray(self.row_sums), np.asarray(self.row_tokens))
+
+
+def paired_difference(a: ObjectiveValue, b: ObjectiveValue) -> tuple[float, float]:
+    """``a - b`` on the rows both have scored, and its standard error from per-row differences
+    (``rowstats.paired``); NaNs when either plan failed. Shapes: ``row_sums`` [rows] each."""
+    if a.value is None or b.value is None:
+        return math.nan, math.nan
+    return paired(np.asarray(a.row_sums), np.asarray(b.row_sums), np.asarray(a.row_tokens))
+
+
+def _non_finite_rows(logits: torch.Tensor) -> int:
+    """Positions whose logits hold a NaN or an infinity: their sum is then non-finite too (one reduction instead of
+    a boolean copy of the [n, V] logits; finite fp32 logits never sum past fp32's range over a vocabulary)."""
+    return int((~torch.isfinite(logits.float().sum(-1))).sum())
+
+
+@dataclass
+class _RowSums:
+    """What one plan has scored so far: per-row sums of the lower/upper per-position terms, per micro-batch."""
+
+    lo: np.ndarray                          # [rows] float64
+    hi: np.ndarray                          # [rows] float64
+    done: list[bool]                        # [micro-batches]
+    failed: str | None = None
+    layer_tokens: int = 0                   # rows x tokens x decoder layers forwarded for this plan
+
 
 class Evaluator:
-    """Objective values of expert plans ({layer: kept ids}) for one model and one token set."""
+    """Objective values of expert plans ({layer: kept ids}) for one model and one token set.
+
+    ``batch_size`` rows go through the model per forward; it is also the step of multi-fidelity scoring
+    (``evaluate(plans, rows=r)`` scores whole micro-batches, the first ``ceil(r / batch_size)`` of them).
+    """
 
     def __init__(self, model: nn.Module, tokens: TokenSet, objective: str = defaults.OBJECTIVE,
                  tolerance: float = defaults.ESAP_TOLERANCE, exact: bool = False, batch_size: int | None = defaults.ESAP_BATCH_SIZE,
@@ -68,7 +122,7 @@ class Evaluator:
         self.batches = [b.to(device) for b in tokens.batches(bs)]
         self.runner = DecoderRunner(model)
         self.prefix = PrefixCache(prefix_cache_bytes)
-        self.results: dict[Key, ObjectiveValue] = {}
+        self._scored: dict[Key, _RowSums] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.prefix_reuse = prefix_reuse and self.runner.check(self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], self.layers)
         mode = "exact" if exact and self.objective.teacher == "sparse" else self.objective.teacher
@@ -79,10 +133,33 @@ class Evaluator:
             raise AllocoptError("the given teacher cache was built for another model, token set, batch size or objective; "
                                 "drop it so the engine rebuilds it")
         self.teacher = teacher
+        # rows of micro-batch c are rows_before[c] .. rows_before[c + 1] - 1; scored positions -> their row
+        sizes = [int(b.input_ids.shape[0]) for b in self.batches]
+        self.rows_before = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self._position_rows = [torch.div(chunk.positions, b.input_ids.shape[1], rounding_mode="floor")
+                               for b, chunk in zip(self.batches, self.teacher.chunks)]
+        self.row_tokens = np.concatenate([np.bincount(r.cpu().numpy(), minlength=n) for r, n in zip(self._position_rows, sizes)]
+                                         ).astype(np.int64)
 
     @property
     def direction(self) -> str:
         return self.objective.direction
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the search set (what a full-fidelity value scores)."""
+        return int(self.rows_before[-1])
+
+    def rows_for(self, rows: int | None) -> int:
+        """Rows actually scored when ``rows`` are asked for: rounded up to whole micro-batches, at most all rows."""
+        return self.num_rows if rows is None else int(self.rows_before[self._batches_for(rows)])
+
+    def _batches_for(self, rows: int | None) -> int:
+        if rows is None:
+            return len(self.batches)
+        if rows < 1:
+            raise AllocoptError(f"a partial score needs at least 1 row (got {rows}); pass rows >= 1 or None for all rows")
+        return int(min(len(self.batches), np.searchsorted(self.rows_before, rows, side="left")))
 
     # ---- plans -----------------------------------------------------------------------------------
     def key(self, plan: Mapping[int, Sequence[int]] | Any) -> Key:
@@ -104,30 +181,39 @@ class Evaluator:
         return {l: list(k) for l, k, full in zip(self.layers, key, self.full) if k != full}
 
     # ---- evaluation --------------------------------------------------------------------------------
-    def evaluate(self, plans: Sequence[Mapping[int, Sequence[int]] | Any]) -> list[ObjectiveValue]:
+    def evaluate(self, plans: Sequence[Mapping[int, Sequence[int]] | Any], rows: int | None = None) -> list[ObjectiveValue]:
+        """Values of ``plans`` on the first ``rows`` rows (rounded up to micro-batches; None: all rows, the full value).
+
+        Rows a plan has already scored (in any earlier call) are never run again.
+        """
+        need = self._batches_for(rows)
         keys = [self.key(p) for p in plans]
-        if self.full in keys and self.full not in self.results and self.objective.identity_value is not None:
-            v = self.objective.identity_value
-            self.results[self.full] = ObjectiveValue(v, v, v, self.teacher.num_scored)
-        todo = sorted({k for k in keys if k not in self.results})
+        if self.full in keys and self.full not in self._scored and self.objective.identity_value is not None:
+            v = self.objective.identity_value * self.row_tokens.astype(np.float64)
+            self._scored[self.full] = _RowSums(v, v.copy(), [True] * len(self.batches))
+        todo = sorted({k for k in keys if not self._has(k, need)})
         self.counters["requested"] += len(keys)
         self.counters["evaluated"] += len(todo)
         for k in set(keys) - set(todo):
             self._touch(k)
         if todo:
-            self._run(todo)
-        return [self.results[k] for k in keys]
+            self._run(todo, need)
+        return [self._value(k, need) for k in keys]
 
-    def _run(self, todo: list[Key]) -> None:
+    def _has(self, key: Key, need: int) -> bool:
+        s = self._scored.get(key)
+        return s is not None and (s.failed is not None or all(s.done[:need]))
+
+    def _run(self, todo: list[Key], need: int) -> None:
         n = len(self.layers)
-        lo = {k: 0.0 for k in todo}
-        hi = dict(lo)
-        failed: dict[Key, str] = {}
-        for c, (batch, chunk) in enumerate(zip(self.batches, self.teacher.chunks)):
-            demand = collections.Counter((i, k[:i]) for k in todo if k not in failed for i in range(n))
-            for k in todo:
-                if k in failed:
-                    continue
+        for k in todo:
+            self._scored.setdefault(k, _RowSums(np.zeros(self.num_rows), np.zeros(self.num_rows), [False] * len(self.batches)))
+        for c in range(need):
+            batch, chunk, first = self.batches[c], self.teacher.chunks[c], int(self.rows_before[c])
+            size = int(batch.input_ids.shape[0])
+            keys = [k for k in todo if self._scored[k].failed is None and not self._scored[k].done[c]]
+            demand = collections.Counter((i, k[:i]) for k in keys for i in range(n))
+            for k in keys:
                 for i in range(n):
                     demand[(i, k[:i])] -= 1
                 start, hidden = self._start(c, k)
@@ -135,26 +221,40 @@ class Evaluator:
                 with mask_experts(self.model, self._kept(k)):
                     logits, states = self.runner.run(batch.input_ids, batch.attention_mask, self.layers[start] if start >= 0 else 0,
                                                      hidden, capture)
-                self.counters["layers_run"] += len(self.runner.layers) - (self.layers[start] if start >= 0 else 0)
+                run = len(self.runner.layers) - (self.layers[start] if start >= 0 else 0)
+                self.counters["layers_run"] += run
+                self.counters["layer_tokens"] += run * batch.input_ids.numel()
+                self._scored[k].layer_tokens += run * batch.input_ids.numel()
                 for i in range(max(start + 1, 0), n):
                     if self.layers[i] in states:
                         self.prefix.put((c, i, k[:i]), states[self.layers[i]], protect=demand[(i, k[:i])] > 0)
                 sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
-                bad = int((~torch.isfinite(sel)).any(-1).sum())
+                bad = _non_finite_rows(sel)
                 if bad:
-                    failed[k] = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
+                    self._scored[k].failed = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
                     continue
                 a, b = self.objective.terms(sel, chunk)
-                lo[k] += float(a.double().sum())
-                hi[k] += float(b.double().sum())
+                rows = self._position_rows[c]
+                scored = self._scored[k]
+                scored.lo[first:first + size] = torch.zeros(size, dtype=torch.float64, device=a.device).index_add_(
+                    0, rows, a.double()).cpu().numpy()
+                scored.hi[first:first + size] = torch.zeros(size, dtype=torch.float64, device=b.device).index_add_(
+                    0, rows, b.double()).cpu().numpy()
+                scored.done[c] = True
             self.prefix.release()
-        total = self.teacher.num_scored
-        for k in todo:
-            if k in failed:
-                self.results[k] = ObjectiveValue(None, None, None, total, failed[k])
-            else:
-                l, h = lo[k] / total, hi[k] / total
-                self.results[k] = ObjectiveValue((l + h) / 2, l, h, total)
+
+    def _value(self, key: Key, need: int) -> ObjectiveValue:
+        r = int(self.rows_before[need])
+        row_tokens = self.row_tokens[:r]
+        total = int(row_tokens.sum())
+        s = self._scored[key]
+        if s.failed is not None or total == 0:
+            return ObjectiveValue(None, None, None, total, s.failed or f"the first {r} rows score no position", rows=r,
+                                  layer_tokens=s.layer_tokens)
+        sums = (s.lo[:r] + s.hi[:r]) / 2
+        return ObjectiveValue(pooled(sums, row_tokens), float(s.lo[:r].sum()) / total, float(s.hi[:r].sum()) / total,
+                              total, rows=r, row_sums=tuple(float(x) for x in sums),
+                              row_tokens=tuple(int(t) for t in row_tokens), layer_tokens=s.layer_tokens)
 
     @torch.no_grad()
     def score_model(self, other: nn.Module) -> ObjectiveValue:
@@ -166,7 +266,7 @@ class Evaluator:
             logits = other(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                            use_cache=False).logits.to(batch.input_ids.device)
             sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
-            bad = int((~torch.isfinite(sel)).any(-1).sum())
+            bad = _non_finite_rows(sel)
             if bad:
                 return ObjectiveValue(None, None, None, self.teacher.num_scored,
                                       f"non-finite logits at {bad} of {sel.shape[0]} scored positions")

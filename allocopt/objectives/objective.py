@@ -41,7 +41,7 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {
     "esap": Objective("esap", "maximize", "sparse", 1.0,
-                      lambda x, c: d.esap_exact(x, c.logp),
+                      lambda x, c: d.esap_exact(x, c.logp, c.p),
                       lambda x, c: d.esap_sparse(x, c.rows, c.ids.long(), c.probs, c.tail)),
     "kl_pq": Objective("kl_pq", "minimize", "exact", 0.0, lambda x, c: d.kl_pq(x, c.logp)),
     "kl_qp": Objective("kl_qp", "minimize", "exact", 0.0, lambda x, c: d.kl_qp(x, c.logp)),

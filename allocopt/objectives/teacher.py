@@ -42,12 +42,15 @@ class TeacherChunk:
     probs: torch.Tensor | None = None        # sparse: [M] fp32
     tail: torch.Tensor | None = None         # sparse: [n] fp32 mass of p outside ids
     rows: torch.Tensor | None = field(default=None, repr=False)   # derived [M] long, not stored
+    p: torch.Tensor | None = field(default=None, repr=False)      # derived exact probabilities [n, V], not stored
 
     def stored(self) -> dict[str, torch.Tensor]:
         names = ("positions", "targets", "logp", "counts", "ids", "probs", "tail")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def finish(self) -> "TeacherChunk":
+        if self.logp is not None:
+            self.p = self.logp.exp()
         if self.counts is not None:
             n = self.counts.shape[0]
             self.rows = torch.repeat_interleave(torch.arange(n, device=self.counts.device), self.counts.long())

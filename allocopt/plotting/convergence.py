@@ -1,11 +1,16 @@
-"""Best ESAP found so far against the number of evaluations, one line per optimizer.
+"""Best ESAP found so far against the search's cost, one line per optimizer.
 
-Evaluations, not wall time, are the x axis: every optimizer pays the same price per evaluated plan, so the
-curves compare sample efficiency. Failed evaluations count (they cost a forward pass) but never raise the best.
+The x axis is one of
+* ``evaluations`` (default): full-fidelity evaluation equivalents. A plan scored on all search rows counts 1, a plan
+  racing pruned after r of R rows counts r / R, so searches with and without racing compare at equal data read;
+* ``tokens``: decoder layer-tokens forwarded (rows x tokens x layers actually run, the trials' ``layer_tokens``):
+  the compute, prefix reuse included;
+* ``seconds``: wall-clock since the study's first trial started (a resumed study includes the pause).
+Failed evaluations count (they cost a forward pass) but never raise the best; pruned plans count their cost only.
 
 Example::
 
-    paths = plot_convergence(["studies/ga-run", "studies/cmaes-run"])
+    paths = plot_convergence(["studies/ga-run", "studies/cmaes-run"], x="tokens")
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from allocopt.plotting.output import default_out_dir, new_figure, save_csv, save
 from allocopt.plotting.sources import Evaluation, Source, resolve_sources
 
 UNIFORM = "uniform"   # the uniform plan is one evaluation: drawn as a reference line, not as a curve
+AXES = {"evaluations": "full-fidelity evaluation equivalents", "tokens": "decoder layer-tokens forwarded",
+        "seconds": "wall-clock seconds"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,15 @@ class Curve:
         best = np.maximum.accumulate(v)
         return np.where(np.isneginf(best), np.nan, best)
 
+    def x(self, axis: str) -> np.ndarray:
+        """Cumulative cost after each evaluation on ``axis`` (see the module docstring); NaN where not recorded."""
+        if axis == "seconds":
+            return np.array([e.seconds for e in self.evaluations], float)
+        if axis == "tokens":
+            return np.cumsum([e.layer_tokens for e in self.evaluations])
+        full_rows = max((e.rows for e in self.evaluations if not e.pruned and e.rows), default=None)
+        return np.cumsum([(e.rows / full_rows) if e.pruned and e.rows and full_rows else 1.0 for e in self.evaluations])
+
     @property
     def best(self) -> float | None:
         finite = self.values[np.isfinite(self.values)]
@@ -59,7 +75,7 @@ def curves(sources: Sequence[Source]) -> list[Curve]:
     for src in sources:
         budget = src.study_attrs.get("budget")
         by_opt: dict[str, list[Evaluation]] = {}
-        for e in src.evaluations():
+        for e in src.evaluations(pruned=True):
             if budget is not None and e.counts and sum(e.counts) != int(budget):
                 e = replace(e, esap=math.nan)
             by_opt.setdefault(e.optimizer, []).append(e)
@@ -73,17 +89,18 @@ def uniform_levels(sources: Sequence[Source]) -> dict[str, float]:
     return {s.name: u for s in sources if (u := s.uniform_esap) is not None and math.isfinite(u)}
 
 
-def draw_convergence(lines: list[Curve], uniform: dict[str, float]):
+def draw_convergence(lines: list[Curve], uniform: dict[str, float], axis: str = "evaluations"):
     fig, ax = new_figure()
     for c in lines:
-        x = np.arange(1, len(c.evaluations) + 1)
-        ax.step(x, c.best_so_far, where="post", lw=1.8, label=f"{c.label} (best {c.best:.4f})" if c.best is not None else f"{c.label} (all failed)")
+        ax.step(c.x(axis), c.best_so_far, where="post", lw=1.8, label=f"{c.label} (best {c.best:.4f})" if c.best is not None else f"{c.label} (all failed)")
     distinct = sorted({round(v, 12) for v in uniform.values()})
     for v in distinct:
         who = [n for n, u in uniform.items() if round(u, 12) == v]
         suffix = f" [{', '.join(who)}]" if len(distinct) > 1 else ""
         ax.axhline(v, ls="--", color="0.35", lw=1.2, label=f"uniform plan, ESAP {v:.4f}{suffix}")
-    ax.set_xlabel("evaluations (plans scored)")
+    ax.set_xlabel(AXES[axis])
+    if axis == "tokens":
+        ax.set_xscale("log")
     ax.set_ylabel("best ESAP so far")
     ax.set_title("Search convergence", fontsize=10)
     ax.grid(alpha=0.3)
@@ -92,26 +109,37 @@ def draw_convergence(lines: list[Curve], uniform: dict[str, float]):
 
 
 def plot_convergence(targets: Sequence[str], out: str | Path | None = None, storage: str | None = None,
-                     study_name: str | None = None) -> dict[str, Path]:
-    """Write convergence.png, convergence.csv (every evaluation with its running best) and convergence.json."""
+                     study_name: str | None = None, x: str = "evaluations") -> dict[str, Path]:
+    """Write convergence.png (best so far against ``x``: evaluations, tokens or seconds), convergence.csv (every
+    evaluation with its running best and all three costs) and convergence.json."""
+    if x not in AXES:
+        raise AllocoptError(f"unknown x axis {x!r}; use one of {', '.join(AXES)}")
     sources = resolve_sources(targets, storage, study_name)
     lines = curves(sources)
     if not lines:
         raise AllocoptError(f"{', '.join(s.name for s in sources)} hold only the uniform plan; nothing converges there, "
                             "pass a study whose optimizer searched")
+    missing = [c.label for c in lines if x != "evaluations" and np.isnan(c.x(x)).any()]
+    if missing:
+        raise AllocoptError(f"{', '.join(missing)} did not record {AXES[x]} for every trial (studies written before "
+                            "allocopt recorded layer_tokens); plot them with --x evaluations")
     uniform = uniform_levels(sources)
     run_dirs = [s.run_dir for s in sources if s.run_dir is not None]
     out = Path(out) if out else default_out_dir(run_dirs[0] if run_dirs else None)
-    rows = [(c.label, c.study, c.optimizer, i + 1, e.number, f"{e.esap:.10g}", f"{b:.10g}")
-            for c in lines for i, (e, b) in enumerate(zip(c.evaluations, c.best_so_far))]
+    rows = [(c.label, c.study, c.optimizer, i + 1, e.number, "pruned" if e.pruned else "", f"{e.esap:.10g}", f"{b:.10g}",
+             f"{q:.10g}", f"{t:.10g}", f"{sec:.10g}")
+            for c in lines for i, (e, b, q, t, sec) in enumerate(zip(c.evaluations, c.best_so_far, c.x("evaluations"),
+                                                                     c.x("tokens"), c.x("seconds")))]
     summary = {
+        "x": x,
         "curves": [{"label": c.label, "study": c.study, "optimizer": c.optimizer, "evaluations": len(c.evaluations),
-                    "best_esap": c.best} for c in lines],
+                    "pruned": sum(e.pruned for e in c.evaluations), "best_esap": c.best} for c in lines],
         "uniform_esap": uniform,
     }
     return {
-        "png": save_figure(draw_convergence(lines, uniform), out / "convergence.png"),
+        "png": save_figure(draw_convergence(lines, uniform, x), out / "convergence.png"),
         "csv": save_csv(out / "convergence.csv",
-                        ["label", "study", "optimizer", "evaluation", "trial", "esap", "best_so_far"], rows),
+                        ["label", "study", "optimizer", "evaluation", "trial", "pruned", "esap", "best_so_far",
+                         "equivalents", "layer_tokens", "seconds"], rows),
         "json": save_json(out / "convergence.json", summary),
     }

@@ -30,11 +30,15 @@ _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 class Evaluation:
     """One evaluated allocation, as a plot needs it."""
     number: int                      # trial number (evaluation order within its study)
-    esap: float                      # NaN when the evaluation failed
+    esap: float                      # NaN when the evaluation failed (or was pruned: a partial value is no result)
     memory_bytes: float              # NaN when not recorded
     counts: tuple[int, ...]          # kept experts per MoE layer
     optimizer: str
     uniform: bool                    # the trial says it is the uniform plan
+    pruned: bool = False             # lost a race: scored on ``rows`` search rows only
+    rows: int | None = None          # search rows scored (None: not recorded)
+    layer_tokens: float = math.nan   # decoder layer-tokens forwarded for it (NaN: not recorded)
+    seconds: float = math.nan        # when it finished, in seconds since the study's first trial started
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,18 @@ class Source:
     def study_attrs(self) -> dict[str, Any]:
         return dict(self._study.user_attrs) if self.study else {}
 
-    def evaluations(self) -> list[Evaluation]:
-        """Completed and failed trials in evaluation order (running/waiting trials are not evaluations yet)."""
+    def evaluations(self, pruned: bool = False) -> list[Evaluation]:
+        """Completed and failed trials in evaluation order (running/waiting trials are not evaluations yet); with
+        ``pruned`` also the plans racing pruned (their compute counts, their partial values never do)."""
         if self.study is None:
             raise AllocoptError(f"{self.name} has no Optuna study; pass the run directory next to its .db, "
                                 "a .db file, or --storage URL --study NAME")
         from optuna.trial import TrialState
 
-        trials = self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        evals = [_to_evaluation(t) for t in sorted(trials, key=lambda t: t.number)]
+        states = (TrialState.COMPLETE, TrialState.FAIL) + ((TrialState.PRUNED,) if pruned else ())
+        trials = sorted(self._study.get_trials(deepcopy=False, states=states), key=lambda t: t.number)
+        start = min((t.datetime_start for t in trials if t.datetime_start is not None), default=None)
+        evals = [_to_evaluation(t, start) for t in trials]
         if not evals:
             raise AllocoptError(f"study {self.study.study_name!r} in {self.study.storage} has no finished trials; "
                                 "run a search first (`allocopt run`) or point at another study")
@@ -105,14 +112,20 @@ class Source:
         return max(found) if found else None
 
 
-def _to_evaluation(trial) -> Evaluation:
+def _to_evaluation(trial, start=None) -> Evaluation:
+    from optuna.trial import TrialState
+
     attrs = trial.user_attrs
+    pruned = trial.state == TrialState.PRUNED
     values = trial.values or []
-    esap = float(values[0]) if values else math.nan
+    esap = float(values[0]) if values and not pruned else math.nan
     memory = float(values[1]) if len(values) > 1 else float(attrs.get("memory_bytes", math.nan))
     optimizer = str(attrs.get("optimizer", "unknown"))
+    rows = len(attrs["row_sums"]) if "row_sums" in attrs else None
+    seconds = (trial.datetime_complete - start).total_seconds() if start is not None and trial.datetime_complete else math.nan
     return Evaluation(trial.number, esap, memory, tuple(int(c) for c in attrs.get("allocation", ())), optimizer,
-                      bool(attrs.get("uniform", False)) or optimizer == "uniform")
+                      bool(attrs.get("uniform", False)) or optimizer == "uniform", pruned, rows,
+                      float(attrs.get("layer_tokens", math.nan)), seconds)
 
 
 def _study_names(storage: str) -> list[str]:

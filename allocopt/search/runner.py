@@ -35,6 +35,8 @@ class RunResult:
     front_path: Path | None          # nsga2 only
     new_evaluations: int             # plans evaluated by this call (0 when the study already had them all)
     calibration_reused: bool
+    trace: list[dict[str, float]]    # after each batch the optimizer evaluated: budget spent, engine layer-tokens,
+                                     # seconds since the evaluator was ready, best value (benchmarks/search_efficiency.py)
 
 
 def run_search(config: RunConfig, progress: bool = True) -> RunResult:
@@ -42,7 +44,8 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     from allocopt.search.study import check_storage
 
     start = time.perf_counter()
-    peek_space(config)
+    space = peek_space(config)
+    check_options(config, space)
     config.check_context()                              # rows must fit the model's context (config only)
     with output_dir(config.run_dir) as run_dir:          # the default study database lives beside the run dir
         check_storage(config.storage_url)
@@ -55,7 +58,7 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     from allocopt.models import describe, load_model
     from allocopt.objectives import Evaluator
     from allocopt.search.optimizers import SearchContext, get_optimizer
-    from allocopt.search.workers import recorder_for, workers_for
+    from allocopt.search.workers import recorder_for, uses_queue, workers_for
 
     model, tokenizer = load_model(config.model, config.load_options())
     if tokenizer is None:
@@ -71,15 +74,20 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
 
     tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
     evaluator = Evaluator(model, tokens, objective=config.objective, tolerance=config.tolerance)
-    counter = {"plans": 0}
+    ready = time.perf_counter()
+    counter = {"plans": 0, "partial": 0}
     values: dict[tuple[int, ...], Any] = {}
 
-    def evaluate_plans(counts: np.ndarray) -> list[Any]:
-        """counts [n, L] -> objective values; kept ids of layer l are the first counts[l] of its ranking."""
+    def evaluate_plans(counts: np.ndarray, rows: int | None = None) -> list[Any]:
+        """counts [n, L] -> objective values on the first ``rows`` search rows (None: all, the full value); kept ids
+        of layer l are the first counts[l] of its ranking."""
         kept = [{l: ranking[l][: int(c)] for l, c in zip(space.layers, row)} for row in np.asarray(counts)]
-        out = evaluator.evaluate(kept)
-        counter["plans"] += len(kept)
-        values.update({tuple(int(c) for c in row): v for row, v in zip(np.asarray(counts), out)})
+        out = evaluator.evaluate(kept, rows=rows)
+        if rows is None:
+            counter["plans"] += len(kept)
+            values.update({tuple(int(c) for c in row): v for row, v in zip(np.asarray(counts), out)})
+        else:
+            counter["partial"] += len(kept)
         return out
 
     attrs = {"model": config.model, "model_fingerprint": info.fingerprint, "calibration_fingerprint": stats.data_fingerprint,
@@ -98,12 +106,25 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
         """Optimizers search ``search_space`` (counts in units); the study and the plans are in experts."""
         return sign * recorded(space.expand(units))
 
+    # Racing scores plans on the first rows of the search set; the queue of a multi-process search (workers.py)
+    # hands out whole evaluations only, so there every plan is scored on all rows.
+    fidelity = None if uses_queue(config) else StudyFidelity(recorded, space, sign, evaluator.num_rows,
+                                                               evaluator.rows_for(1))
     uniform = search_space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
+    trace = [{"equivalents": 0.0, "layer_tokens": evaluator.counters["layer_tokens"],
+              "seconds": time.perf_counter() - ready, "best": sign * uniform_value}]
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
+        def traced(spent: float, best: float) -> None:
+            trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
+                          "seconds": time.perf_counter() - ready, "best": sign * best})
+            if on_generation is not None:
+                on_generation(spent, best)
+
         ctx = SearchContext(space=search_space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=scores, stats=stats,
-                            on_generation=on_generation, options=dict(config.options), expert_space=space)
+                            on_generation=traced, options=dict(config.options), expert_space=space,
+                            fidelity=fidelity)
         result = optimizer.run(ctx)
 
     # A search also saw the uniform plan, so it never hands back something worse than that baseline; a fixed
@@ -118,6 +139,9 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
         "esap": sign * best_value,
         "uniform_esap": sign * uniform_value,
         "evaluations": int(result.evaluations),
+        "evaluation_equivalents": round(float(result.spent), 4),
+        "pruned": int(result.pruned),
+        "racing": racing_note(optimizer, ctx),
         "optimizer": config.optimizer,
         "criterion": config.criterion,
         "objective": config.objective,
@@ -140,7 +164,44 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
             "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
                        for x, v, m in result.front]})
-    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused)
+    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused, trace)
+
+
+# ---- racing -----------------------------------------------------------------------------------------
+
+class StudyFidelity:
+    """``SearchContext.fidelity`` of a single-process run: partial scores through the study (resumable), in the
+    optimizer's units, signed so higher is better. ``step`` rows = one engine micro-batch."""
+
+    def __init__(self, recorded, space, sign: float, rows: int, step: int):
+        self.recorded, self.space, self.sign, self.rows, self.step = recorded, space, sign, int(rows), int(step)
+
+    def score(self, counts: np.ndarray, rows: int):
+        from allocopt.search.fidelity import Score
+
+        rows = min(self.rows, -(-int(rows) // self.step) * self.step)
+        return [Score.from_rows(r.row_sums, r.row_tokens, self.sign)
+                for r in self.recorded.partial(self.space.expand(counts), rows)]
+
+    def prune(self, counts: np.ndarray) -> None:
+        self.recorded.prune(self.space.expand(counts))
+
+
+# Why a search that races by default did not (plan.json "racing" and the CLI line); None when it raced or never would.
+RACING_OFF_QUEUE = ("off: --workers > 1 or a server storage hand out whole evaluations, so every plan was scored on "
+                    "all rows (run with one process on SQLite to race)")
+
+
+def racing_note(optimizer, ctx) -> str | None:
+    wants = getattr(optimizer, "races", None)
+    if wants is None or not wants(ctx.options):
+        return None
+    if ctx.fidelity is None:
+        return RACING_OFF_QUEUE
+    if ctx.fidelity.rows <= ctx.fidelity.step:
+        return (f"off: the search set is one micro-batch ({ctx.fidelity.rows} rows), so there is no smaller fidelity "
+                "to race on (raise --num-seqs)")
+    return "on"
 
 
 # ---- budget ----------------------------------------------------------------------------------------
@@ -175,6 +236,16 @@ def peek_space(config: RunConfig):
     with torch.device("meta"):
         skeleton = instantiate(model_config)
     return space_for(config, describe(skeleton, fingerprint=False))
+
+
+def check_options(config: RunConfig, space) -> None:
+    """The optimizer's own check of ``--option`` values and the budget (``check(space, max_evals, options)``,
+    optional), before any weights load; ``space`` is in experts (None: known only after loading)."""
+    from allocopt.search.optimizers import get_optimizer
+
+    check = getattr(get_optimizer(config.optimizer), "check", None)
+    if check is not None:
+        check(None if space is None else space.lattice(), config.max_evals, dict(config.options))
 
 
 def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:
@@ -254,15 +325,15 @@ class _progress_bar:
     def __init__(self, total: int, sign: float, enabled: bool):
         self.total, self.sign, self.enabled, self.bar = total, sign, enabled, None
 
-    def __enter__(self) -> Callable[[int, float], None] | None:
+    def __enter__(self) -> Callable[[float, float], None] | None:
         if not self.enabled:
             return None
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.total, desc="search", unit="eval")
 
-        def update(evaluations: int, best: float) -> None:
-            self.bar.update(max(0, min(evaluations, self.total) - self.bar.n))
+        def update(evaluations: float, best: float) -> None:
+            self.bar.update(max(0, min(int(evaluations), self.total) - self.bar.n))
             self.bar.set_postfix(best=f"{self.sign * best:.5f}", refresh=False)
 
         return update

@@ -75,14 +75,18 @@ class BudgetSampling(Sampling):
 
 
 class NeighbourhoodSampling(Sampling):
-    """Row 0 = uniform; every other row = a level-switch neighbour of uniform (a local start)."""
+    """The centres first (uniform, a warm-start plan, the best so far...), then level-switch neighbours of them in
+    turn (a local start). A single centre may be given as one vector."""
 
-    def __init__(self, uniform: np.ndarray, dmax: int):
+    def __init__(self, centres: np.ndarray, dmax: int, tmax: int = 3):
         super().__init__()
-        self.uniform, self.dmax = uniform, dmax
+        self.centres = np.atleast_2d(np.asarray(centres, dtype=np.int64))
+        self.dmax, self.tmax = dmax, tmax
 
     def _do(self, problem, n_samples, random_state=None, **kwargs):
         lower, upper = problem.xl.astype(np.int64), problem.xu.astype(np.int64)
-        rows = [self.uniform] + [level_switch(self.uniform, lower, upper, random_state, tmax=3, dmax=self.dmax)
-                                 for _ in range(n_samples - 1)]
-        return np.array(rows)
+        rows = [c for c in self.centres]
+        while len(rows) < n_samples:
+            centre = self.centres[(len(rows) - len(self.centres)) % len(self.centres)]
+            rows.append(level_switch(centre, lower, upper, random_state, tmax=self.tmax, dmax=self.dmax))
+        return np.array(rows[:max(n_samples, len(self.centres))])

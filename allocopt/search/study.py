@@ -4,54 +4,43 @@ That makes any run resumable (re-running the same command evaluates nothing twic
 share one study, and lets optuna-dashboard show each allocation: the counts are trial params
 ``layer_NNN`` (when the space is known) and the full plan is in the user attrs.
 
+Racing (multi-fidelity) scores plans on the first rows of the search set first. A plan is written once it is
+decided: COMPLETE with its full value, or PRUNED when it lost a race, each with its partial values as intermediate
+values by row count (what ``trial.report(value, step=rows)`` then ``study.tell`` would store, in one transaction)
+and its per-row sums in ``row_sums``, so a resumed search replays every race from the study without scoring again.
+
     recorder = StudyRecorder("sqlite:///studies/runs.db", "olmoe-50", ["maximize"], attrs, ["esap"], space=space)
     evaluate = recorder.wrap(evaluate_plans, optimizer="ga")      # -> SearchContext.evaluate
+    evaluate.partial(counts, rows=4); evaluate.prune(counts)      # racing: partial scores, PRUNED trials
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import sqlite3
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import optuna
 from optuna.distributions import IntDistribution
-from optuna.samplers import BaseSampler
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from allocopt.errors import AllocoptError
 from allocopt.search.space import AllocationSpace
 
 ALLOCATION = "allocation"
+ROW_SUMS = "row_sums"            # trial user attr: per-row sums of the objective over the rows scored
+ROW_TOKENS = "row_tokens"        # trial user attr: scored positions of each of those rows
+LAYER_TOKENS = "layer_tokens"    # trial user attr: decoder layer-tokens forwarded for the plan (its compute cost)
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
 def param_name(layer: int) -> str:
     return f"layer_{layer:03d}"
-
-
-class _RecordedPlanSampler(BaseSampler):
-    """Returns, for each ``layer_NNN`` param, the count already stored in the trial's ``allocation`` attr.
-
-    Trials are created with ask/tell (a RUNNING trial marks work in progress for other workers), so params
-    must come from a sampler; this one just replays the plan the optimizer chose.
-    """
-
-    def __init__(self, layers: Sequence[int]):
-        self.index = {param_name(l): i for i, l in enumerate(layers)}
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return trial.user_attrs[ALLOCATION][self.index[param_name]]
 
 
 def check_storage(url: str) -> None:
@@ -140,10 +129,43 @@ def outcome(result: Any, memory_bytes: float | None, objectives: int) -> Outcome
     worker so a plan's trial looks the same whoever evaluated it. Two objectives add the plan's memory."""
     value, bound = _value(result), _bound(result)
     attrs: dict[str, Any] = {} if bound is None else {"bound": bound}
+    if getattr(result, "layer_tokens", None):
+        attrs[LAYER_TOKENS] = int(result.layer_tokens)
+    if getattr(result, "rows", 0) and math.isfinite(value):
+        attrs[ROW_SUMS] = [float(x) for x in result.row_sums]
+        attrs[ROW_TOKENS] = [int(t) for t in result.row_tokens]
     if not math.isfinite(value):
         attrs["fail_reason"] = str(getattr(result, "failed", None) or "objective returned no value")
         return Outcome(None, attrs)
     return Outcome([value] + ([float(memory_bytes)] if objectives == 2 else []), attrs)
+
+
+@dataclass
+class RowRecord:
+    """What a plan has scored on the first ``rows`` rows: per-row sums (None when the plan failed)."""
+
+    rows: int
+    row_sums: tuple[float, ...] | None
+    row_tokens: tuple[int, ...]
+    failed: str | None = None
+    steps: dict[int, float] = field(default_factory=dict)      # rows -> partial value reported in this run
+    layer_tokens: int | None = None                              # compute spent on the plan so far (engine)
+
+    def head(self, rows: int) -> "RowRecord":
+        r = min(rows, self.rows)
+        sums = None if self.row_sums is None else self.row_sums[:r]
+        return RowRecord(r, sums, self.row_tokens[:r], self.failed)
+
+
+def row_record(result: Any) -> RowRecord | None:
+    """The per-row record of an engine result (``ObjectiveValue``); None for results without rows (plain numbers)."""
+    rows = getattr(result, "rows", 0)
+    if not rows:
+        return None
+    failed = getattr(result, "failed", None)
+    sums = None if failed or getattr(result, "value", None) is None else tuple(float(x) for x in result.row_sums)
+    return RowRecord(int(rows), sums, tuple(int(t) for t in getattr(result, "row_tokens", ())), failed,
+                     layer_tokens=getattr(result, "layer_tokens", None))
 
 
 class StudyRecorder:
@@ -152,6 +174,7 @@ class StudyRecorder:
     ``attrs`` go into the study's and every trial's user attrs (model, criterion, objective, seed, ...).
     Optional ``space`` adds per-layer params and ``memory_bytes``; optional ``ranking`` adds the kept ids.
     With two directions the second objective told is the plan's memory in bytes (needs ``space``).
+    A trial is written in one transaction once its plan is decided (see the module docstring).
     """
 
     def __init__(self, storage: str, study_name: str, directions: list[str], attrs: dict,
@@ -162,7 +185,7 @@ class StudyRecorder:
         self.layers = tuple(int(l) for l in layers)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
-                                         load_if_exists=True, sampler=_RecordedPlanSampler(self.layers))
+                                         load_if_exists=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names(list(metric_names))
@@ -170,30 +193,15 @@ class StudyRecorder:
             self.study.set_user_attr(key, value)
 
     def completed(self) -> dict[tuple[int, ...], float]:
-        """allocation -> value of every COMPLETE trial (re-read each call so other workers' trials count)."""
+        """allocation -> value of every COMPLETE trial (read from the storage)."""
         return {tuple(t.user_attrs[ALLOCATION]): float(t.values[0])
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if ALLOCATION in t.user_attrs}
 
-    def wrap(self, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str
-             ) -> Callable[[np.ndarray], np.ndarray]:
-        def evaluate(counts: np.ndarray) -> np.ndarray:
-            rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
-            known = self.completed()
-            misses = list(dict.fromkeys(r for r in rows if r not in known))
-            if misses:
-                trials = [self._start(plan, optimizer) for plan in misses]
-                try:
-                    results = list(evaluate_plans(np.array(misses, dtype=np.int64)))
-                except BaseException:
-                    for trial in trials:                 # never leave RUNNING trials behind
-                        self.study.tell(trial, state=TrialState.FAIL)
-                    raise
-                for trial, plan, result in zip(trials, misses, results):
-                    known[plan] = self._finish(trial, plan, result)
-            return np.array([known[r] for r in rows], dtype=float)
-
-        return evaluate
+    def wrap(self, evaluate_plans: Callable[..., list[Any]], optimizer: str) -> "RecordedObjective":
+        """``evaluate_plans(counts [n, L], rows=None) -> results`` recorded: full values through the study, plus
+        ``partial``/``prune`` for racing when the results carry per-row sums (the engine's ``ObjectiveValue``)."""
+        return RecordedObjective(self, evaluate_plans, optimizer)
 
     def trial_attrs(self, plan: tuple[int, ...], optimizer: str) -> dict[str, Any]:
         """The user attrs every trial of ``plan`` carries, whoever creates it (this process or a queue)."""
@@ -204,6 +212,10 @@ class StudyRecorder:
             attrs["kept"] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
         return attrs
 
+    def owner_attrs(self) -> dict[str, Any]:
+        """Extra attrs of trials this process writes (OwnedRecorder names the process)."""
+        return {}
+
     def trial_distributions(self) -> dict[str, IntDistribution]:
         """One integer param per MoE layer (what optuna-dashboard plots), bounded by the space."""
         if self.space is None:
@@ -211,21 +223,130 @@ class StudyRecorder:
         return {param_name(layer): IntDistribution(int(lo), int(hi))
                 for layer, lo, hi in zip(self.space.layers, self.space.lower, self.space.upper)}
 
-    def _start(self, plan: tuple[int, ...], optimizer: str) -> optuna.Trial:
-        trial = self.study.ask()
-        for key, value in self.trial_attrs(plan, optimizer).items():
-            trial.set_user_attr(key, value)
-        for name, distribution in self.trial_distributions().items():
-            trial.suggest_int(name, distribution.low, distribution.high)
-        return trial
+    def record(self, plan: tuple[int, ...], optimizer: str, state: TrialState, values: list[float] | None,
+               attrs: dict[str, Any], steps: dict[int, float], started: datetime.datetime) -> None:
+        """Write one finished trial (COMPLETE, PRUNED or FAIL) with its params, attrs and intermediate values."""
+        distributions = self.trial_distributions()
+        params = {name: int(count) for name, count in zip(distributions, plan)}
+        values = None if values is None else [float(v) for v in values]
+        template = FrozenTrial(number=-1, state=state, value=None, values=values, datetime_start=started,
+                               datetime_complete=datetime.datetime.now(), params=params, distributions=distributions,
+                               user_attrs={**self.trial_attrs(plan, optimizer), **self.owner_attrs(), **attrs},
+                               system_attrs={}, intermediate_values={int(k): float(v) for k, v in steps.items()},
+                               trial_id=-1)
+        self.study._storage.create_new_trial(self.study._study_id, template_trial=template)
 
-    def _finish(self, trial: optuna.Trial, plan: tuple[int, ...], result: Any) -> float:
-        memory = self.space.memory_bytes(plan) if self.space is not None else None
-        out = outcome(result, memory, len(self.study.directions))
-        for key, value in out.attrs.items():
-            trial.set_user_attr(key, value)
+
+class RecordedObjective:
+    """The objective as the search sees it through a :class:`StudyRecorder` (see ``StudyRecorder.wrap``).
+
+    Calling it evaluates plans at full fidelity; plans with a COMPLETE trial are served (read once, on the first
+    call: the study is this process's own). ``partial(counts, rows)`` returns per-row records for racing, served
+    from any trial's ``row_sums`` when it covers the rows; ``prune(counts)`` writes the PRUNED trials.
+    """
+
+    def __init__(self, recorder: StudyRecorder, evaluate_plans: Callable[..., list[Any]], optimizer: str):
+        self.recorder, self.evaluate_plans, self.optimizer = recorder, evaluate_plans, optimizer
+        self._known: dict[tuple[int, ...], float] | None = None
+        self._rows: dict[tuple[int, ...], RowRecord] = {}
+        self._pruned: set[tuple[int, ...]] = set()
+        self._started: dict[tuple[int, ...], datetime.datetime] = {}
+
+    def _load(self) -> dict[tuple[int, ...], float]:
+        if self._known is None:
+            self._known = {}
+            for t in self.recorder.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+                plan = tuple(t.user_attrs.get(ALLOCATION, ()))
+                if not plan:
+                    continue
+                if t.state == TrialState.COMPLETE:
+                    self._known[plan] = float(t.values[0])
+                else:
+                    self._pruned.add(plan)
+                if ROW_SUMS in t.user_attrs:
+                    sums, tokens = t.user_attrs[ROW_SUMS], t.user_attrs[ROW_TOKENS]
+                    if plan not in self._rows or len(sums) > self._rows[plan].rows:
+                        self._rows[plan] = RowRecord(len(sums), tuple(sums), tuple(tokens))
+        return self._known
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        known = self._load()
+        rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
+        misses = list(dict.fromkeys(r for r in rows if r not in known))
+        now: dict[tuple[int, ...], float] = {}
+        if misses:
+            started = datetime.datetime.now()
+            try:
+                results = list(self.evaluate_plans(np.array(misses, dtype=np.int64)))
+            except BaseException:
+                for plan in misses:                      # nothing was written for them; a rerun evaluates them
+                    self._started.pop(plan, None)
+                raise
+            for plan, result in zip(misses, results):
+                now[plan] = self._finish(plan, result, started)
+                if math.isfinite(now[plan]):             # a FAIL is retried by the next call, never served
+                    known[plan] = now[plan]
+        return np.array([known.get(r, now.get(r, math.nan)) for r in rows], dtype=float)
+
+    def partial(self, counts: np.ndarray, rows: int) -> list[RowRecord]:
+        """Per-row records of plans ``counts`` [n, L] on their first ``rows`` rows (``rows`` a multiple of the
+        engine's micro-batch), evaluating only what neither this run nor the study has scored."""
+        self._load()
+        plans = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
+        todo = [p for p in dict.fromkeys(plans) if not self._covers(p, rows)]
+        if todo:
+            started = datetime.datetime.now()
+            for plan, result in zip(todo, self.evaluate_plans(np.array(todo, dtype=np.int64), rows=rows)):
+                record = row_record(result)
+                if record is None:
+                    raise AllocoptError("racing needs per-row results from the objective; turn it off with "
+                                        "--option racing=false")
+                previous = self._rows.get(plan)
+                record.steps = dict(previous.steps) if previous is not None else {}
+                record.steps[record.rows] = math.nan if record.row_sums is None else _value(result)
+                self._rows[plan] = record
+                self._started.setdefault(plan, started)
+        return [self._rows[p].head(rows) for p in plans]
+
+    def _covers(self, plan: tuple[int, ...], rows: int) -> bool:
+        record = self._rows.get(plan)
+        return record is not None and (record.rows >= rows or record.row_sums is None)
+
+    def prune(self, counts: np.ndarray) -> None:
+        """Write a PRUNED trial (FAIL when its partial evaluation failed) for each raced-out plan not yet in the
+        study; its value is its last intermediate value, as ``study.tell(state=PRUNED)`` would set."""
+        self._load()
+        for plan in dict.fromkeys(tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))):
+            record = self._rows.get(plan)
+            if plan in self._pruned or plan in self._known or record is None:
+                continue
+            self._pruned.add(plan)
+            started = self._started.pop(plan, datetime.datetime.now())
+            cost = {} if record.layer_tokens is None else {LAYER_TOKENS: int(record.layer_tokens)}
+            if record.row_sums is None:
+                self.recorder.record(plan, self.optimizer, TrialState.FAIL, None,
+                                     {"fail_reason": record.failed or "objective returned no value", **cost},
+                                     record.steps, started)
+                continue
+            last = record.steps[max(record.steps)] if record.steps else None
+            values = [last] if last is not None and math.isfinite(last) and len(self.recorder.study.directions) == 1 else None
+            self.recorder.record(plan, self.optimizer, TrialState.PRUNED, values,
+                                 {ROW_SUMS: list(record.row_sums), ROW_TOKENS: list(record.row_tokens), **cost},
+                                 record.steps, started)
+
+    def _finish(self, plan: tuple[int, ...], result: Any, started: datetime.datetime) -> float:
+        memory = self.recorder.space.memory_bytes(plan) if self.recorder.space is not None else None
+        out = outcome(result, memory, len(self.recorder.study.directions))
+        attrs = dict(out.attrs)
+        record = row_record(result)
+        previous = self._rows.get(plan)
+        steps = dict(previous.steps) if previous is not None else {}
+        if record is not None and record.row_sums is not None:
+            record.steps = steps
+            self._rows[plan] = record
+        started = self._started.pop(plan, started)
         if out.values is None:
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.recorder.record(plan, self.optimizer, TrialState.FAIL, None, attrs, steps, started)
             return math.nan
-        self.study.tell(trial, out.values)
+        self.recorder.record(plan, self.optimizer, TrialState.COMPLETE, out.values, attrs, steps, started)
         return out.values[0]

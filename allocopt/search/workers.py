@@ -97,10 +97,8 @@ class OwnedRecorder(StudyRecorder):
         super().__init__(*args, **kwargs)
         self.orphans_failed = fail_orphans(self.study)
 
-    def _start(self, plan: tuple[int, ...], optimizer: str) -> optuna.Trial:
-        trial = super()._start(plan, optimizer)
-        trial.set_user_attr(OWNER, owner_id())
-        return trial
+    def owner_attrs(self) -> dict[str, Any]:
+        return {OWNER: owner_id()}
 
 
 class QueueRecorder(OwnedRecorder):

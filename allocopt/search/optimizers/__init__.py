@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "cmaes": "allocopt.search.optimizers.optuna_simplex:CmaEsSearch",
     "tpe": "allocopt.search.optimizers.optuna_simplex:TPESearch",
     "nsga2": "allocopt.search.optimizers.nsga2:NSGA2Search",
+    "dp": "allocopt.search.optimizers.dp:SensitivityAllocation",
     "random": "allocopt.search.optimizers.random_search:RandomSearch",
     "uniform": "allocopt.search.optimizers.baselines:UniformAllocation",
     "global": "allocopt.search.optimizers.baselines:GlobalRanking",

@@ -1,13 +1,23 @@
-"""The default search: a steady elitist GA that works as a local search around the uniform plan.
+"""The default search: a steady elitist GA around the uniform plan, warm-started by the sensitivity DP, with
+racing and restarts.
 
-Why these choices (optimizers.md §4.3, measured with benchmarks/search_efficiency.py):
-the optimum sits near uniform and step size matters more than the library, so generation 0 is the uniform
-plan plus level-switch neighbours of it (not random compositions far away), mutation moves up to
-``mutation_max_delta`` experts scaled with the layer width, two-point crossover recombines good per-layer
-moves found by different parents (BudgetRepair restores the sum), and (mu + lambda) survival keeps elites.
-Small batches (8 offspring, 4 elites) let improvements compound quickly; on the 24x64 toy this reaches
-EvoESAP's final best after 300 evaluations in about 60 (see the benchmark). ``ctx.population`` is not used:
-pass ``options["offspring"]`` for bigger GPU batches.
+Why these choices (measured with benchmarks/search_efficiency.py on the testbed, studies/reports/search_efficiency.md):
+* the optimum sits near uniform and step size matters more than the library (optimizers.md §4.3), so generation 0
+  is the uniform plan, the ``dp`` plan (additive model fitted to per-layer probes around uniform, solved exactly;
+  ``allocopt.search.sensitivity``) and level-switch neighbours of both, not random compositions far away;
+* two-point crossover recombines per-layer moves found by different parents (BudgetRepair restores the sum),
+  level-switch mutation moves up to ``mutation_max_delta`` experts, and (mu + lambda) survival keeps the elites;
+* racing (``allocopt.search.racing``, EvoPress's multi-step selection) scores each generation's offspring on the
+  first rows of the search set and promotes only the best to all rows, so a generation costs a fraction of its
+  plans: more candidates per evaluation budget;
+* when the best has not improved for ``patience`` generations the population has converged: the GA restarts
+  from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
+  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best plan.
+
+Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
+``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
+``dp_rounds``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population``
+is not used.
 """
 from __future__ import annotations
 
@@ -16,11 +26,15 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
+from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
-from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
-from allocopt.search.problem import AllocationProblem, drive
+from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
+from allocopt.search.optimizers.dp import probes_per_layer
+from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
+from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
+from allocopt.search.sensitivity import sensitivity_step
 
 
 def default_step(space) -> int:
@@ -31,17 +45,105 @@ def default_step(space) -> int:
 class GeneticSearch:
     name = "ga"
 
+    def races(self, options: dict) -> bool:
+        return option(options, "racing", bool, defaults.GA_RACING)
+
+    def check(self, space, max_evals: int, options: dict) -> None:
+        """Every option parses; counts are positive (one-line AllocoptError otherwise)."""
+        for key in ("racing", "warm_start"):
+            option(options, key, bool, True)
+        for key, low in (("offspring", 2), ("elites", 2), ("mutation_max_delta", 1), ("mutation_max_moves", 1),
+                         ("patience", 1), ("dp_probes", 1), ("dp_rows", 1), ("dp_rounds", 1), ("race_first_rows", 1)):
+            value = option(options, key, int, None)
+            if value is not None and value < low:
+                raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+        option(options, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)
+        option(options, "race_z", float, defaults.RACE_Z)
+        option(options, "restart", str, defaults.GA_RESTART, choices=("step", "dp"))
+
+    def schedule(self, ctx: SearchContext) -> RaceSchedule | None:
+        """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
+        f = ctx.fidelity
+        if not self.races(ctx.options) or f is None or f.rows <= f.step:
+            return None
+        return RaceSchedule.halving(f.rows, f.step, first=option(ctx.options, "race_first_rows", int, f.step),
+                                    keep_first=defaults.RACE_KEEP_FIRST, keep_next=defaults.RACE_KEEP_NEXT)
+
     def run(self, ctx: SearchContext) -> SearchResult:
         opt, space = ctx.options, ctx.space
-        offspring = max(2, int(opt.get("offspring", defaults.GA_OFFSPRING)))
-        survivors = max(2, int(opt.get("elites", defaults.GA_ELITES)))
-        dmax = int(opt.get("mutation_max_delta", default_step(space)))
-        algorithm = GA(pop_size=survivors, n_offsprings=offspring,
-                       sampling=NeighbourhoodSampling(space.uniform(), dmax),
-                       crossover=TwoPointCrossover(prob=float(opt.get("crossover_prob", defaults.GA_CROSSOVER_PROB))),
-                       mutation=LevelSwitchMutation(tmax=int(opt.get("mutation_max_moves", defaults.MUTATION_MAX_MOVES)),
-                                                    dmax=dmax),
-                       repair=BudgetRepair(space.budget), eliminate_duplicates=True)
-        cache = ctx.cache()
-        drive(algorithm, AllocationProblem(space, cache), ctx.seed)
-        return result_from(cache)
+        self.check(space, ctx.max_evals, opt)
+        schedule = self.schedule(ctx)
+        offspring = option(opt, "offspring", int, defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
+        survivors = option(opt, "elites", int, defaults.GA_ELITES)
+        step = dmax = option(opt, "mutation_max_delta", int, default_step(space))
+        patience = option(opt, "patience", int, defaults.GA_PATIENCE)
+        z = option(opt, "race_z", float, defaults.RACE_Z)
+        cache = ctx.cache(probes=True)
+        uniform = space.uniform()
+        cache(uniform[None])
+        centres = [uniform]
+        warm = self._warm_start(ctx, cache, uniform)
+        if warm is not None and tuple(warm) != tuple(uniform):
+            centres.append(warm)
+        evaluate = (lambda X: race(cache, X, schedule, z)) if schedule else cache
+        problem = AllocationProblem(space, cache, evaluate=evaluate)
+        restart = 0
+        while not cache.exhausted:
+            _, before = cache.best(space.budget)
+            watch = _Stagnation(cache, space.budget, patience)
+            algorithm = GA(pop_size=survivors, n_offsprings=offspring,
+                           sampling=NeighbourhoodSampling(np.array(centres), step),
+                           crossover=TwoPointCrossover(prob=option(opt, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)),
+                           mutation=LevelSwitchMutation(tmax=option(opt, "mutation_max_moves", int, defaults.MUTATION_MAX_MOVES),
+                                                        dmax=step),
+                           repair=BudgetRepair(space.budget), eliminate_duplicates=True)
+            spent = cache.spent
+            drive(algorithm, problem, ctx.seed + restart, stop=watch)
+            if cache.spent == spent:                     # nothing new around this centre at any step: converged
+                break
+            best, after = cache.best(space.budget)
+            step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
+            centres, restart = [best], restart + 1
+            if option(opt, "restart", str, defaults.GA_RESTART) == "dp" and after <= before:
+                relinearised = self._relinearise(ctx, cache, best)     # the additive model around the best
+                if relinearised is not None and tuple(relinearised) != tuple(best):
+                    centres.append(relinearised)
+        return result_from(cache, budget=space.budget)
+
+    def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
+        """The sensitivity DP plan around uniform (re-linearised ``dp_rounds`` times while that improves), when
+        enabled and one round of probes fits ``GA_DP_BUDGET_SHARE`` of the budget."""
+        if not option(ctx.options, "warm_start", bool, True):
+            return None
+        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
+        if probes < 1:
+            return None
+        rows = option(ctx.options, "dp_rows", int, None)
+        base, plan = uniform, None
+        for _ in range(option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS)):
+            step = sensitivity_step(cache, ctx.space, base, probes, rows)
+            if step is None or tuple(step) == tuple(base) or not np.array_equal(cache.best(ctx.space.budget)[0], step):
+                break
+            base = plan = step
+        return plan
+
+    def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
+        """The sensitivity DP plan with probes around ``best`` (``restart=dp``), if one round of probes fits."""
+        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
+        return sensitivity_step(cache, ctx.space, best, probes) if probes >= 1 else None
+
+
+class _Stagnation:
+    """``stop()`` for ``drive``: True once the best on the budget has not improved for ``patience`` generations."""
+
+    def __init__(self, cache: EvaluationCache, budget: int, patience: int):
+        self.cache, self.budget, self.patience = cache, budget, patience
+        self.best, self.idle = cache.best(budget)[1], 0
+
+    def __call__(self) -> bool:
+        value = self.cache.best(self.budget)[1]
+        if value > self.best:
+            self.best, self.idle = value, 0
+        else:
+            self.idle += 1
+        return self.idle >= self.patience

@@ -1,0 +1,55 @@
+"""``dp``: the sensitivity allocation (OWL / SPDY family), a baseline of its own and ``ga``'s warm start.
+
+Probes every layer at a grid of kept counts with the other layers at the uniform plan, fits the additive model of
+``allocopt.search.sensitivity`` and returns its exact DP optimum (or uniform, if that scores higher). With
+``dp_rounds`` > 1 it re-linearises: probes again around the best plan so far and solves again, while that improves.
+Options: ``dp_probes`` (counts probed per layer, default every count up to ``defaults.DP_PROBES``), ``dp_rounds``
+(``defaults.DP_ROUNDS``), ``dp_rows`` (probe on the first rows only; default all rows). Probes count toward
+``--evals`` like any evaluation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from allocopt import defaults
+from allocopt.errors import AllocoptError
+from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
+from allocopt.search.sensitivity import sensitivity_step
+
+
+def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
+    """Counts probed per layer: ``dp_probes`` if given, else as many as ``share`` of the budget pays for one
+    round besides the uniform plan and the DP plan (at most ``defaults.DP_PROBES``)."""
+    given = option(ctx.options, "dp_probes", int, None)
+    if given is not None:
+        return given
+    return int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // ctx.space.size))
+
+
+class SensitivityAllocation:
+    name = "dp"
+
+    def check(self, space, max_evals: int, options: dict) -> None:
+        for key in ("dp_probes", "dp_rows", "dp_rounds"):
+            value = option(options, key, int, None)
+            if value is not None and value < 1:
+                raise AllocoptError(f"--option {key}={value} must be >= 1; raise it")
+        if space is not None and option(options, "dp_probes", int, None) is None and max_evals < space.size + 2:
+            raise AllocoptError(f"dp needs at least {space.size + 2} evaluations (the uniform plan, one probe per "
+                                f"layer and the DP plan), got --evals {max_evals}; raise --evals")
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        self.check(ctx.space, ctx.max_evals, ctx.options)
+        space, cache = ctx.space, ctx.cache(probes=True)
+        probes = probes_per_layer(ctx)
+        rows = option(ctx.options, "dp_rows", int, None)
+        base = space.uniform()
+        cache(base[None])
+        for _ in range(option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS)):
+            plan = sensitivity_step(cache, space, base, probes, rows)
+            if plan is None or tuple(plan) == tuple(base):
+                break
+            if not np.array_equal(cache.best(space.budget)[0], plan):    # the model's optimum did not beat the base
+                break
+            base = plan
+        return result_from(cache, budget=space.budget)

@@ -1,0 +1,138 @@
+"""Racing (successive halving on nested row subsets) and the sensitivity DP, on cheap real objectives: the
+multi-fidelity toy (rows with noise) and brute force over small knapsacks."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from allocopt.errors import AllocoptError
+from allocopt.search.optimizers import SearchContext, get_optimizer
+from allocopt.search.problem import EvaluationCache
+from allocopt.search.racing import RaceSchedule, race
+from allocopt.search.sampling import random_composition
+from allocopt.search.sensitivity import dp_allocate, layer_costs, probe_grid, probe_plans
+from allocopt.search.space import make_space
+from allocopt.search.toy import ToyRows
+
+
+@pytest.fixture()
+def space():
+    return make_space({l: 16 for l in range(6)}, {l: 2 for l in range(6)}, {l: 1 for l in range(6)}, sparsity=0.5)
+
+
+def _plans(space, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.array([random_composition(space.lower, space.upper, space.budget, rng) for _ in range(n)])
+
+
+def test_halving_schedule_and_bad_schedules():
+    s = RaceSchedule.halving(16, 4)
+    assert s.rows == (4, 8, 16) and s.keep == (0.25, 0.5)
+    assert RaceSchedule.halving(16, 4, first=6).rows == (8, 16)
+    assert RaceSchedule.halving(4, 4).rows == (4,)
+    for rows, keep in (((8, 4), (0.5,)), ((4, 8), (0.0,)), ((4, 8), ()), ((0, 8), (0.5,))):
+        with pytest.raises(AllocoptError):
+            RaceSchedule(rows, keep)
+
+
+def test_race_gives_survivors_their_full_value_and_pays_each_row_once(space):
+    rows = ToyRows(space, rows=16, step=4, noise=0.02)
+    cache = EvaluationCache(rows.full, 100, fidelity=rows)
+    X = _plans(space, 16)
+    values = race(cache, X, RaceSchedule.halving(16, 4))
+    survivors = np.isfinite(values)
+    assert survivors.sum() == 2                                   # 16 -> 4 at 4 rows -> 2 at 8 rows -> full
+    assert values[survivors] == pytest.approx(rows.full(X[survivors]))
+    assert len(rows.pruned) == 14 and set(rows.pruned) == {tuple(x) for x in X[~survivors]}
+    assert rows.rows_scored == 16 * 4 + 4 * 4 + 2 * 8            # promotions only run the rows they add
+    assert cache.spent == pytest.approx(rows.rows_scored / 16) and cache.evaluations == 2
+    # the two survivors were the best at 8 rows among the four promoted from the first stage
+    assert len(cache.pruned) == 14
+    again = race(cache, X, RaceSchedule.halving(16, 4))           # nothing is raced twice
+    assert np.array_equal(np.isfinite(again), survivors) and rows.rows_scored == 96
+
+
+def test_race_z_drops_entrants_clearly_worse_than_the_incumbent(space):
+    rows = ToyRows(space, rows=16, step=4, noise=0.001)
+    best = space.uniform()
+    X = _plans(space, 12, seed=3)
+    cache = EvaluationCache(rows.full, 100, fidelity=rows)
+    cache(best[None])
+    incumbent = rows.full(best[None])[0]
+    worse = rows.full(X) < incumbent - 0.02                      # far below, many standard errors
+    assert worse.sum() >= 6
+    values = race(cache, X, RaceSchedule.halving(16, 4, keep_first=1.0, keep_next=1.0), z=3.0)
+    assert not np.isfinite(values[worse]).any()                   # never promoted to all rows
+    assert (rows.full(X[np.isnan(values)]) < incumbent).all()      # and nothing better than the incumbent dropped
+
+
+def test_race_stops_at_the_budget_and_prunes_what_it_could_not_finish(space):
+    rows = ToyRows(space, rows=16, step=4)
+    cache = EvaluationCache(rows.full, 3, fidelity=rows)          # 16 x 0.25 > 3: not even the first stage fits
+    values = race(cache, _plans(space, 16), RaceSchedule.halving(16, 4))
+    assert cache.exhausted and cache.spent <= 3 + 1e-9 and np.isnan(values).all()
+    assert cache.evaluations == 0 and len(rows.pruned) == len(cache.scores) == 12
+
+
+def test_ga_races_by_default_and_sees_more_plans_for_the_same_budget(space):
+    def ctx(racing):
+        rows = ToyRows(space, rows=16, step=4, noise=0.005)
+        seen = []
+
+        def evaluate(X):
+            seen.append(len(X))
+            return rows.full(X)
+
+        return SearchContext(space, evaluate, 5, 60, 8, {}, {}, None, options={"racing": racing, "warm_start": False},
+                             fidelity=rows), rows, seen
+
+    raced, rows, _ = ctx(True)
+    a = get_optimizer("ga").run(raced)
+    plain, _, seen = ctx(False)
+    b = get_optimizer("ga").run(plain)
+    assert a.spent == pytest.approx(rows.rows_scored / 16) and 59 <= a.spent <= 60
+    assert b.spent == b.evaluations == sum(seen) == 60 and b.pruned == 0
+    assert a.pruned + a.evaluations > 2 * b.evaluations           # racing decided on far more candidates
+    assert space.contains(a.best) and a.best_value == max(v for x, v in a.history if x.sum() == space.budget)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 10_000))
+def test_dp_allocate_is_the_exact_optimum(n, seed):
+    rng = np.random.default_rng(seed)
+    lower = rng.integers(0, 3, n)
+    upper = lower + rng.integers(0, 5, n)
+    budget = int(rng.integers(lower.sum(), upper.sum() + 1))
+    costs = [rng.normal(size=hi - lo + 1) for lo, hi in zip(lower, upper)]
+    x = dp_allocate(costs, lower, upper, budget)
+    total = lambda y: sum(c[v - lo] for c, v, lo in zip(costs, y, lower))
+    best = min(total(y) for y in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(lower, upper)])
+               if sum(y) == budget)
+    assert x.sum() == budget and (x >= lower).all() and (x <= upper).all()
+    assert total(x) == pytest.approx(best)
+    with pytest.raises(AllocoptError):
+        dp_allocate(costs, lower, upper, int(upper.sum()) + 1)
+
+
+def test_additive_model_recovers_a_separable_objective(space):
+    """On an objective that *is* a product over layers, probes around any base give the exact optimum."""
+    rng = np.random.default_rng(0)
+    gain = rng.uniform(0.02, 0.3, space.size)
+
+    def f(X):
+        return np.exp(-(gain * np.exp(-np.atleast_2d(X) / 4)).sum(1))
+
+    base = space.uniform()
+    grid = probe_grid(space, base, 12)
+    assert [len(g) for g in grid] == [12] * 6 and all(base[l] not in g for l, g in enumerate(grid))
+    probes = probe_plans(base, grid)
+    costs = layer_costs(space, base, float(f(base[None])[0]), grid, f(probes))
+    x = dp_allocate(costs, space.lower, space.upper, space.budget)
+    brute = max((y for y in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(space.lower, space.upper)])
+                 if sum(y) == space.budget), key=lambda y: f(np.array(y)[None])[0])
+    assert tuple(x) == brute
+    coarse = probe_grid(space, base, 4)                          # base neighbours + the bounds
+    assert all(len(g) == 4 and {base[l] - 1, base[l] + 1, 2, 16} == set(g.tolist()) for l, g in enumerate(coarse))
