@@ -155,19 +155,36 @@ def _record_counts(model: nn.Module, family: Family) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],
-                card: str | None = None, overwrite: bool = False) -> Path:
+                card: str | None = None, overwrite: bool = False, self_contained: bool = True, pad: bool = False) -> Path:
     """Write the pruned checkpoint (safetensors, the model's dtype) atomically to ``out_dir``.
 
     ``model`` is pruned in place first unless it already has the plan's counts (no second copy of the
     weights is ever made). Writes plan.json (for a ``Plan``) and README.md (``card``) beside the weights.
+    ``self_contained``: where layers differ in count, also write the checkpoint's own modelling code (``auto_map``,
+    ``allocopt.serving.remote_code``) so that plain transformers loads it with ``trust_remote_code=True``.
+    ``pad``: the exact padded export instead (``allocopt.serving.padding.pad_model``, applied here unless ``model`` is
+    padded already): one expert count in every layer, loadable by stock transformers and vLLM; AllocoptError for
+    families where it cannot be exact.
     """
     kept = plan.kept if isinstance(plan, Plan) else {int(l): tuple(k) for l, k in plan.items()}
     current = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
-    if any(current.get(l) != len(k) for l, k in kept.items()):
+    if pad:
+        from allocopt.serving.padding import pad_model
+
+        width = max(len(kept.get(l, range(n))) for l, n in current.items())
+        if any(n != width for n in current.values()):
+            if isinstance(plan, Plan):
+                plan.validate_for(describe(model))
+            pad_model(model, kept)
+    elif any(current.get(l) != len(k) for l, k in kept.items()):
         prune_model(model, plan)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        if self_contained:
+            from allocopt.serving.remote_code import write_modeling_code
+
+            write_modeling_code(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if isinstance(plan, Plan):
