@@ -187,3 +187,15 @@ def _saved(model, tmp_path: Path) -> Path:
 def _save(plan: Plan, tmp_path: Path) -> Path:
     plan.save(tmp_path / "plan.json")
     return tmp_path / "plan.json"
+
+
+def test_vllm_plugin_table_covers_families_with_a_count_field():
+    """Every architecture the plugin registers is a transformers class of a family row whose count field it sets."""
+    from allocopt.models.families import family_for
+    from allocopt.serving.vllm_plugin import VLLM_ARCHITECTURES, version_supported
+
+    for arch in VLLM_ARCHITECTURES:
+        family = family_for(getattr(transformers, arch).config_class.model_type)
+        assert family.count_field and "." not in family.count_field and not family.unsupported, arch
+    assert version_supported("0.32.0+cpu") and version_supported("0.32.1")
+    assert not version_supported("0.31.2") and not version_supported("0.33.0")

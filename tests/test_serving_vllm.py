@@ -19,7 +19,7 @@ from allocopt.models.loading import load_model
 from allocopt.plan import Plan
 from allocopt.serving.vllm_engine import run_in
 from conftest import random_kept
-from vllm_kit import ENV, greedy_reference, tiny_vllm_model, vllm_python
+from vllm_kit import ENV, greedy_reference, logprobs_along, tiny_vllm_model, vllm_python
 
 pytestmark = pytest.mark.slow
 PROMPTS_PER_DOMAIN = 12       # 24 held-out prompts: math worksheets and code files the testbed never trained on
@@ -64,19 +64,26 @@ def test_plugin_serves_the_searched_nonuniform_plan_like_load_pruned(python, sea
     assert got["model_class"] == "allocopt.serving.vllm_models.OlmoeForCausalLM"
     assert got["experts_per_layer"] == plan.counts                 # vLLM built each layer with its own count
     model = load_pruned(export)
-    want_tokens, want_logprobs = greedy_reference(model, prompts, NEW_TOKENS, TOP)
-    same = sum(g == w for g, w in zip(got["token_ids"], want_tokens))
-    worst = max(abs(lp - want[int(t)]) if int(t) in want else float("inf")
-                for row, ref in zip(got["logprobs"], want_logprobs) for step, want in zip(row, ref)
-                for t, lp in step.items())
+    want = greedy_reference(model, prompts, NEW_TOKENS)
+    reference = logprobs_along(model, prompts, got["token_ids"])    # load_pruned in vLLM's contexts
+    worst = max(abs(lp - ref[step, int(t)].item()) for row, ref in zip(got["logprobs"], reference)
+                for step, top in enumerate(row) for t, lp in top.items())
+    same = [g == w for g, w in zip(got["token_ids"], want)]
     print(f"\nvLLM {got['vllm_version']} plugin vs load_pruned on {len(prompts)} held-out prompts x {NEW_TOKENS} tokens: "
-          f"identical greedy tokens {same}/{len(prompts)}, max |top-{TOP} logprob diff| {worst:.2e}, "
+          f"identical greedy tokens {sum(same)}/{len(prompts)}, max |top-{TOP} logprob diff| {worst:.2e}, "
           f"experts per layer {got['experts_per_layer']}")
-    assert got["token_ids"] == want_tokens
-    for row, ref in zip(got["logprobs"], want_logprobs):
-        for step, want in zip(row, ref):
-            assert {int(t) for t in step} == set(want)               # the same top-5 tokens ...
-    assert worst <= 1e-3                                             # ... with the same log-probabilities
+    assert sum(same) >= 20
+    assert worst <= 1e-3
+    for row, ref in zip(got["logprobs"], reference):
+        for step, top in enumerate(row):                            # the same top-5 tokens at every step
+            assert {int(t) for t in top} == set(ref[step].topk(TOP).indices.tolist())
+    for g, w, ref, ok in zip(got["token_ids"], want, reference, same):
+        if not ok:        # where greedy paths part, the two best tokens were tied within the tolerance
+            step = next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)
+            gap = abs(ref[step, g[step]] - ref[step, w[step]]).item()
+            print(f"  paths part at step {step}: tokens {g[step]} (vLLM) vs {w[step]} (transformers), "
+                  f"log-probability gap {gap:.1e}")
+            assert gap <= 1e-3
 
 
 def test_eval_backend_vllm_equals_the_transformers_path(python, searched):
@@ -85,10 +92,10 @@ def test_eval_backend_vllm_equals_the_transformers_path(python, searched):
     root, _ = searched
     export, limit = root / "export", 48
     proc = subprocess.run([str(python), "-m", "allocopt.cli.main", "eval", "--backend", "vllm", "--model", str(export),
-                           "--limit", str(limit), "--json"], capture_output=True, text=True, cwd=root,
-                          env={**__import__("os").environ, **ENV}, timeout=900)
+                           "--limit", str(limit), "--out", str(root / "eval.json")], capture_output=True, text=True,
+                          cwd=root, env={**__import__("os").environ, **ENV}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    via_vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    via_vllm = json.loads((root / "eval.json").read_text())
     model, tokenizer = load_model(export)
     via_hf = generation_metrics(model, tokenizer, limit)
     print(f"\nmath EM {limit} items: vLLM {via_vllm['math_em']:.4f}, transformers {via_hf['math_em']:.4f}; "
@@ -113,7 +120,7 @@ def test_plugin_serves_other_families(python, family, tmp_path):
         "skip_tokenizer_init": True, "enforce_eager": True, "dtype": "float32"}}, tmp_path, ENV)
     assert got["model_class"].startswith("allocopt.serving.vllm_models.")
     assert got["experts_per_layer"] == [len(kept[l]) for l in sorted(kept)]
-    want, _ = greedy_reference(load_pruned(tmp_path / "export"), prompts, 8)
+    want = greedy_reference(load_pruned(tmp_path / "export"), prompts, 8)
     assert got["token_ids"] == want
 
 
@@ -127,7 +134,7 @@ def test_padded_export_is_served_by_stock_vllm_without_the_plugin(python, family
     kept = random_kept(info, (3, 6, 4))
     prompts = torch.randint(3, 256, (6, 12), generator=torch.Generator().manual_seed(0)).tolist()
     with mask_experts(model, kept):
-        want, _ = greedy_reference(model, prompts, 8)
+        want = greedy_reference(model, prompts, 8)
     save_pruned(model, None, tmp_path / "padded", kept, pad=True)
     got = run_in(python, tmp_path / "padded", {"prompts": prompts, "max_new_tokens": 8, "llm": {
         "skip_tokenizer_init": True, "enforce_eager": True, "dtype": "float32"}}, tmp_path,
@@ -184,10 +191,11 @@ def test_lm_eval_generation_through_vllm_plugin_and_hf_remote_code_agree(python,
     export = root / "export"
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([str(python), "-m", "allocopt.cli.main", "eval", "--backend", "vllm", "--model", str(export),
-                           "--lm-eval-tasks", GEN_TASK, "--lm-eval-include", str(gen_task), "--json"],
+                           "--lm-eval-tasks", GEN_TASK, "--lm-eval-include", str(gen_task), "--out",
+                           str(root / "lm_eval.json")],
                           capture_output=True, text=True, cwd=root, env={**os.environ, **ENV, **offline}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    via_vllm = json.loads(proc.stdout.strip().splitlines()[-1])["lm_eval"][f"{GEN_TASK}/exact_match"]
+    via_vllm = json.loads((root / "lm_eval.json").read_text())["lm_eval"][f"{GEN_TASK}/exact_match"]
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in offline.items():

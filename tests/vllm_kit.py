@@ -35,19 +35,24 @@ def tiny_vllm_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Mo
 
 
 @torch.inference_mode()
-def greedy_reference(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, top: int = 5
-                     ) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
-    """Greedy tokens of a transformers model, one prompt at a time (no padding), and the top-``top`` log-probabilities
-    (fp32 log-softmax of the logits) at every generated step."""
-    tokens, logprobs = [], []
+def greedy_reference(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of a transformers model, one prompt at a time (no padding), EOS not stopping it."""
+    tokens = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
-        new = out[0, len(prompt):].tolist()
-        logits = model(out).logits[0, len(prompt) - 1: len(prompt) - 1 + max_new_tokens].float()
-        lp = torch.log_softmax(logits, dim=-1)
-        values, idx = lp.topk(top, dim=-1)
-        tokens.append(new)
-        logprobs.append([dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, values)])
-    return tokens, logprobs
+        tokens.append(out[0, len(prompt):].tolist())
+    return tokens
+
+
+@torch.inference_mode()
+def logprobs_along(model: torch.nn.Module, prompts: list[list[int]], continuations: list[list[int]]
+                   ) -> list[torch.Tensor]:
+    """fp32 log-softmax [steps, vocab] of a transformers model at every step of each given continuation (teacher
+    forced), so another engine's log-probabilities can be compared in the same contexts."""
+    out = []
+    for prompt, cont in zip(prompts, continuations):
+        logits = model(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(cont)]
+        out.append(torch.log_softmax(logits.float(), dim=-1))
+    return out

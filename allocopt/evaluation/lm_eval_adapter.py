@@ -105,14 +105,15 @@ def _simple_evaluate_vllm(model_spec: str | Path, manager: Any, names: list[str]
                           num_fewshot: int | None, log_samples: bool) -> dict:
     lm_eval, _, _ = _require_lm_eval()
     from allocopt.models.loading import resolve
-    from allocopt.serving.vllm_engine import INSTALL_HINT
+    from allocopt.serving.vllm_engine import INSTALL_HINT, checkpoint_dtype
 
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
         raise AllocoptError(f"vLLM is not installed in this environment ({exc.name} is missing); {INSTALL_HINT}") from exc
-    args = {"pretrained": str(resolve(model_spec)), "gpu_memory_utilization": D.VLLM_MEMORY_FRACTION, "seed": D.SEED,
-            "batch_size": "auto"}
+    path = resolve(model_spec)
+    args = {"pretrained": str(path), "gpu_memory_utilization": D.VLLM_MEMORY_FRACTION, "seed": D.SEED,
+            "dtype": checkpoint_dtype(path), "batch_size": "auto"}
     results = lm_eval.simple_evaluate(model="vllm", model_args=args, tasks=names, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=log_samples)
     if results is None:

@@ -28,13 +28,25 @@ from allocopt.io import atomic_write_json
 INSTALL_HINT = "create the vLLM environment with `bash .ci/vllm-venv` and run allocopt from .venv-vllm/bin"
 
 
+def checkpoint_dtype(model: str | os.PathLike) -> str:
+    """The dtype a checkpoint was saved in (config.json ``dtype``/``torch_dtype``), or vLLM's ``auto``."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "auto"
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
 def open_llm(model: str | os.PathLike, **overrides: Any) -> Any:
-    """``vllm.LLM`` for ``model`` with allocopt's CPU-friendly defaults (host-RAM fraction, fp32 kept as saved)."""
+    """``vllm.LLM`` for ``model`` with allocopt's defaults: the host-RAM (CPU) or GPU memory fraction
+    ``VLLM_MEMORY_FRACTION`` and the checkpoint's own dtype, as allocopt's transformers path computes in (vLLM's
+    ``auto`` runs a float32 checkpoint in bfloat16 on CPU, which moves log-probabilities by ~1e-2)."""
     try:
         from vllm import LLM
     except ImportError as exc:
         raise AllocoptError(f"vLLM is not installed in this environment ({exc.name} is missing); {INSTALL_HINT}") from exc
-    kwargs: dict[str, Any] = dict(model=str(model), gpu_memory_utilization=D.VLLM_MEMORY_FRACTION, seed=D.SEED)
+    kwargs: dict[str, Any] = dict(model=str(model), gpu_memory_utilization=D.VLLM_MEMORY_FRACTION, seed=D.SEED,
+                                  dtype=checkpoint_dtype(model))
     kwargs.update(overrides)
     return LLM(**kwargs)
 
@@ -107,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import vllm
 
     result["vllm_version"] = vllm.__version__
-    result.update(llm.apply_model(model_summary)[0])
+    from allocopt.serving import vllm_engine      # by its import name: workers unpickle it by reference, not __main__
+
+    result.update(llm.apply_model(vllm_engine.model_summary)[0])
     atomic_write_json(args.out, result)
 
 

@@ -1,8 +1,8 @@
 """vLLM model classes whose MoE layers each take their own expert count (imported by vLLM, never by allocopt itself).
 
 ``OlmoeForCausalLM`` here is vLLM's own ``OlmoeForCausalLM`` (and so on for every architecture in
-``vllm_plugin.VLLM_ARCHITECTURES``), except that while decoder layer ``i`` is built, ``model_config.hf_config`` is a
-copy whose expert-count field (the family table's ``count_field``) is ``layer_num_experts[i]``. vLLM's stock layers
+``vllm_plugin.VLLM_ARCHITECTURES``), except that while decoder layer ``i`` is built, the config's expert-count field
+(the family table's ``count_field``) holds ``layer_num_experts[i]``. vLLM's stock layers
 then size their router and fused experts per layer; the weight mapping keeps the config's largest count, which covers
 every layer's expert ids. Weights load through the stock ``load_weights``, so vLLM's own checks still refuse a
 missing or mis-shaped weight.
@@ -12,7 +12,6 @@ Classes are made on first access (module ``__getattr__``), because vLLM imports 
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import re
 from typing import Any, Callable, Iterator
@@ -35,18 +34,18 @@ def _count_field(config: Any) -> str:
     return field
 
 
-def _layer_view(config: Any, field: str, count: int) -> Any:
-    view = copy.copy(config)                     # shallow: only the count differs, the rest is shared
-    setattr(view, field, count)
-    return view
-
-
 @contextlib.contextmanager
 def _per_layer_construction(module: Any, model_config: Any, counts: list[int | None]) -> Iterator[None]:
-    """While ``module`` builds its decoder layers (``make_layers``), layer ``i`` sees its own expert count."""
+    """While ``module`` builds its decoder layers (``make_layers``), layer ``i`` sees its own expert count.
+
+    The count is set on the config object itself for the duration of that layer's constructor and restored right
+    after: stock layers read it from ``vllm_config.model_config.hf_config`` or from a config captured in a closure
+    (Qwen2-MoE, Mixtral), and both are this object. Layers keep the count they were built with.
+    """
     stock_make_layers: Callable[..., Any] = module.make_layers
-    field = _count_field(model_config.hf_text_config)
-    configs = (model_config.hf_config, model_config.hf_text_config)
+    config = model_config.hf_text_config
+    field = _count_field(config)
+    widest = getattr(config, field)
 
     def build_with_counts(num_hidden_layers: int, layer_fn: Callable[..., nn.Module], prefix: str, *a: Any, **k: Any):
         def layer(prefix: str) -> nn.Module:
@@ -54,13 +53,11 @@ def _per_layer_construction(module: Any, model_config: Any, counts: list[int | N
             i = int(match.group(1)) if match else None
             if i is None or i >= len(counts) or counts[i] is None:
                 return layer_fn(prefix=prefix)
-            text = _layer_view(configs[1], field, counts[i])
-            model_config.hf_config = text if configs[0] is configs[1] else configs[0]
-            model_config.hf_text_config = text
+            setattr(config, field, counts[i])
             try:
                 return layer_fn(prefix=prefix)
             finally:
-                model_config.hf_config, model_config.hf_text_config = configs
+                setattr(config, field, widest)
         return stock_make_layers(num_hidden_layers, layer, prefix, *a, **k)
 
     module.make_layers = build_with_counts
