@@ -30,19 +30,20 @@ SEARCH = ["--criterion", "reap", "--sparsity", "0.5", "--seq-len", "64", "--num-
 
 
 def _plan(root: Path, optimizer: str) -> Plan:
-    result = CliRunner().invoke(cli, ["run", "--optimizer", optimizer, *SEARCH, "--out", str(root / optimizer),
+    run_dir = root / "runs" / optimizer
+    result = CliRunner().invoke(cli, ["run", "--optimizer", optimizer, *SEARCH, "--out", str(run_dir),
                                       "--name", f"serving-{optimizer}"])
     if result.exit_code != 0:
         raise SystemExit(result.output)
-    return Plan.load(root / optimizer / "plan.json")
+    return Plan.load(run_dir / "plan.json")
 
 
 def _export(root: Path, name: str, plan: Plan, padded: bool) -> Path:
     model, tokenizer = load_model("testbed")
     if padded:
         pad_model(model, plan.kept, check_exact=False)      # cost measurement only: OLMoE padding is not exact
-    save_pruned(model, tokenizer, root / name, plan, pad=padded)
-    return root / name
+    save_pruned(model, tokenizer, root / "exports" / name, plan, pad=padded, overwrite=True)
+    return root / "exports" / name
 
 
 def main() -> None:

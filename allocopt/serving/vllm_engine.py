@@ -95,8 +95,10 @@ def run_in(python: str | os.PathLike, model: str | os.PathLike, requests: dict[s
                            str(request_file), "--out", str(out_file)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=work_dir)
     if proc.returncode != 0 or not out_file.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise AllocoptError(f"vLLM run on {model} failed (exit {proc.returncode}):\n{tail}")
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        causes = [l for l in lines if "Error" in l and "Traceback" not in l][:8]      # vLLM's root cause is early
+        detail = "\n".join(causes + ["..."] + lines[-12:])
+        raise AllocoptError(f"vLLM run on {model} failed (exit {proc.returncode}):\n{detail}")
     return json.loads(out_file.read_text(encoding="utf-8"))
 
 
