@@ -86,3 +86,6 @@ DP_ROUNDS = 1
 
 # lm-evaluation-harness adapter: requests per forward pass (lm-eval's own default of 1 leaves a CPU mostly idle).
 LM_EVAL_BATCH_SIZE = 16
+
+# vLLM (allocopt.serving): fraction of GPU memory vLLM reserves; on its CPU build, the fraction of host RAM.
+VLLM_MEMORY_FRACTION = 0.15

@@ -24,7 +24,7 @@ from allocopt.cli.main import cli
 from allocopt.data import load_tokens
 from allocopt.models import describe, find_moe_blocks, load_model, load_pruned, mask_experts
 from allocopt.models.catalog import moe_causal_lm_types
-from allocopt.models.families import FAMILIES, family_for, is_known
+from allocopt.models.families import family_for, is_known
 from allocopt.models.routing import verify
 from allocopt.models.tiny import build_tiny_model
 from allocopt.objectives import Evaluator

@@ -26,37 +26,68 @@ from allocopt.errors import AllocoptError
               help="Folder of your own lm-eval task YAML files (searched before lm-eval's built-in tasks).")
 @click.option("--allow-long-context", is_flag=True,
               help="Evaluate even when the testbed tasks' perplexity windows are longer than the model's context.")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="Engine: vllm runs the open-ended tasks (math and code exact match, or lm-eval's vllm model) "
+                   "through vLLM, where it is installed (bash .ci/vllm-venv).")
 @loading_options
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
-             lm_eval_include: str | None, allow_long_context: bool, **loading) -> None:
+             lm_eval_include: str | None, allow_long_context: bool, backend: str, **loading) -> None:
     """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
 
     if plan_path is not None and lm_eval_tasks is not None:
         raise AllocoptError("--plan works with the testbed tasks only; export the plan with `allocopt prune` for lm-eval")
+    if plan_path is not None and backend == "vllm":
+        raise AllocoptError("--plan masks experts inside transformers; export the plan with `allocopt prune` and pass "
+                            "the export as --model to evaluate it with --backend vllm")
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     options = load_options(loading)
-    metrics = (_lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit) if lm_eval_tasks is not None
-               else _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options))
+    if lm_eval_tasks is not None:
+        metrics = _lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit, backend)
+    elif backend == "vllm":
+        metrics = _vllm_generation_tasks(model_spec, limit)
+    else:
+        metrics = _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options)
     if out:
         atomic_write_json(out, metrics)
     if as_json:
         click.echo(json.dumps(metrics))
 
 
-def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None) -> dict:
+def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None, backend: str) -> dict:
     from allocopt.evaluation.lm_eval_adapter import metric_table, run_lm_eval
 
     start = time.time()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    table = metric_table(run_lm_eval(model_spec, names, include_path=include, limit=limit))
+    table = metric_table(run_lm_eval(model_spec, names, include_path=include, limit=limit, backend=backend))
     click.echo(f"{'metric':<32} {'value':>10}")
     for name, value in table.items():
         click.echo(f"{name:<32} {value:>10.4f}")
     seconds = round(time.time() - start, 1)
     click.echo(f"({seconds:.1f} s)")
-    return {"lm_eval": table, "model": str(model_spec), "seconds": seconds}
+    return {"lm_eval": table, "model": str(model_spec), "backend": backend, "seconds": seconds}
+
+
+def _vllm_generation_tasks(model_spec: str, limit: int | None) -> dict:
+    """Math and code exact match with vLLM generating (the checkpoint's own tokenizer tokenises, as in transformers)."""
+    import transformers
+
+    from allocopt.evaluation.harness import generation_metrics
+    from allocopt.models.loading import resolve
+    from allocopt.serving.vllm_engine import VllmGenerator
+
+    path = resolve(model_spec)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    metrics = generation_metrics(VllmGenerator(path), tokenizer, limit)
+    metrics.update(model=str(model_spec), backend="vllm")
+    click.echo(f"{'metric':<20} {'value':>10}")
+    click.echo(f"{'math_em':<20} {metrics['math_em']:>10.3f}")
+    for form, value in metrics["math_em_by_form"].items():
+        click.echo(f"{'math_em/' + form:<20} {value:>10.3f}")
+    click.echo(f"{'code_em':<20} {metrics['code_em']:>10.3f}")
+    click.echo(f"({metrics['seconds']:.1f} s)")
+    return metrics
 
 
 def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None, allow_long_context: bool = False,

@@ -14,9 +14,13 @@ from allocopt.errors import AllocoptError
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Directory for the pruned checkpoint.")
 @click.option("--model", "model_spec", default=None, help="Checkpoint directory or `testbed` (default: the plan's \"model\").")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--pad", is_flag=True, help="Pad every layer to the widest kept count with experts that are never chosen, "
+                                           "so stock transformers and vLLM load it (exact for routers with a per-expert "
+                                           "bias: GPT-OSS, DeepSeek-V3, GLM4-MoE; refused elsewhere).")
 @quiet_option
 @loading_options
-def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, quiet: bool, **loading) -> None:
+def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, pad: bool, quiet: bool,
+          **loading) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
     from allocopt.models import describe, load_model, save_pruned
     from allocopt.models.card import render_card
@@ -31,8 +35,15 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     model, tokenizer = load_model(str(spec), load_options(loading))
     before = describe(model)
     plan.validate_for(before, source=f"plan file {plan_path}")
-    save_pruned(model, tokenizer, out_dir, plan, card=lambda pruned: render_card(plan, before, pruned, str(spec)),
-                overwrite=overwrite, progress=not quiet)         # streams layer by layer if the model was offloaded
-    after = describe(model, fingerprint=False)
-    click.echo(f"wrote {out_dir}: {sum(after.num_experts.values())}/{sum(before.num_experts.values())} routed experts kept, "
-               f"{before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB")
+    compact_bytes = sum(len(lp.kept) * before.bytes_per_expert[lp.index] for lp in plan.layers) + \
+        sum(l.num_experts * l.bytes_per_expert for l in before.layers if l.index not in plan.kept)
+    save_pruned(model, tokenizer, out_dir, plan, overwrite=overwrite, progress=not quiet, pad=pad,
+                card=lambda pruned: render_card(plan, before, pruned, str(spec),
+                                                compact_expert_bytes=compact_bytes if pad else None))
+    after = describe(model, fingerprint=False)       # streams layer by layer above if the model was offloaded
+    click.echo(f"wrote {out_dir}: {sum(len(lp.kept) for lp in plan.layers)}/{sum(before.num_experts.values())} routed "
+               f"experts kept, {before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB")
+    if pad:
+        click.echo(f"padded to {max(after.num_experts.values())} experts per layer: routed experts take "
+                   f"{after.expert_bytes / 2**20:.2f} MB, {after.expert_bytes / compact_bytes:.2f}x the compact export's "
+                   f"{compact_bytes / 2**20:.2f} MB")

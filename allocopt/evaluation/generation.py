@@ -1,7 +1,11 @@
-"""Batched greedy generation for any causal LM: prompts are left-padded so every row continues at its end."""
+"""Batched greedy generation for any causal LM: prompts are left-padded so every row continues at its end.
+
+The same tasks run through vLLM: a model argument with ``greedy_ids`` (``allocopt.serving.vllm_engine.VllmGenerator``)
+gets the token ids of the prompts, tokenised exactly as here, and returns the generated ids.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,10 +24,22 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+@runtime_checkable
+class TokenGenerator(Protocol):
+    """A generation engine other than an in-process transformers model (vLLM)."""
+
+    def greedy_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Exactly ``max_new_tokens`` greedy token ids after each prompt (EOS does not stop generation)."""
+        ...
+
+
 @torch.inference_mode()
-def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+def greedy_continuations(model: nn.Module | TokenGenerator, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                          batch_size: int = 64) -> list[str]:
     """The decoded greedy continuation of each prompt (``max_new_tokens`` tokens; callers cut at a newline)."""
+    if isinstance(model, TokenGenerator):
+        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [tokenizer.decode(g, skip_special_tokens=True) for g in model.greedy_ids(rows, max_new_tokens)]
     device = input_device(model)
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):

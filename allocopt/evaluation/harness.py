@@ -16,7 +16,7 @@ from torch import nn
 
 from allocopt.data.tokens import documents_to_tokens
 from allocopt.evaluation import tasks
-from allocopt.evaluation.generation import first_line, greedy_continuations
+from allocopt.evaluation.generation import TokenGenerator, first_line, greedy_continuations
 from allocopt.evaluation.likelihood import multiple_choice_accuracy
 from allocopt.evaluation.perplexity import perplexity
 from allocopt.testbed import corpus
@@ -32,7 +32,7 @@ def _cap(default: int, limit: int | None) -> int:
     return default if limit is None else min(default, limit)
 
 
-def math_em(model: nn.Module, tokenizer, limit: int | None = None) -> tuple[float, dict[str, float]]:
+def math_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> tuple[float, dict[str, float]]:
     """Exact match of the greedy answer (cut at the newline) on held-out arithmetic, overall and per form."""
     items = tasks.math_items()[:_cap(MATH_ITEMS, limit)]
     outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], MATH_MAX_TOKENS)
@@ -43,13 +43,22 @@ def math_em(model: nn.Module, tokenizer, limit: int | None = None) -> tuple[floa
     return sum(flat) / len(flat), {f: sum(v) / len(v) for f, v in sorted(hits.items())}
 
 
-def code_em(model: nn.Module, tokenizer, limit: int | None = None) -> float:
+def code_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> float:
     """The continuation must be a newline followed by exactly the held-out line (trailing spaces ignored)."""
     items = tasks.code_items()[:_cap(CODE_ITEMS, limit)]
     outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], CODE_MAX_TOKENS)
     hits = [text.startswith("\n") and first_line(text[1:]).rstrip() == item["answer"]
             for item, text in zip(items, outputs)]
     return sum(hits) / len(hits)
+
+
+def generation_metrics(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> dict:
+    """The open-ended tasks only (math and code exact match), for any engine: a model or a ``TokenGenerator``
+    such as vLLM (``allocopt eval --backend vllm``)."""
+    start = time.time()
+    math, math_by_form = math_em(model, tokenizer, limit)
+    return {"math_em": math, "code_em": code_em(model, tokenizer, limit), "math_em_by_form": math_by_form,
+            "seconds": round(time.time() - start, 1)}
 
 
 def evaluate(model: nn.Module, tokenizer, limit: int | None = None) -> dict:

@@ -86,13 +86,39 @@ def evaluate_lm(model: nn.Module, tokenizer: Any, tasks: Sequence[str], include_
 
 def run_lm_eval(model_spec: str | Path, tasks: Sequence[str], include_path: str | Path | None = None,
                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = D.LM_EVAL_BATCH_SIZE,
-                device: str = D.DEVICE, log_samples: bool = False) -> dict:
-    """Load ``model_spec`` (checkpoint directory, pruned export or ``testbed``) with allocopt and run lm-eval on it."""
+                device: str = D.DEVICE, log_samples: bool = False, backend: str = "transformers") -> dict:
+    """Load ``model_spec`` (checkpoint directory, pruned export or ``testbed``) with allocopt and run lm-eval on it.
+
+    ``backend="vllm"``: lm-eval's own ``vllm`` model loads the checkpoint instead (a compact export through allocopt's
+    vLLM plugin); it needs vLLM and lm-eval installed in this environment (``bash .ci/vllm-venv``).
+    """
     from allocopt.models import load_model
 
     manager, names = resolve_tasks(tasks, include_path)      # a missing extra or a typo fails before the weights load
+    if backend == "vllm":
+        return _simple_evaluate_vllm(model_spec, manager, names, limit, num_fewshot, log_samples)
     model, tokenizer = load_model(model_spec, device=device)
     return _simple_evaluate(model, tokenizer, manager, names, limit, num_fewshot, batch_size, log_samples)
+
+
+def _simple_evaluate_vllm(model_spec: str | Path, manager: Any, names: list[str], limit: int | None,
+                          num_fewshot: int | None, log_samples: bool) -> dict:
+    lm_eval, _, _ = _require_lm_eval()
+    from allocopt.models.loading import resolve
+    from allocopt.serving.vllm_engine import INSTALL_HINT, checkpoint_dtype
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise AllocoptError(f"vLLM is not installed in this environment ({exc.name} is missing); {INSTALL_HINT}") from exc
+    path = resolve(model_spec)
+    args = {"pretrained": str(path), "gpu_memory_utilization": D.VLLM_MEMORY_FRACTION, "seed": D.SEED,
+            "dtype": checkpoint_dtype(path), "batch_size": "auto"}
+    results = lm_eval.simple_evaluate(model="vllm", model_args=args, tasks=names, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples)
+    if results is None:
+        raise AllocoptError("lm-eval returned no results; run allocopt eval as a single process")
+    return results
 
 
 def metric_table(results: dict) -> dict[str, float]:

@@ -162,18 +162,35 @@ def _record_counts(model: nn.Module, family: Family) -> None:
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],
-                card: str | Callable[[Any], str] | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+                card: str | Callable[[Any], str] | None = None, overwrite: bool = False, progress: bool = False,
+                self_contained: bool = True, pad: bool = False) -> Path:
     """Write the pruned checkpoint (safetensors, the model's dtype) atomically to ``out_dir``.
 
     ``model`` is pruned in place first unless it already has the plan's counts (no second copy of the
     weights is ever made); a model accelerate offloaded is pruned and written one decoder layer at a time
     (``streaming.write_streamed``). Writes plan.json (for a ``Plan``) and README.md (``card``, or ``card(info)``
     of the pruned model) beside the weights.
+    ``self_contained``: where layers differ in count, also write the checkpoint's own modelling code (``auto_map``,
+    ``allocopt.serving.remote_code``) so that plain transformers loads it with ``trust_remote_code=True``.
+    ``pad``: the exact padded export instead (``allocopt.serving.padding.pad_model``, applied here unless ``model`` is
+    padded already): one expert count in every layer, loadable by stock transformers and vLLM; AllocoptError for
+    families where it cannot be exact, or for an offloaded model (padding needs the weights in memory).
     """
     kept = plan.kept if isinstance(plan, Plan) else {int(l): tuple(k) for l, k in plan.items()}
     current = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
     streamed = is_offloaded(model)
-    if streamed:
+    if pad:
+        from allocopt.serving.padding import pad_model
+
+        if streamed:
+            raise AllocoptError("--pad needs the whole model in memory and this one is offloaded; export without --pad "
+                                "(streamed, compact) or give it more memory (--max-memory)")
+        width = max(len(kept.get(l, range(n))) for l, n in current.items())
+        if any(n != width for n in current.values()):
+            if isinstance(plan, Plan):
+                plan.validate_for(describe(model))
+            pad_model(model, kept)
+    elif streamed:
         _validate(model, plan)
     elif any(current.get(l) != len(k) for l, k in kept.items()):
         prune_model(model, plan, progress=progress)
@@ -185,6 +202,10 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
             model.config.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)
+        if self_contained:
+            from allocopt.serving.remote_code import write_modeling_code
+
+            write_modeling_code(model, tmp)
         if callable(card):                         # a streamed model's offloaded copy is the unpruned one: no fingerprint
             card = card(describe(model, fingerprint=not streamed))
         if tokenizer is not None:

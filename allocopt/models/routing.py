@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
