@@ -28,15 +28,15 @@ from scale_model import write_checkpoint  # noqa: E402
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
-def measure(args: list[str]) -> tuple[float, float, str]:
-    """(peak RSS MiB, seconds, stdout) of one fresh ``allocopt`` process, via /usr/bin/time -v when present."""
+def measure(args: list[str], python: list[str] | None = None) -> tuple[float, float, str]:
+    """(peak RSS MiB, seconds, stdout) of one fresh ``allocopt`` process (or ``python ARGS``), via /usr/bin/time -v."""
     time_bin = shutil.which("time") or "/usr/bin/time"
     start = time.perf_counter()
-    proc = subprocess.run([time_bin, "-v", sys.executable, "-m", "allocopt.cli.main", *args], capture_output=True,
-                          text=True, env=ENV)
+    command = [sys.executable, *python] if python is not None else [sys.executable, "-m", "allocopt.cli.main", *args]
+    proc = subprocess.run([time_bin, "-v", *command], capture_output=True, text=True, env=ENV)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"allocopt {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     peak_kb = next(int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
     return peak_kb / 1024, seconds, proc.stdout
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--calib-seqs", type=int, default=8)
     parser.add_argument("--search-seqs", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--population", type=int, default=8, help="plans in the generation scored under the limit (0: skip)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = parser.parse_args()
 
@@ -57,7 +58,7 @@ def main() -> None:
 
     from allocopt.calibration import RoutingStats
 
-    rows, results = [], {}
+    rows, pop_rows, results = [], [], {}
     for layers in args.layers:
         ckpt = args.work / f"olmoe-{layers}l"
         if not (ckpt / "config.json").exists():
@@ -83,6 +84,13 @@ def main() -> None:
             peak, sec, _ = measure(["prune", "--plan", str(plan_path), "--model", str(ckpt), "--out", str(export), "--quiet",
                                     *extra])
             result[f"prune/{mode}"] = {"rss": peak, "s": sec, "tokens": 0}
+        if args.population:
+            pop = population(ckpt, args.limit, args.work / f"offload-{layers}", args.work / f"stats-{layers}-memory.safetensors",
+                             args.population, args.seq_len, args.search_seqs)
+            diff = max(abs(a - b) for a, b in zip(pop["layerwise"]["values"], pop["per-plan"]["values"]))
+            speed = pop["per-plan"]["seconds"] / pop["layerwise"]["seconds"]
+            pop_rows.append(f"| {layers} | {args.population} | {pop['per-plan']['seconds']:.1f} | {pop['per-plan']['rss']:.0f} "
+                            f"| {pop['layerwise']['seconds']:.1f} | {pop['layerwise']['rss']:.0f} | {speed:.2f}x | {diff:.1e} |")
         a = RoutingStats.load(args.work / f"stats-{layers}-memory.safetensors")
         b = RoutingStats.load(args.work / f"stats-{layers}-limit.safetensors")
         stats_rel = max(float(((a.gate_norm_sum[l] - b.gate_norm_sum[l]).abs() / a.gate_norm_sum[l].abs().clamp(min=1e-12)).max())
@@ -106,12 +114,56 @@ def main() -> None:
             d_rss = (results[hi]["stages"][stage]["rss"] - results[lo]["stages"][stage]["rss"]) / (hi - lo)
             d_s = (results[hi]["stages"][stage]["s"] - results[lo]["stages"][stage]["s"]) / (hi - lo)
             lines.append(f"- {stage}: {d_rss:+.0f} MiB and {d_s:+.1f} s per layer")
+    if pop_rows:
+        lines += ["", f"A generation scored under cpu={args.limit} (evaluate only, teacher excluded): plan by plan vs layer by "
+                      "layer (objectives.layerwise)", "",
+                  "| layers | plans | per-plan s | per-plan peak RSS MiB | layerwise s | layerwise peak RSS MiB | speed-up | "
+                  "max ESAP diff |", "|---|---|---|---|---|---|---|---|", *pop_rows]
     text = "\n".join(lines)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
         args.out.write_text(text + "\n")
+
+
+POPULATION = """
+import json, sys, time
+import numpy as np
+from allocopt.criteria import rank
+from allocopt.calibration import RoutingStats
+from allocopt.data import load_tokens
+from allocopt.models import describe, load_model
+from allocopt.models.loading import LoadOptions
+from allocopt.objectives import Evaluator
+from allocopt.search.mutation import level_switch
+ckpt, limit, offload, stats, plans, seq_len, seqs, layerwise = sys.argv[1:9]
+model, tok = load_model(ckpt, LoadOptions(device="cpu", max_memory={"cpu": limit}, offload_dir=offload))
+ranking = rank(RoutingStats.load(stats), "reap")
+info = describe(model)
+layers = sorted(info.num_experts)
+lower = np.array([info.top_k[l] for l in layers]); upper = np.array([info.num_experts[l] for l in layers])
+uniform = upper // 2
+rng = np.random.default_rng(0)
+counts = [uniform] + [level_switch(uniform, lower, upper, rng, tmax=2, dmax=8) for _ in range(int(plans) - 1)]
+population = [{l: ranking[l][:int(c)] for l, c in zip(layers, x)} for x in counts]
+ev = Evaluator(model, load_tokens("testbed:mix", tok, int(seq_len), int(seqs), split="search"), layerwise=layerwise == "1")
+start = time.perf_counter()
+values = [v.value for v in ev.evaluate(population)]
+print(json.dumps({"seconds": time.perf_counter() - start, "values": values, "layerwise": ev.layerwise}))
+"""
+
+
+def population(ckpt: Path, limit: str, offload: Path, stats: Path, plans: int, seq_len: int, seqs: int) -> dict:
+    """One generation of ``plans`` plans (uniform + level-switch neighbours) scored under the memory limit, layer by
+    layer and plan by plan, each in a fresh process: peak RSS, seconds of ``evaluate`` alone, values."""
+    out = {}
+    for mode, flag in (("layerwise", "1"), ("per-plan", "0")):
+        shutil.rmtree(offload, ignore_errors=True)
+        peak, _, stdout = measure([], python=["-c", POPULATION, str(ckpt), limit, str(offload), str(stats), str(plans),
+                                              str(seq_len), str(seqs), flag])
+        out[mode] = {"rss": peak, **json.loads(stdout.strip().splitlines()[-1])}
+    return out
 
 
 def _write_half_plan(ckpt: Path, stats_path: Path, plan_path: Path) -> None:

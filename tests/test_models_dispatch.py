@@ -67,6 +67,41 @@ def test_statistics_and_esap_with_prefix_reuse_match(pair):
     assert fast.counters["prefix_hits"] > 0
 
 
+def test_layerwise_population_scoring_equals_per_plan_scoring_and_reads_each_layer_once(pair):
+    """An offloaded model scores a generation one decoder layer at a time: the same values (full and partial rows,
+    prefix states reused across calls) as the plain model scored plan by plan, with each layer's weights loaded once
+    per call instead of once per plan and micro-batch."""
+    from allocopt.models.adapter import decoder_layers
+
+    root, plain, dispatched, tokenizer, _ = pair
+    tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 6, split="search")
+    info = describe(plain)
+    plans = [random_kept(info, (4, 5, 6), seed=s) for s in range(5)]
+    plans.append({**plans[0], max(plans[0]): plans[1][max(plans[1])]})        # shares all but the last MoE layer
+    streamed, reference = Evaluator(dispatched, tokens, batch_size=2), Evaluator(plain, tokens, batch_size=2, prefix_reuse=False)
+    assert streamed.layerwise and not reference.layerwise
+    loads = []                                                 # every time accelerate brings offloaded weights back
+    for module in dispatched.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False):
+            def counted(m, *a, _hook=hook, _pre=hook.pre_forward, **k):
+                if _hook.offload:
+                    loads.append(m)
+                return _pre(m, *a, **k)
+            hook.pre_forward = counted
+    loads_at_start = len(loads)
+    partial = streamed.evaluate(plans[:4], rows=2)
+    assert [v.value for v in partial] == pytest.approx([v.value for v in reference.evaluate(plans[:4], rows=2)], abs=1e-7)
+    full = streamed.evaluate(plans)                             # the first rows and shared prefixes are not run again
+    assert [v.value for v in full] == pytest.approx([v.value for v in reference.evaluate(plans)], abs=1e-7)
+    assert streamed.counters["layerwise_passes"] == 2 and streamed.counters["prefix_hits"] > 0
+    # each offloaded module is loaded once per evaluate call (plus once for the head pass), not per plan and batch
+    per_plan = Evaluator(dispatched, tokens, batch_size=2, layerwise=False, teacher=streamed.teacher)
+    before = len(loads)
+    per_plan.evaluate(plans)
+    assert 0 < 2 * (before - loads_at_start) < len(loads) - before
+
+
 def test_observe_cli_under_a_memory_limit_equals_the_plain_run(pair, tmp_path):
     root, *_ , options = pair
     common = ["observe", "--model", str(root / "model"), "--data", str(root / "data.txt"), "--seq-len", "16",

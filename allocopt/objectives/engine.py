@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -39,10 +40,14 @@ from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
 from allocopt.models.adapter import kept_problem
 from allocopt.models.hooks import input_device
+from allocopt.models.streaming import is_offloaded
+from allocopt.objectives.layerwise import Job, run_layerwise
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
+
+log = logging.getLogger(__name__)
 
 Key = tuple[tuple[int, ...], ...]          # kept expert ids per MoE layer, in layer order
 
@@ -105,13 +110,16 @@ class Evaluator:
 
     ``batch_size`` rows go through the model per forward; it is also the step of multi-fidelity scoring
     (``evaluate(plans, rows=r)`` scores whole micro-batches, the first ``ceil(r / batch_size)`` of them).
+    ``layerwise`` (default: when accelerate offloaded part of the model) scores each ``evaluate`` call's plans one
+    decoder layer at a time (``objectives.layerwise``), so each layer's weights are read once per call, not per plan.
     """
 
     def __init__(self, model: nn.Module, tokens: TokenSet, objective: str = defaults.OBJECTIVE,
                  tolerance: float = defaults.ESAP_TOLERANCE, exact: bool = False, batch_size: int | None = defaults.ESAP_BATCH_SIZE,
                  prefix_cache_bytes: int = defaults.PREFIX_CACHE_BYTES, prefix_reuse: bool = True,
-                 teacher: TeacherCache | None = None):
+                 teacher: TeacherCache | None = None, layerwise: bool | None = None):
         self.model, self.objective = model, get_objective(objective)
+        self.layerwise = is_offloaded(model) if layerwise is None else layerwise
         info = describe(model)
         self.info = {l.index: l for l in info.layers}
         self.layers = sorted(info.num_experts)
@@ -124,7 +132,16 @@ class Evaluator:
         self.prefix = PrefixCache(prefix_cache_bytes)
         self._scored: dict[Key, _RowSums] = {}
         self.counters: collections.Counter[str] = collections.Counter()
-        self.prefix_reuse = prefix_reuse and self.runner.check(self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], self.layers)
+        # Starting a forward at a cached layer input must reproduce the full forward (checked once on one row); an
+        # offloaded model checks its first and last MoE layers only, since each check is a full read of its weights.
+        checked = self.layers[:1] + self.layers[-1:] if self.layerwise else self.layers
+        skips = (prefix_reuse or self.layerwise) and self.runner.check(
+            self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], checked)
+        self.prefix_reuse = prefix_reuse and skips
+        if self.layerwise and not skips:
+            log.warning("this model's decoder cannot be started at a cached layer input, so the offloaded model is "
+                        "scored one plan at a time (each plan reads every layer's weights)")
+            self.layerwise = False
         mode = "exact" if exact and self.objective.teacher == "sparse" else self.objective.teacher
         if teacher is None:
             teacher = build_teacher(self._teacher_logits, self.batches, mode, tolerance, info.fingerprint, tokens.fingerprint(), bs)
@@ -208,9 +225,10 @@ class Evaluator:
         n = len(self.layers)
         for k in todo:
             self._scored.setdefault(k, _RowSums(np.zeros(self.num_rows), np.zeros(self.num_rows), [False] * len(self.batches)))
+        if self.layerwise:
+            return self._run_layerwise(todo, need)
         for c in range(need):
-            batch, chunk, first = self.batches[c], self.teacher.chunks[c], int(self.rows_before[c])
-            size = int(batch.input_ids.shape[0])
+            batch = self.batches[c]
             keys = [k for k in todo if self._scored[k].failed is None and not self._scored[k].done[c]]
             demand = collections.Counter((i, k[:i]) for k in keys for i in range(n))
             for k in keys:
@@ -228,20 +246,49 @@ class Evaluator:
                 for i in range(max(start + 1, 0), n):
                     if self.layers[i] in states:
                         self.prefix.put((c, i, k[:i]), states[self.layers[i]], protect=demand[(i, k[:i])] > 0)
-                sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
-                bad = _non_finite_rows(sel)
-                if bad:
-                    self._scored[k].failed = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
-                    continue
-                a, b = self.objective.terms(sel, chunk)
-                rows = self._position_rows[c]
-                scored = self._scored[k]
-                scored.lo[first:first + size] = torch.zeros(size, dtype=torch.float64, device=a.device).index_add_(
-                    0, rows, a.double()).cpu().numpy()
-                scored.hi[first:first + size] = torch.zeros(size, dtype=torch.float64, device=b.device).index_add_(
-                    0, rows, b.double()).cpu().numpy()
-                scored.done[c] = True
+                self._score(k, c, logits)
             self.prefix.release()
+
+    def _run_layerwise(self, todo: list[Key], need: int) -> None:
+        """The same values as :meth:`_run`, one decoder layer at a time for the whole population (models larger
+        than memory: each layer's weights are read once per call, not once per plan; ``objectives.layerwise``)."""
+        jobs = []
+        for k in todo:
+            for c in range(need):
+                if self._scored[k].failed is None and not self._scored[k].done[c]:
+                    start, state = self._start(c, k)
+                    jobs.append(Job(c, k, start, state))
+
+        def on_state(c: int, i: int, prefix: Key, state) -> None:
+            if self.prefix_reuse:
+                self.prefix.put((c, i, prefix), state)
+
+        def on_logits(job: Job, logits: torch.Tensor, layer_tokens: int) -> None:
+            self.counters["layer_tokens"] += layer_tokens
+            self._scored[job.key].layer_tokens += layer_tokens
+            if self._scored[job.key].failed is None:
+                self._score(job.key, job.batch, logits)
+
+        run_layerwise(self.model, self.runner, self.layers, self.full, self.batches, jobs, on_state, on_logits)
+        self.counters["layerwise_passes"] += 1
+
+    def _score(self, k: Key, c: int, logits: torch.Tensor) -> None:
+        """Record plan ``k``'s per-row sums on micro-batch ``c`` from its logits [B, T, V] (or its failure)."""
+        chunk, first = self.teacher.chunks[c], int(self.rows_before[c])
+        size = int(self.batches[c].input_ids.shape[0])
+        sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
+        bad = _non_finite_rows(sel)
+        if bad:
+            self._scored[k].failed = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
+            return
+        a, b = self.objective.terms(sel, chunk)
+        rows = self._position_rows[c]
+        scored = self._scored[k]
+        scored.lo[first:first + size] = torch.zeros(size, dtype=torch.float64, device=a.device).index_add_(
+            0, rows, a.double()).cpu().numpy()
+        scored.hi[first:first + size] = torch.zeros(size, dtype=torch.float64, device=b.device).index_add_(
+            0, rows, b.double()).cpu().numpy()
+        scored.done[c] = True
 
     def _value(self, key: Key, need: int) -> ObjectiveValue:
         r = int(self.rows_before[need])
