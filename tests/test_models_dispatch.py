@@ -168,3 +168,42 @@ def test_shards_are_cut_and_indexed(tmp_path):
     loaded = {k: v for f in set(index["weight_map"].values()) for k, v in load_file(tmp_path / f).items()}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     assert index["metadata"]["total_size"] == 7 * 40
+
+
+def test_offloaded_weights_read_directly_equal_accelerates_reads(pair):
+    """allocopt reads disk-offloaded safetensors entries with readinto (one copy, no file mapping): the same bits as
+    accelerate's own loader, for every offloaded tensor."""
+    from accelerate.utils.offload import PrefixedDataset
+
+    from allocopt.models.offload import DirectReads
+
+    _, _, dispatched, _, _ = pair
+    maps = [m._hf_hook.weights_map for m in dispatched.modules()
+            if isinstance(getattr(getattr(m, "_hf_hook", None), "weights_map", None), PrefixedDataset)]
+    direct = [w.dataset for w in maps if isinstance(w.dataset, DirectReads)]
+    assert maps and len(direct) == len(maps)                   # load_model installed them on every offloading hook
+    loader = direct[0].loader
+    keys = [k for k in loader.index if loader.index[k].get("safetensors_file")]
+    assert keys
+    for key in keys:
+        assert torch.equal(direct[0][key], loader[key]), key
+
+
+def test_a_cpu_limit_holds_the_streamed_layer_too(pair):
+    """On a CPU-only machine `--max-memory cpu=X` leaves room for the layer being streamed: the budget accelerate
+    fills with resident weights is X minus the largest decoder layer when the model does not fit in X."""
+    from accelerate.utils import compute_module_sizes
+
+    from allocopt.models.adapter import decoder_layers
+    from allocopt.models.offload import reserve_streamed_layer
+
+    root, plain, _, _, _ = pair
+    with torch.device("meta"):
+        skeleton = type(plain)(plain.config)
+    sizes = compute_module_sizes(skeleton, dtype=torch.float32)
+    name, layers = decoder_layers(skeleton)
+    largest = max(sizes[f"{name}.{i}"] for i in range(len(layers)))
+    total = sizes[""]
+    assert reserve_streamed_layer({"cpu": total // 2}, skeleton, torch.float32) == {"cpu": max(0, total // 2 - largest)}
+    assert reserve_streamed_layer({"cpu": total}, skeleton, torch.float32) == {"cpu": total}       # fits: unchanged
+    assert reserve_streamed_layer({0: "1GiB", "cpu": 10}, skeleton, torch.float32) == {0: "1GiB", "cpu": 10}

@@ -138,6 +138,31 @@ class DecoderRunner:
             raise RuntimeError(f"decoder layer {index} did not run; this model's forward does not call its layers in order")
         return captured["out"], captured.get("emb", embeddings)
 
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The embedding's output alone (the forward stops before decoder layer 0 runs), for :meth:`run_layer`'s
+        ``embeddings``: a layer-streamed pass then never holds the embedding and a layer's weights at once."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            captured["emb"] = output.detach()
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            raise _Stop
+
+        handles = [self.model.get_input_embeddings().register_forward_hook(keep),
+                   self.layers[0].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)]
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if "emb" not in captured:
+            raise RuntimeError("the embedding did not run before decoder layer 0; this model's forward is unsupported")
+        return captured["emb"]
+
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]) -> bool:
         """True when starting from every layer in ``layers`` reproduces the full forward's logits."""
         full, states = self.run(input_ids, attention_mask, capture=layers)

@@ -21,6 +21,7 @@ from torch import nn
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.models.export import LAYER_COUNTS_FIELD, load_pruned, strict_from_pretrained
+from allocopt.models.offload import install_direct_reads, reserve_streamed_layer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -186,6 +187,19 @@ def _catalog_class(config: Any) -> type:
     return getattr(transformers, name)
 
 
+def _skeleton(config: Any) -> nn.Module:
+    with torch.device("meta"):
+        return instantiate(config)
+
+
+def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
+    """The dtype weights will have once loaded: the one asked for, else the checkpoint's."""
+    value = dtype if dtype not in (None, "auto") else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
     """The checkpoint loaded strictly (``export.strict_from_pretrained``) with the auto class, else the family's own
     class for types the causal-LM auto mapping leaves out (mistral4)."""
@@ -208,11 +222,16 @@ def load_model(spec: str | Path, options: LoadOptions | None = None, *, dtype: t
     config = load_config(path, options.trust_remote_code)
     check_safetensors(path)
     placement = options.from_pretrained_kwargs()
+    if "max_memory" in placement and not options.trust_remote_code:    # the limit holds the streamed layer too
+        placement["max_memory"] = reserve_streamed_layer(placement["max_memory"], _skeleton(config),
+                                                         _dtype(options.dtype, config))
     if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
         model = load_pruned(path, dtype=options.dtype, device=options.resolved_device(), **placement)
     else:
         model = _from_pretrained(path, config, dtype=options.dtype, trust_remote_code=options.trust_remote_code, **placement)
         model = model.eval() if placement else model.to(options.resolved_device()).eval()
+    if placement:
+        install_direct_reads(model)               # offloaded weights come back with one copy, no file mapping
     use_fast_experts(model, options.resolved_device())
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):

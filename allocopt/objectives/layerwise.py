@@ -66,6 +66,8 @@ def run_layerwise(model: nn.Module, runner: DecoderRunner, moe_layers: Sequence[
     embeddings: dict[int, torch.Tensor] = {}
     cost: dict[int, float] = {id(j): 0.0 for j in jobs}
     with _outside_layers_resident(model, runner.layers):
+        for c in sorted({j.batch for j in jobs if j.start < 0}):
+            embeddings[c] = runner.embed(batches[c].input_ids, batches[c].attention_mask)
         for d in range(n_layers):
             for j in jobs:                                          # plans whose cached state starts them here
                 if start_layer[id(j)] == d and j.start >= 0:

@@ -1,0 +1,113 @@
+"""Memory behaviour of accelerate's offload for models streamed one layer at a time on a CPU.
+
+Two things decide the peak memory of a layer-streamed pass (``observe``, ``esap``, ``prune`` under ``--max-memory``):
+
+* **Room for the streamed layer.** On GPUs accelerate reserves the largest layer on the execution device when it
+  offloads (``infer_auto_device_map``), since offloaded layers run there. When the CPU itself executes, nothing is
+  reserved: ``cpu=600MiB`` fills 600 MiB with resident weights (embedding, head...) and each streamed layer comes on
+  top. :func:`reserve_streamed_layer` makes the limit mean what it says (resident weights + the layer being run):
+  the CPU budget shrinks by the largest decoder layer whenever the model does not fit whole.
+* **One copy per weight read.** accelerate reads a disk-offloaded weight through a memory map and copies it
+  (``np.memmap`` -> ``torch.tensor``; for safetensors-backed entries ``safe_open().get_tensor``), so for a moment the
+  file pages and the copy both count in the process's RSS. :func:`install_direct_reads` makes those reads go through
+  ``readinto`` into the tensor that is returned: one copy, no file mapping. Values are bit-identical.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+# safetensors dtype names -> torch
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def reserve_streamed_layer(max_memory: dict[Any, Any], skeleton: nn.Module, dtype: torch.dtype | None) -> dict[Any, Any]:
+    """``max_memory`` with the CPU budget reduced by the largest decoder layer when only the CPU executes and the model
+    (``skeleton``, on the meta device) does not fit in that budget; unchanged otherwise (bytes, accelerate's units)."""
+    from accelerate.utils import compute_module_sizes, convert_file_size_to_int
+
+    from allocopt.models.adapter import decoder_layers
+
+    if "cpu" not in max_memory or any(not isinstance(k, str) for k in max_memory) or torch.cuda.is_available():
+        return max_memory
+    sizes = compute_module_sizes(skeleton, dtype=dtype)
+    budget = convert_file_size_to_int(max_memory["cpu"])
+    if sizes[""] <= budget:
+        return max_memory
+    list_name, layers = decoder_layers(skeleton)
+    largest = max(sizes[f"{list_name}.{i}"] for i in range(len(layers)))
+    return {**max_memory, "cpu": max(0, budget - largest)}
+
+
+def _header(path: str, cache: dict[str, tuple[int, dict]]) -> tuple[int, dict]:
+    if path not in cache:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            cache[path] = (8 + n, json.loads(f.read(n)))
+    return cache[path]
+
+
+def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None = None) -> torch.Tensor:
+    """Tensor ``name`` of the safetensors file ``path``, read with ``readinto`` into its own memory (no mmap)."""
+    start, header = _header(path, {} if cache is None else cache)
+    entry = header[name]
+    out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    begin, end = entry["data_offsets"]
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start + begin)
+        done = 0
+        while done < end - begin:
+            got = f.readinto(view[done:])
+            if not got:
+                raise OSError(f"{path} ends inside tensor {name}")
+            done += got
+    return out
+
+
+class DirectReads(Mapping):
+    """accelerate's ``OffloadedWeightsLoader`` with safetensors-backed entries read by :func:`read_tensor`."""
+
+    def __init__(self, loader: Any):
+        self.loader, self._headers = loader, {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self.loader.index.get(key) if key not in self.loader.state_dict else None
+        if info is None or info.get("safetensors_file") is None or self.loader.device not in (None, "cpu"):
+            return self.loader[key]
+        tensor = read_tensor(info["safetensors_file"], info.get("weight_name", key), self._headers)
+        return tensor.to(getattr(torch, info["dtype"])) if "dtype" in info else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def install_direct_reads(model: nn.Module) -> int:
+    """Route every offloading hook of ``model`` through :class:`DirectReads`; returns how many hooks now do."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+
+    wrapped: dict[int, DirectReads] = {}
+    count = 0
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:                 # a SequentialHook holds several
+            weights = getattr(h, "weights_map", None)
+            if isinstance(weights, PrefixedDataset) and isinstance(weights.dataset, OffloadedWeightsLoader):
+                direct = wrapped.setdefault(id(weights.dataset), DirectReads(weights.dataset))
+                h.weights_map = PrefixedDataset(direct, weights.prefix)
+                count += 1
+    return count
+
+
+__all__ = ["DirectReads", "install_direct_reads", "read_tensor", "reserve_streamed_layer"]
