@@ -177,13 +177,17 @@ class DecoderRunner:
 
 
 @contextlib.contextmanager
-def resident(module: nn.Module) -> Iterator[nn.Module]:
+def resident(module: nn.Module, exclude: Sequence[nn.Module] = ()) -> Iterator[nn.Module]:
     """Inside the context every offloaded weight of ``module`` (accelerate's CPU/disk offload) is loaded once and
     stays loaded across calls, instead of being read again for each forward; on exit it is offloaded again.
+    Submodules of ``exclude`` stay offloaded (e.g. the decoder layers, to pin only the embedding and head).
     A module that is not offloaded is left as it is."""
+    skipped = {id(m) for e in exclude for m in e.modules()}
     pinned = []
     try:
         for m in module.modules():
+            if id(m) in skipped:
+                continue
             hook = getattr(m, "_hf_hook", None)
             if hook is not None and getattr(hook, "offload", False):
                 hook.pre_forward(m)

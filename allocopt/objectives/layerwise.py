@@ -16,9 +16,8 @@ Same per-position values as the per-candidate path (the same layer calls on the 
 from __future__ import annotations
 
 import bisect
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,17 +39,6 @@ class Job:
     state: State | None = None
 
 
-@contextlib.contextmanager
-def _outside_layers_resident(model: nn.Module, layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Pin every offloaded module that is not inside a decoder layer (embedding, final norm, head) for the pass."""
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    with contextlib.ExitStack() as stack:
-        for m in model.modules():
-            if id(m) not in inside and getattr(m, "_hf_hook", None) is not None:
-                stack.enter_context(resident(m))
-        yield
-
-
 @torch.no_grad()
 def run_layerwise(model: nn.Module, runner: DecoderRunner, moe_layers: Sequence[int], full: Key,
                   batches: Sequence[Any], jobs: Sequence[Job],
@@ -65,7 +53,7 @@ def run_layerwise(model: nn.Module, runner: DecoderRunner, moe_layers: Sequence[
     states: dict[tuple[int, Key], State] = {}                       # (batch, prefix) -> output of the previous layer
     embeddings: dict[int, torch.Tensor] = {}
     cost: dict[int, float] = {id(j): 0.0 for j in jobs}
-    with _outside_layers_resident(model, runner.layers):
+    with resident(model, exclude=runner.layers):                   # embedding, final norm and head: once per pass
         for c in sorted({j.batch for j in jobs if j.start < 0}):
             embeddings[c] = runner.embed(batches[c].input_ids, batches[c].attention_mask)
         for d in range(n_layers):
