@@ -9,11 +9,12 @@ model's own (in-memory) names, which transformers loads as they are.
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,35 +23,57 @@ from allocopt.models.adapter import decoder_layers, find_moe_blocks, invalidate
 from allocopt.models.decoder import resident
 
 INDEX_FILE = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 
 
 class ShardWriter:
-    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets a shard of its own)."""
+    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets a shard of its own).
+
+    Each tensor's bytes go to disk as soon as it is added (a shard's data file, given its header when the shard is
+    closed), so memory holds one tensor, never a shard. The files are what ``safetensors.torch.save_file`` writes
+    (8-byte header length, JSON header padded to 8 bytes, tensors back to back)."""
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = Path(directory), int(max_bytes)
-        self.pending: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}
         self.pending_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
         self.total = 0
+        self._data: BinaryIO | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
+        if self.entries and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        if self._data is None:
+            self._data = open(self.directory / f".shard-{len(self.files) + 1:05d}.data", "wb+")
+        t = tensor.detach().to("cpu").contiguous()
+        self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.pending_bytes, self.pending_bytes + size]}
         self.pending_bytes += size
         self.total += size
 
     def _flush(self) -> None:
         name = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        data = self._data or open(self.directory / f".shard-{len(self.files) + 1:05d}.data", "wb+")
+        with open(self.directory / name, "wb") as out:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            data.seek(0)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data.close()
+        Path(data.name).unlink()
+        self.files.append((name, list(self.entries)))
+        self.entries, self.pending_bytes, self._data = {}, 0, None
 
     def finish(self) -> None:
         """Write the last shard, give every shard its final -of- name and write the index (one file: no index)."""
-        if self.pending or not self.files:
+        if self.entries or not self.files:
             self._flush()
         n = len(self.files)
         if n == 1:
