@@ -120,7 +120,7 @@ def pad_model(model: nn.Module, kept: Mapping[int, Sequence[int]], check_exact: 
         for b in blocks.values():
             problem = pad_problem(b)
             if problem and counts[b.layer] < width:
-                raise AllocoptError(f"--pad cannot be exact for {problem}; export without --pad "
+                raise AllocoptError(f"--pad cannot be exact here: {problem}; export without --pad "
                                     "(the compact export loads with the allocopt vLLM plugin or its own modelling code)")
     slots = {l: pad_slots(b, kept[l], width) for l, b in blocks.items()}
     prune_model(model, {l: sorted({*kept[l], *slots[l]}) for l in blocks})
