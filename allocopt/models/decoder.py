@@ -127,13 +127,7 @@ class DecoderRunner:
             stack.enter_context(self._skip(index, state))
             if embeddings is not None:
                 stack.enter_context(_replaced(embedding, lambda *a, **k: embeddings))
-            try:
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
+            self._forward_until_stop(input_ids, attention_mask, handles)
         if "out" not in captured:
             raise RuntimeError(f"decoder layer {index} did not run; this model's forward does not call its layers in order")
         return captured["out"], captured.get("emb", embeddings)
@@ -150,8 +144,15 @@ class DecoderRunner:
         def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
             raise _Stop
 
-        handles = [self.model.get_input_embeddings().register_forward_hook(keep),
-                   self.layers[0].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)]
+        self._forward_until_stop(input_ids, attention_mask, [
+            self.model.get_input_embeddings().register_forward_hook(keep),
+            self.layers[0].register_forward_pre_hook(stop, with_kwargs=True, prepend=True)])
+        if "emb" not in captured:
+            raise RuntimeError("the embedding did not run before decoder layer 0; this model's forward is unsupported")
+        return captured["emb"]
+
+    def _forward_until_stop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, handles: list) -> None:
+        """A forward that a hook may end early by raising ``_Stop``; the hooks in ``handles`` are removed either way."""
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop:
@@ -159,9 +160,6 @@ class DecoderRunner:
         finally:
             for h in handles:
                 h.remove()
-        if "emb" not in captured:
-            raise RuntimeError("the embedding did not run before decoder layer 0; this model's forward is unsupported")
-        return captured["emb"]
 
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]) -> bool:
         """True when starting from every layer in ``layers`` reproduces the full forward's logits."""
