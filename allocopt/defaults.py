@@ -53,6 +53,8 @@ EXPORT_SHARD_BYTES = 5 * 10**9
 
 # Observer: real tokens per batch on which every expert runs once to estimate the E x E expert-output similarity.
 SIMILARITY_TOKENS = 256
+# Layer-streamed calibration of an offloaded model reads a layer's experts this many bytes at a time.
+STREAM_SLICE_BYTES = 64 * 2**20
 
 # ESAP engine: bytes of cached decoder hidden states kept for prefix reuse, and rows per forward (None = all rows).
 # The rows per forward are also the step of multi-fidelity scoring (racing scores whole micro-batches): 4 rows of

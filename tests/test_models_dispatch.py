@@ -207,3 +207,33 @@ def test_a_cpu_limit_holds_the_streamed_layer_too(pair):
     assert reserve_streamed_layer({"cpu": total // 2}, skeleton, torch.float32) == {"cpu": max(0, total // 2 - largest)}
     assert reserve_streamed_layer({"cpu": total}, skeleton, torch.float32) == {"cpu": total}       # fits: unchanged
     assert reserve_streamed_layer({0: "1GiB", "cpu": 10}, skeleton, torch.float32) == {0: "1GiB", "cpu": 10}
+
+
+def test_offloaded_experts_are_read_a_slice_at_a_time_with_the_same_statistics(pair):
+    """Layer-streamed calibration reads an offloaded layer's experts a few at a time (here one per read): the
+    statistics equal the plain model's, and no read ever holds more than one expert's rows of a fused tensor."""
+    import allocopt.models.expert_slices as slices
+    from allocopt.models import find_moe_blocks
+
+    root, plain, dispatched, tokenizer, _ = pair
+    if not any(slices.sliceable(b) for b in find_moe_blocks(dispatched)):
+        pytest.skip("no offloaded experts module with the standard call in this family")
+    tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 4, split="calibration")
+    reads = []
+    original = slices.read_rows
+
+    def counted(path, name, start, stop, cache=None):
+        reads.append(stop - start)
+        return original(path, name, start, stop, cache)
+
+    slices.read_rows = counted
+    try:
+        b = observe(dispatched, tokens, progress=False, slice_bytes=1)
+    finally:
+        slices.read_rows = original
+    a = observe(plain, tokens, progress=False)
+    assert reads and set(reads) == {1}
+    for layer in a.layers:
+        for name in ("count", "gate_sum", "norm_sum", "gate_norm_sum", "max_act", "similarity"):
+            assert torch.allclose(getattr(a, name)[layer], getattr(b, name)[layer], rtol=1e-5, atol=1e-7), name
+    assert all(p.device.type == "meta" for p in find_moe_blocks(dispatched)[0].experts.parameters())  # dropped again

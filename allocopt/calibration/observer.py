@@ -31,7 +31,7 @@ routed outputs, which must be finite). Cosine (not CKA/MSE) because it is scale-
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import torch
@@ -44,6 +44,7 @@ from allocopt.errors import AllocoptError
 from allocopt.models import describe, find_moe_blocks
 from allocopt.models.calls import experts_call, restore
 from allocopt.models.decoder import DecoderRunner, resident
+from allocopt.models.expert_slices import slice_size, sliceable, sliced_experts
 from allocopt.models.hooks import input_device
 
 
@@ -128,6 +129,17 @@ class _LayerRecorder:
 
 
 @contextmanager
+def _sliced(blocks, slice_bytes: int) -> Iterator[None]:
+    """Offloaded experts run a slice of ``slice_bytes`` at a time (``models.expert_slices``); installed before the
+    recorders so that their ``expert_fn`` calls the sliced forward."""
+    with ExitStack() as stack:
+        for b in blocks:
+            if sliceable(b):
+                stack.enter_context(sliced_experts(b, slice_size(b, slice_bytes)))
+        yield
+
+
+@contextmanager
 def _wrapped(blocks, recorders) -> Iterator[None]:
     """Listen to every block's experts call (``allocopt.models.calls``) and hook each router (finite logits);
     whatever was there before is restored."""
@@ -167,7 +179,8 @@ def _layer_by_layer(model: torch.nn.Module, batches: list[TokenSet], recorders: 
 
 
 def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults.CALIBRATION_BATCH_SIZE, progress: bool = True,
-            similarity_tokens: int = defaults.SIMILARITY_TOKENS, layer_major: bool | None = None) -> RoutingStats:
+            similarity_tokens: int = defaults.SIMILARITY_TOKENS, layer_major: bool | None = None,
+            slice_bytes: int = defaults.STREAM_SLICE_BYTES) -> RoutingStats:
     """Run ``tokens`` through ``model`` once and return the per-expert routing statistics.
 
     Memory is bounded by the accumulators (O(E^2) per layer); nothing grows with the number of tokens.
@@ -175,7 +188,9 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
 
     ``layer_major`` (default: when accelerate offloaded some weights) streams the model instead: every row goes
     through decoder layer 0, then every row through layer 1, ..., each layer's weights read once and resident only
-    while it runs, the rows' hidden states kept between layers; statistics equal the batch-by-batch pass.
+    while it runs, the rows' hidden states kept between layers; statistics equal the batch-by-batch pass. There an
+    offloaded experts module is read ``slice_bytes`` of experts at a time (``models.expert_slices``), so memory holds
+    the layer's attention and one slice, not all its experts.
     """
     if batch_size < 1:
         raise AllocoptError(f"batch_size must be >= 1 (got {batch_size}); pass a positive --batch-size")
@@ -192,7 +207,7 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
     batches = [b.to(device) for b in tokens.batches(batch_size)]
     if layer_major is None:
         layer_major = any(p.device.type == "meta" for p in model.parameters())
-    with torch.inference_mode(), _wrapped(blocks, recorders):
+    with torch.inference_mode(), _sliced(blocks if layer_major else [], slice_bytes), _wrapped(blocks, recorders):
         if layer_major:
             _layer_by_layer(model, batches, recorders, progress)
         else:

@@ -60,17 +60,38 @@ def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None 
     start, header = _header(path, {} if cache is None else cache)
     entry = header[name]
     out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    _read_into(path, start + entry["data_offsets"][0], out, name)
+    return out
+
+
+def stored_shape(path: str, name: str, cache: dict[str, tuple[int, dict]] | None = None) -> list[int]:
+    """The shape tensor ``name`` has in the safetensors file ``path`` (from its header; nothing else is read)."""
+    return list(_header(path, {} if cache is None else cache)[1][name]["shape"])
+
+
+def read_rows(path: str, name: str, start: int, stop: int, cache: dict[str, tuple[int, dict]] | None = None
+              ) -> torch.Tensor:
+    """Rows ``start:stop`` of tensor ``name`` (along its first dimension, e.g. experts ``start..stop-1`` of a fused
+    ``[E, ...]`` tensor), read with ``readinto``: only those rows' bytes are read."""
+    begin, header = _header(path, {} if cache is None else cache)
+    entry = header[name]
+    shape = list(entry["shape"])
+    out = torch.empty([stop - start, *shape[1:]], dtype=_DTYPES[entry["dtype"]])
+    row = out[0].numel() * out.element_size() if out.numel() else 0
+    _read_into(path, begin + entry["data_offsets"][0] + start * row, out, name)
+    return out
+
+
+def _read_into(path: str, offset: int, out: torch.Tensor, name: str) -> None:
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    begin, end = entry["data_offsets"]
     with open(path, "rb", buffering=0) as f:
-        f.seek(start + begin)
+        f.seek(offset)
         done = 0
-        while done < end - begin:
+        while done < len(view):
             got = f.readinto(view[done:])
             if not got:
                 raise OSError(f"{path} ends inside tensor {name}")
             done += got
-    return out
 
 
 class DirectReads(Mapping):
@@ -110,4 +131,5 @@ def install_direct_reads(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["DirectReads", "install_direct_reads", "read_tensor", "reserve_streamed_layer"]
+__all__ = ["DirectReads", "install_direct_reads", "read_rows", "read_tensor", "reserve_streamed_layer",
+           "stored_shape"]
