@@ -71,7 +71,6 @@ def test_layerwise_population_scoring_equals_per_plan_scoring_and_reads_each_lay
     """An offloaded model scores a generation one decoder layer at a time: the same values (full and partial rows,
     prefix states reused across calls) as the plain model scored plan by plan, with each layer's weights loaded once
     per call instead of once per plan and micro-batch."""
-    from allocopt.models.adapter import decoder_layers
 
     root, plain, dispatched, tokenizer, _ = pair
     tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 6, split="search")
@@ -213,6 +212,7 @@ def test_offloaded_experts_are_read_a_slice_at_a_time_with_the_same_statistics(p
     """Layer-streamed calibration reads an offloaded layer's experts a few at a time (here one per read): the
     statistics equal the plain model's, and no read ever holds more than one expert's rows of a fused tensor."""
     import allocopt.models.expert_slices as slices
+    import allocopt.models.offload as offload
     from allocopt.models import find_moe_blocks
 
     root, plain, dispatched, tokenizer, _ = pair
@@ -220,17 +220,17 @@ def test_offloaded_experts_are_read_a_slice_at_a_time_with_the_same_statistics(p
         pytest.skip("no offloaded experts module with the standard call in this family")
     tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 4, split="calibration")
     reads = []
-    original = slices.read_rows
+    original = offload.read_rows
 
     def counted(path, name, start, stop, cache=None):
         reads.append(stop - start)
         return original(path, name, start, stop, cache)
 
-    slices.read_rows = counted
+    offload.read_rows = counted
     try:
         b = observe(dispatched, tokens, progress=False, slice_bytes=1)
     finally:
-        slices.read_rows = original
+        offload.read_rows = original
     a = observe(plain, tokens, progress=False)
     assert reads and set(reads) == {1}
     for layer in a.layers:

@@ -81,7 +81,7 @@ def test_self_contained_export_loads_with_plain_transformers_without_allocopt(ti
     assert lines[-1] == "allocopt not importable"
     assert all(line.startswith("transformers_modules Allocopt") for line in lines[:-1]), lines
     diffs = {name: (torch.load(tmp_path / f"{name}.pt") - want).abs().max().item() for name, want in expected.items()}
-    print(f"\nself-contained export, plain transformers without allocopt vs load_pruned, max |logit diff|: "
+    print("\nself-contained export, plain transformers without allocopt vs load_pruned, max |logit diff|: "
           + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()))
     assert all(d <= 1e-5 for d in diffs.values()), diffs
     config = json.loads((tmp_path / "testbed" / "config.json").read_text())

@@ -20,7 +20,7 @@ from torch import nn
 
 from allocopt.models.families import COUNT_ATTRS
 from allocopt.models.hooks import shadow_forward
-from allocopt.models.offload import DirectReads, read_rows, stored_shape
+from allocopt.models.offload import DirectReads
 
 
 def _direct_map(module: nn.Module) -> tuple[DirectReads, str] | None:
@@ -61,15 +61,11 @@ def sliced_experts(block: Any, per_read: int) -> Iterator[None]:
     hook = experts._hf_hook
     device = hook.execution_device if hook.execution_device is not None else "cpu"
 
+    per_expert = {name for name in names if direct.first_dim(prefix + name) == n}   # [E, ...] tensors: sliced
+
     def load(e0: int, e1: int) -> None:
         for name in names:
-            info = direct.loader.index[prefix + name]
-            path, stored = info["safetensors_file"], info.get("weight_name", prefix + name)
-            if stored_shape(path, stored, direct._headers)[:1] == [n]:
-                t = read_rows(path, stored, e0, e1, direct._headers)
-            else:
-                t = direct[prefix + name]
-            t = t.to(getattr(torch, info["dtype"])) if "dtype" in info else t
+            t = direct.rows(prefix + name, e0, e1) if name in per_expert else direct[prefix + name]
             experts._parameters[name] = nn.Parameter(t.to(device), requires_grad=False)
         for attr in counts:
             setattr(experts, attr, e1 - e0)

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-# safetensors dtype names -> torch
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors dtype names -> torch (streaming.py writes with the inverse)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
            "F8_E5M2": getattr(torch, "float8_e5m2", None)}
@@ -59,7 +59,7 @@ def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None 
     """Tensor ``name`` of the safetensors file ``path``, read with ``readinto`` into its own memory (no mmap)."""
     start, header = _header(path, {} if cache is None else cache)
     entry = header[name]
-    out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    out = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
     _read_into(path, start + entry["data_offsets"][0], out, name)
     return out
 
@@ -76,7 +76,7 @@ def read_rows(path: str, name: str, start: int, stop: int, cache: dict[str, tupl
     begin, header = _header(path, {} if cache is None else cache)
     entry = header[name]
     shape = list(entry["shape"])
-    out = torch.empty([stop - start, *shape[1:]], dtype=_DTYPES[entry["dtype"]])
+    out = torch.empty([stop - start, *shape[1:]], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
     row = out[0].numel() * out.element_size() if out.numel() else 0
     _read_into(path, begin + entry["data_offsets"][0] + start * row, out, name)
     return out
@@ -104,7 +104,23 @@ class DirectReads(Mapping):
         info = self.loader.index.get(key) if key not in self.loader.state_dict else None
         if info is None or info.get("safetensors_file") is None or self.loader.device not in (None, "cpu"):
             return self.loader[key]
-        tensor = read_tensor(info["safetensors_file"], info.get("weight_name", key), self._headers)
+        return self._converted(info, read_tensor(info["safetensors_file"], info.get("weight_name", key), self._headers))
+
+    def first_dim(self, key: str) -> int | None:
+        """Size of the stored tensor's first dimension for a safetensors-backed ``key`` (header only), else None."""
+        info = self.loader.index.get(key) or {}
+        if not info.get("safetensors_file"):
+            return None
+        return (stored_shape(info["safetensors_file"], info.get("weight_name", key), self._headers) or [None])[0]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a safetensors-backed ``key`` (:func:`read_rows`), in the dtype the model uses."""
+        info = self.loader.index[key]
+        return self._converted(info, read_rows(info["safetensors_file"], info.get("weight_name", key), start, stop,
+                                               self._headers))
+
+    @staticmethod
+    def _converted(info: dict, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(getattr(torch, info["dtype"])) if "dtype" in info else tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -131,5 +147,5 @@ def install_direct_reads(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["DirectReads", "install_direct_reads", "read_rows", "read_tensor", "reserve_streamed_layer",
-           "stored_shape"]
+__all__ = ["SAFETENSORS_DTYPES", "DirectReads", "install_direct_reads", "read_rows", "read_tensor",
+           "reserve_streamed_layer", "stored_shape"]

@@ -21,11 +21,10 @@ from tqdm.auto import tqdm
 from allocopt import defaults
 from allocopt.models.adapter import decoder_layers, find_moe_blocks, invalidate
 from allocopt.models.decoder import resident
+from allocopt.models.offload import SAFETENSORS_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items() if dtype is not None}  # the inverse
 
 
 class ShardWriter:
