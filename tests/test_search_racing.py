@@ -13,9 +13,9 @@ from allocopt.search.optimizers import SearchContext, get_optimizer
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.sampling import random_composition
-from allocopt.search.sensitivity import dp_allocate, layer_costs, probe_grid, probe_plans
+from allocopt.search.sensitivity import dp_allocate, layer_costs, probe_grid, probe_plans, sensitivity_search
 from allocopt.search.space import make_space
-from allocopt.search.toy import ToyRows
+from allocopt.search.toy import ToyRows, toy_objective
 
 
 @pytest.fixture()
@@ -75,6 +75,43 @@ def test_race_stops_at_the_budget_and_prunes_what_it_could_not_finish(space):
     values = race(cache, _plans(space, 16), RaceSchedule.halving(16, 4))
     assert cache.exhausted and cache.spent <= 3 + 1e-9 and np.isnan(values).all()
     assert cache.evaluations == 0 and len(rows.pruned) == len(cache.scores) == 12
+
+
+def test_a_radius_grid_keeps_the_dp_where_it_was_measured(space):
+    base = np.array([3, 8, 8, 8, 8, 13])
+    grid = probe_grid(space, base, 12, radius=2)
+    assert [g.tolist() for g in grid] == [[2, 4, 5], *[[6, 7, 9, 10]] * 4, [11, 12, 14, 15]]   # bounds 2..16 clip
+    f = toy_objective(space, seed=1)
+    costs = layer_costs(space, base, float(f(base[None])[0]), grid, f(probe_plans(base, grid)))
+    for l, cost in enumerate(costs):
+        span = np.arange(space.lower[l], space.upper[l] + 1)
+        assert np.isinf(cost[np.abs(span - base[l]) > 2]).all() and np.isfinite(cost[np.abs(span - base[l]) <= 2]).all()
+    x = dp_allocate(costs, space.lower, space.upper, space.budget)
+    assert x.sum() == space.budget and (np.abs(x - base) <= 2).all()
+
+
+def test_coarse_to_fine_rounds_improve_on_the_first_dp_plan_at_a_quarter_of_its_cost(space):
+    """An interacting objective: the additive model around uniform is off, re-linearising around the DP plan
+    within the radius is cheaper per round and finds better plans; every later probe is near the plan before."""
+    f = toy_objective(space, seed=0)
+    found = {}
+    for rounds in (1, 4):
+        cache = EvaluationCache(f, 1000)
+        cache(space.uniform()[None])
+        plan = sensitivity_search(cache, space, space.uniform(), 12, rounds, radius=2)
+        found[rounds] = (plan, cache)
+    one, four = found[1][1], found[4][1]
+    assert one.spent == 1 + 72 + 1 and np.array_equal(found[1][0], one.best(space.budget)[0])
+    assert four.best(space.budget)[1] > one.best(space.budget)[1] + 1e-3
+    later = four.history[one.evaluations:]
+    assert 0 < len(later) <= 3 * (4 * 6 + 1)
+    probes = [x - found[1][0] for x, _ in later[: 4 * 6]]        # round 2 probes around round 1's plan
+    assert all(np.count_nonzero(d) == 1 and 0 < np.abs(d).max() <= 2 for d in probes)
+    assert np.array_equal(found[4][0], four.best(space.budget)[0])
+    limited = EvaluationCache(f, 1000)
+    limited(space.uniform()[None])
+    sensitivity_search(limited, space, space.uniform(), 12, 4, radius=2, allowance=100)
+    assert limited.spent <= 1 + 100
 
 
 def test_ga_races_by_default_and_sees_more_plans_for_the_same_budget(space):

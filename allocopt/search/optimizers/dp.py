@@ -2,10 +2,11 @@
 
 Probes every layer at a grid of kept counts with the other layers at the uniform plan, fits the additive model of
 ``allocopt.search.sensitivity`` and returns its exact DP optimum (or uniform, if that scores higher). With
-``dp_rounds`` > 1 it re-linearises: probes again around the best plan so far and solves again, while that improves.
-Options: ``dp_probes`` (counts probed per layer, default every count up to ``defaults.DP_PROBES``), ``dp_rounds``
-(``defaults.DP_ROUNDS``), ``dp_rows`` (probe on the first rows only; default all rows). Probes count toward
-``--evals`` like any evaluation.
+``dp_rounds`` > 1 it re-linearises coarse to fine: probes the counts within ``dp_radius`` of the DP plan and solves
+again, while that improves. Options: ``dp_probes`` (counts probed per layer in round 1, default every count up to
+``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``), ``dp_radius`` (``defaults.DP_RADIUS``),
+``dp_rows`` (probe on the first rows only; default all rows). Probes count toward ``--evals`` like any
+evaluation.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
-from allocopt.search.sensitivity import sensitivity_step
+from allocopt.search.sensitivity import sensitivity_search
 
 
 def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
@@ -26,11 +27,21 @@ def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
     return int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // ctx.space.size))
 
 
+DP_OPTIONS = ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
+
+
+def search_options(ctx: SearchContext) -> dict:
+    """``sensitivity_search`` keywords from the ``dp_*`` options (defaults from ``allocopt.defaults``)."""
+    return {"rows": option(ctx.options, "dp_rows", int, None),
+            "rounds": option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS),
+            "radius": option(ctx.options, "dp_radius", int, defaults.DP_RADIUS)}
+
+
 class SensitivityAllocation:
     name = "dp"
 
     def check(self, space, max_evals: int, options: dict) -> None:
-        for key in ("dp_probes", "dp_rows", "dp_rounds"):
+        for key in DP_OPTIONS:
             value = option(options, key, int, None)
             if value is not None and value < 1:
                 raise AllocoptError(f"--option {key}={value} must be >= 1; raise it")
@@ -41,15 +52,7 @@ class SensitivityAllocation:
     def run(self, ctx: SearchContext) -> SearchResult:
         self.check(ctx.space, ctx.max_evals, ctx.options)
         space, cache = ctx.space, ctx.cache(probes=True)
-        probes = probes_per_layer(ctx)
-        rows = option(ctx.options, "dp_rows", int, None)
         base = space.uniform()
         cache(base[None])
-        for _ in range(option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS)):
-            plan = sensitivity_step(cache, space, base, probes, rows)
-            if plan is None or tuple(plan) == tuple(base):
-                break
-            if not np.array_equal(cache.best(space.budget)[0], plan):    # the model's optimum did not beat the base
-                break
-            base = plan
+        sensitivity_search(cache, space, base, probes_per_layer(ctx), **search_options(ctx))
         return result_from(cache, budget=space.budget)

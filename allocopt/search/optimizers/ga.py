@@ -16,7 +16,7 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
 
 Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
 ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
-``dp_rounds``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population``
+``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population``
 is not used.
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
 from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
-from allocopt.search.optimizers.dp import probes_per_layer
+from allocopt.search.optimizers.dp import DP_OPTIONS, probes_per_layer, search_options
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
-from allocopt.search.sensitivity import sensitivity_step
+from allocopt.search.sensitivity import sensitivity_search, sensitivity_step
 
 
 def default_step(space) -> int:
@@ -53,7 +53,7 @@ class GeneticSearch:
         for key in ("racing", "warm_start"):
             option(options, key, bool, True)
         for key, low in (("offspring", 2), ("elites", 2), ("mutation_max_delta", 1), ("mutation_max_moves", 1),
-                         ("patience", 1), ("dp_probes", 1), ("dp_rows", 1), ("dp_rounds", 1), ("race_first_rows", 1)):
+                         ("patience", 1), *((key, 1) for key in DP_OPTIONS), ("race_first_rows", 1)):
             value = option(options, key, int, None)
             if value is not None and value < low:
                 raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
@@ -111,26 +111,20 @@ class GeneticSearch:
         return result_from(cache, budget=space.budget)
 
     def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
-        """The sensitivity DP plan around uniform (re-linearised ``dp_rounds`` times while that improves), when
-        enabled and one round of probes fits ``GA_DP_BUDGET_SHARE`` of the budget."""
+        """The coarse-to-fine sensitivity DP plan around uniform, when enabled and its rounds fit
+        ``GA_DP_BUDGET_SHARE`` of the budget (round 1 probes fewer counts per layer when it would spend more)."""
         if not option(ctx.options, "warm_start", bool, True):
             return None
         probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
         if probes < 1:
             return None
-        rows = option(ctx.options, "dp_rows", int, None)
-        base, plan = uniform, None
-        for _ in range(option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS)):
-            step = sensitivity_step(cache, ctx.space, base, probes, rows)
-            if step is None or tuple(step) == tuple(base) or not np.array_equal(cache.best(ctx.space.budget)[0], step):
-                break
-            base = plan = step
-        return plan
+        return sensitivity_search(cache, ctx.space, uniform, probes, allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals,
+                                  **search_options(ctx))
 
     def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
-        """The sensitivity DP plan with probes around ``best`` (``restart=dp``), if one round of probes fits."""
-        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
-        return sensitivity_step(cache, ctx.space, best, probes) if probes >= 1 else None
+        """The DP plan with probes within ``dp_radius`` of ``best`` (``restart=dp``)."""
+        kw = search_options(ctx)
+        return sensitivity_step(cache, ctx.space, best, probes_per_layer(ctx), kw["rows"], radius=kw["radius"])
 
 
 class _Stagnation:
