@@ -10,8 +10,6 @@ evaluation.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
