@@ -3,8 +3,9 @@ racing and restarts.
 
 Why these choices (measured with benchmarks/search_efficiency.py on the testbed, studies/reports/search_efficiency.md):
 * the optimum sits near uniform and step size matters more than the library (optimizers.md §4.3), so generation 0
-  is the uniform plan, the ``dp`` plan (additive model fitted to per-layer probes around uniform, solved exactly;
-  ``allocopt.search.sensitivity``) and level-switch neighbours of both, not random compositions far away;
+  is the uniform plan, the ``dp`` plan (additive model fitted to per-layer probes around uniform, solved exactly,
+  re-linearised within ``dp_radius`` of its own plan while that improves; ``allocopt.search.sensitivity``) and
+  level-switch neighbours of both, not random compositions far away;
 * two-point crossover recombines per-layer moves found by different parents (BudgetRepair restores the sum),
   level-switch mutation moves up to ``mutation_max_delta`` experts, and (mu + lambda) survival keeps the elites;
 * racing (``allocopt.search.racing``, EvoPress's multi-step selection) scores each generation's offspring on the
@@ -12,12 +13,12 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   plans: more candidates per evaluation budget;
 * when the best has not improved for ``patience`` generations the population has converged: the GA restarts
   from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
-  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best plan.
+  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP within ``dp_radius`` of the best.
 
 Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
 ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
-``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population``
-is not used.
+``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``).
+``ctx.population`` is not used.
 """
 from __future__ import annotations
 
