@@ -213,9 +213,9 @@ def test_ga_races_by_default_and_records_the_race(root):
 
 
 def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
-    """`--optimizer dp --option dp_rounds=1`: every layer probed at every other count with the rest at uniform
-    (trials off the budget); the plan is the brute-force optimum of the additive -log ESAP model built from those
-    trials. With its default rounds, dp re-linearises around that plan and ends no worse."""
+    """`--optimizer dp --option dp_rounds=1`: every layer probed at Fibonacci offsets from its uniform count with the
+    rest at uniform (trials off the budget); the plan is the brute-force optimum of the additive -log ESAP model
+    (linear between probed counts) built from those trials. With its default rounds, dp re-linearises around that plan and ends no worse."""
     import itertools
     import math
 
@@ -231,16 +231,24 @@ def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
     upper = [info.num_experts[l] for l in sorted(info.num_experts)]
     value = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "dp")}
     uniform = tuple(e // 2 for e in upper)
-    probes = [(l, c) for l in range(3) for c in range(lower[l], upper[l] + 1) if c != uniform[l]]
+    fib = [1, 2, 3, 5, 8, 13]                                              # round 1: Fibonacci offsets
+    probed = [sorted(c for d in fib for c in (uniform[l] - d, uniform[l] + d) if lower[l] <= c <= upper[l])
+              for l in range(3)]
+    probes = [(l, c) for l in range(3) for c in probed[l]]
     assert top["evaluations"] == len(value) == 1 + len(probes) + (tuple(top["counts"]) != uniform)
 
-    def loss(l, c):
+    def point(l, c):
         x = list(uniform)
         x[l] = c
         return -math.log(value[tuple(x)]) + math.log(value[uniform])
 
+    def loss(l, c):                                                        # linear between probed counts
+        xs = sorted(probed[l] + [uniform[l]])
+        return float(np.interp(c, xs, [point(l, x) for x in xs]))
+
     budget = sum(uniform)
-    plans = [p for p in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(lower, upper)]) if sum(p) == budget]
+    ranges = [range(min(probed[l] + [uniform[l]]), max(probed[l] + [uniform[l]]) + 1) for l in range(3)]
+    plans = [p for p in itertools.product(*ranges) if sum(p) == budget]
     best = min(plans, key=lambda p: sum(loss(l, c) for l, c in enumerate(p)))
     want = best if value.get(best, -1) >= value[uniform] else uniform
     assert tuple(top["counts"]) == want and top["esap"] == pytest.approx(max(value[uniform], value.get(best, -1)))

@@ -101,7 +101,7 @@ def test_coarse_to_fine_rounds_improve_on_the_first_dp_plan_at_a_quarter_of_its_
         plan = sensitivity_search(cache, space, space.uniform(), 12, rounds, radius=2)
         found[rounds] = (plan, cache)
     one, four = found[1][1], found[4][1]
-    assert one.spent == 1 + 72 + 1 and np.array_equal(found[1][0], one.best(space.budget)[0])
+    assert one.spent == 1 + 9 * 6 + 1 and np.array_equal(found[1][0], one.best(space.budget)[0])
     assert four.best(space.budget)[1] > one.best(space.budget)[1] + 1e-3
     later = four.history[one.evaluations:]
     assert 0 < len(later) <= 3 * (4 * 6 + 1)
@@ -155,7 +155,8 @@ def test_dp_allocate_is_the_exact_optimum(n, seed):
 
 
 def test_additive_model_recovers_a_separable_objective(space):
-    """On an objective that *is* a product over layers, probes around any base give the exact optimum."""
+    """On an objective that *is* a product over layers, probes at every count give the exact optimum in one round,
+    and the default Fibonacci grid (fewer probes per round) gets there by re-linearising within the radius."""
     rng = np.random.default_rng(0)
     gain = rng.uniform(0.02, 0.3, space.size)
 
@@ -163,13 +164,17 @@ def test_additive_model_recovers_a_separable_objective(space):
         return np.exp(-(gain * np.exp(-np.atleast_2d(X) / 4)).sum(1))
 
     base = space.uniform()
-    grid = probe_grid(space, base, 12)
-    assert [len(g) for g in grid] == [12] * 6 and all(base[l] not in g for l, g in enumerate(grid))
-    probes = probe_plans(base, grid)
-    costs = layer_costs(space, base, float(f(base[None])[0]), grid, f(probes))
-    x = dp_allocate(costs, space.lower, space.upper, space.budget)
     brute = max((y for y in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(space.lower, space.upper)])
                  if sum(y) == space.budget), key=lambda y: f(np.array(y)[None])[0])
-    assert tuple(x) == brute
-    coarse = probe_grid(space, base, 4)                          # base neighbours + the bounds
-    assert all(len(g) == 4 and {base[l] - 1, base[l] + 1, 2, 16} == set(g.tolist()) for l, g in enumerate(coarse))
+    every = probe_grid(space, base, 14, radius=14)                # radius >= the range: every count
+    assert all(g.tolist() == [c for c in range(2, 17) if c != 8] for g in every)
+    costs = layer_costs(space, base, float(f(base[None])[0]), every, f(probe_plans(base, every)))
+    assert tuple(dp_allocate(costs, space.lower, space.upper, space.budget)) == brute
+
+    grid = probe_grid(space, base, 12)                            # 8 -/+ 1, 2, 3, 5, 8 within 2..16
+    assert all(g.tolist() == [3, 5, 6, 7, 9, 10, 11, 13, 16] for g in grid)
+    assert all(g.tolist() == [6, 7, 9, 10] for g in probe_grid(space, base, 4))      # nearest first
+    cache = EvaluationCache(f, 1000)
+    cache(base[None])
+    plan = sensitivity_search(cache, space, base, 12, rounds=4, radius=2)
+    assert tuple(plan) == brute

@@ -29,28 +29,32 @@ from allocopt.errors import AllocoptError
 from allocopt.search.space import AllocationSpace
 
 
+def fibonacci_offsets(limit: int) -> list[int]:
+    """1, 2, 3, 5, 8, 13, ... up to ``limit``: probe spacing that is fine next to the base and coarse far from it."""
+    out, a, b = [], 1, 2
+    while a <= limit:
+        out.append(a)
+        a, b = b, a + b
+    return out
+
+
 def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: int | None = None
                ) -> list[np.ndarray]:
     """Per layer, at most ``probes`` counts to probe (the base count is never probed: its value is the base plan's).
 
-    Every count lower..upper (within ``radius`` of the base count when given) when they fit; else the base count's
-    neighbours (so the model is exact next to the base) plus counts spread evenly over the range, its ends
-    included. Shapes: ``base`` [L] -> L arrays.
+    Without ``radius`` (round 1): the counts at Fibonacci offsets (+-1, 2, 3, 5, 8, ...) from the base count within
+    the layer's bounds, nearest first. The additive model is accurate next to the base, where most moves are, and
+    coarse far away, where later rounds refine it; on the testbed this keeps the every-count round-1 DP plans at
+    reap 50% and frequency 25% with 8 probes per layer instead of 12 (28 instead of 43.5 full forwards, issue #12).
+    With ``radius``: every count within ``radius`` of the base, nearest first. Shapes: ``base`` [L] -> L arrays.
     """
     if probes < 1:
         raise AllocoptError(f"a sensitivity grid needs at least 1 probe per layer (got {probes}); raise dp_probes")
     grid = []
     for lo, hi, b in zip(space.lower, space.upper, np.asarray(base)):
-        if radius is not None:
-            lo, hi = max(lo, b - radius), min(hi, b + radius)
-        counts = np.setdiff1d(np.arange(lo, hi + 1), [b])
-        if len(counts) > probes:
-            near = [c for c in (b - 1, b + 1) if lo <= c <= hi][:probes]
-            rest = np.setdiff1d(counts, near)
-            k = probes - len(near)
-            spread = rest[np.unique(np.round(np.linspace(0, len(rest) - 1, k)).astype(np.int64))] if k > 0 else []
-            counts = np.union1d(near, spread)
-        grid.append(np.asarray(counts, dtype=np.int64))
+        offsets = range(1, radius + 1) if radius is not None else fibonacci_offsets(int(hi - lo))
+        counts = [c for d in offsets for c in (b - d, b + d) if lo <= c <= hi][:probes]
+        grid.append(np.array(sorted(counts), dtype=np.int64))
     return grid
 
 
