@@ -47,7 +47,9 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
 
     name = f"kill-{optimizer}"
     storage = sqlite_url(root, name)
-    at = random.Random().randint(3, 12)
+    total = trial_counts(sqlite_url(root, f"ref-{optimizer}"), f"ref-{optimizer}")["complete"]
+    assert total >= 6, f"the reference run completed {total} trials: too few to kill one mid-search"
+    at = random.Random().randint(3, min(12, total - 3))            # mid-search, whatever the optimizer spends
     _kill_when_complete(popen(*run_args(root, name, "--optimizer", optimizer, *EVALS)), storage, name, at)
     before = trial_counts(storage, name)
     plans_before = complete_allocations(storage, name)
