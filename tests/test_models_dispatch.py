@@ -71,7 +71,6 @@ def test_layerwise_population_scoring_equals_per_plan_scoring_and_reads_each_lay
     """An offloaded model scores a generation one decoder layer at a time: the same values (full and partial rows,
     prefix states reused across calls) as the plain model scored plan by plan, with each layer's weights loaded once
     per call instead of once per plan and micro-batch."""
-
     root, plain, dispatched, tokenizer, _ = pair
     tokens = load_tokens(str(root / "data.txt"), tokenizer, 16, 6, split="search")
     info = describe(plain)

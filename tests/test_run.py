@@ -215,7 +215,8 @@ def test_ga_races_by_default_and_records_the_race(root):
 def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
     """`--optimizer dp --option dp_rounds=1`: every layer probed at Fibonacci offsets from its uniform count with the
     rest at uniform (trials off the budget); the plan is the brute-force optimum of the additive -log ESAP model
-    (linear between probed counts) built from those trials. With its default rounds, dp re-linearises around that plan and ends no worse."""
+    (linear between probed counts) built from those trials. With its default rounds, dp re-linearises around that
+    plan and ends no worse."""
     import itertools
     import math
 

@@ -90,7 +90,7 @@ def test_a_radius_grid_keeps_the_dp_where_it_was_measured(space):
     assert x.sum() == space.budget and (np.abs(x - base) <= 2).all()
 
 
-def test_coarse_to_fine_rounds_improve_on_the_first_dp_plan_at_a_quarter_of_its_cost(space):
+def test_coarse_to_fine_rounds_improve_on_the_first_dp_plan_with_cheaper_rounds(space):
     """An interacting objective: the additive model around uniform is off, re-linearising around the DP plan
     within the radius is cheaper per round and finds better plans; every later probe is near the plan before."""
     f = toy_objective(space, seed=0)

@@ -10,9 +10,10 @@ at the base allocation (the uniform plan, or the current best when re-linearisin
 that plan; probing layers alone with the rest unpruned does not (issue #12: on the testbed at 50% sparsity the
 first gives the best plan known, the second closes 44% of the gap). The model holds near its base and weakens for
 larger moves (at 25% sparsity the first DP plan closes 80% of the gap), so :func:`sensitivity_search` re-linearises
-coarse to fine: round 1 probes the whole range around uniform, each later round only the counts within ``radius``
-of the last DP plan (a trust region, a quarter of the cost), while the DP plan keeps improving. Probes are plans off
-the budget (one layer moved): the study records them, searches never return them.
+coarse to fine: round 1 probes at Fibonacci offsets around uniform (fine near it, coarse far away), each later
+round only the counts within ``radius`` of the last DP plan (a trust region: on the testbed 24 probes instead of
+round 1's 48), while the DP plan keeps improving. Probes are plans off the budget (one layer moved): the study
+records them, searches never return them.
 
     grid = probe_grid(space, base, probes=12)                        # per layer: counts probed
     values = evaluate(probe_plans(base, grid))                      # one value per probe
@@ -167,11 +168,12 @@ def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, probes: in
 def sensitivity_search(cache, space: AllocationSpace, base: np.ndarray, probes: int, rounds: int,
                        rows: int | None = None, radius: int = defaults.DP_RADIUS, allowance: float | None = None
                        ) -> np.ndarray | None:
-    """Coarse-to-fine sensitivity allocation: round 1 probes ``probes`` counts per layer over the whole range around
-    ``base``; each of at most ``rounds - 1`` more probes only the counts within ``radius`` of the last DP plan
-    and solves again, while the DP plan is the best plan evaluated (a round that does not improve ends it).
+    """Coarse-to-fine sensitivity allocation: round 1 probes at most ``probes`` counts per layer at Fibonacci offsets
+    from ``base`` (:func:`probe_grid`); each of at most ``rounds - 1`` more probes only the counts within ``radius``
+    of the last DP plan and solves again, while the DP plan is the best plan evaluated (a round that does not
+    improve ends it).
 
-    Issue #12, frequency at 25% on the testbed: round 1 (72 probes) gives [15, 11, 10, 11, 12, 13], 80% of the
+    Issue #12, frequency at 25% on the testbed: round 1 (48 probes) gives [15, 11, 10, 11, 12, 13], 80% of the
     uniform -> best-known gap; round 2 around it gives the best-known plan. Returns the last improving DP plan, or
     None when none beat ``base``; all rounds together spend at most ``allowance`` evaluation equivalents.
     """

@@ -119,8 +119,8 @@ class GeneticSearch:
         probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
         if probes < 1:
             return None
-        return sensitivity_search(cache, ctx.space, uniform, probes, allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals,
-                                  **search_options(ctx))
+        return sensitivity_search(cache, ctx.space, uniform, probes,
+                                  allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(ctx))
 
     def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
         """The DP plan with probes within ``dp_radius`` of ``best`` (``restart=dp``)."""
