@@ -89,7 +89,7 @@ def test_identity_plan_is_exactly_one():
 
 
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3", "glm_moe_dsa", "hy_v4"])
-def test_prefix_reuse_and_batching_match_one_full_forward_per_candidate(family):
+def test_prefix_reuse_batching_and_the_narrowed_head_match_one_full_forward_per_candidate(family):
     # ungrouped routing, so that the hand-made plans below are routable; glm_moe_dsa passes (hidden, indexer
     # top-k) from layer to layer, which prefix reuse must carry whole
     model = build_tiny_model(family, seed=1, **({"n_group": 1, "topk_group": 1} if family != "gpt_oss" else {}))
@@ -101,8 +101,9 @@ def test_prefix_reuse_and_batching_match_one_full_forward_per_candidate(family):
     plans = [base] + [{**base, layers[-1]: list(range(2, 2 + k))} for k in (2, 3, 4)] \
         + [{**base, layers[-2]: [0, 1, 5]}, {layers[-1]: [1, 2, 3]}, base, {**base, layers[-1]: [2, 3]}]
     fast = Evaluator(model, tokens, exact=True)
-    slow = Evaluator(model, tokens, exact=True, batch_size=1, prefix_reuse=False)
+    slow = Evaluator(model, tokens, exact=True, batch_size=1, prefix_reuse=False, head_rows=False)
     assert fast.prefix_reuse, "the suffix trick must be verified safe on this family"
+    assert fast.head_rows and not slow.head_rows, "the LM head must run on the scored positions only"
     a, b = fast.evaluate(plans), slow.evaluate(plans)
     assert max(abs(x.value - y.value) for x, y in zip(a, b)) <= 1e-6
     assert fast.counters["evaluated"] == 6 and fast.counters["prefix_hits"] >= 5

@@ -93,16 +93,39 @@ class DecoderRunner:
             for h in handles:
                 h.remove()
 
+    @contextlib.contextmanager
+    def _head_rows(self, positions: torch.Tensor | None) -> Iterator[None]:
+        """The LM head runs on the flattened [B*T, H] hidden states at ``positions`` only, so it returns [n, V]
+        logits: no [B, T, V] tensor is built and then gathered (a copy as large as the logits)."""
+        head = None if positions is None else self.model.get_output_embeddings()
+        if head is None:
+            yield
+            return
+
+        def gather(module: nn.Module, args: tuple) -> tuple:
+            h = args[0]
+            return (h.reshape(-1, h.shape[-1])[positions.to(h.device)], *args[1:])
+        handle = head.register_forward_pre_hook(gather)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
-            hidden: State | None = None, capture: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, State]]:
-        """Logits [B, T, V] and the states layers in ``capture`` (all > start) start from."""
+            hidden: State | None = None, capture: Sequence[int] = (), positions: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict[int, State]]:
+        """Logits [B, T, V] (with ``positions``, indices into the flattened [B*T] positions: [n, V] at those
+        positions) and the states layers in ``capture`` (all > start) start from."""
         if start and hidden is None:
             raise ValueError("start > 0 needs the output of layer start-1 (the state layer `start` starts from)")
         states: dict[int, State] = {}
-        with self._skip(start, hidden), self._capture([j for j in capture if j > start], states):
+        with self._skip(start, hidden), self._capture([j for j in capture if j > start], states), self._head_rows(positions):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits, states
+        logits = out.logits
+        if positions is not None and logits.dim() != 2:     # the head is not a module call: gather afterwards
+            logits = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]
+        return logits, states
 
     @torch.no_grad()
     def run_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int, state: State | None,
@@ -164,14 +187,29 @@ class DecoderRunner:
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]) -> bool:
         """True when starting from every layer in ``layers`` reproduces the full forward's logits."""
         full, states = self.run(input_ids, attention_mask, capture=layers)
-        atol = 1e-5 if full.dtype == torch.float32 else 1e-2
         for j in layers:
             if j == 0:
                 continue
             part, _ = self.run(input_ids, attention_mask, start=j, hidden=states[j])
-            if part.shape != full.shape or not torch.allclose(part.float(), full.float(), rtol=0, atol=atol, equal_nan=True):
+            if not _same_logits(part, full):
                 return False
         return True
+
+    def check_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """True when ``run(..., positions=...)`` gives the full forward's logits at those positions (every other
+        position of the batch); False, not an error, where the model's forward cannot take the narrowed head."""
+        full, _ = self.run(input_ids, attention_mask)
+        positions = torch.arange(0, input_ids.numel(), 2, device=input_ids.device)
+        try:
+            part, _ = self.run(input_ids, attention_mask, positions=positions)
+        except (RuntimeError, IndexError, ValueError):
+            return False
+        return _same_logits(part, full.reshape(-1, full.shape[-1])[positions.to(full.device)])
+
+
+def _same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    atol = 1e-5 if b.dtype == torch.float32 else 1e-2
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=0, atol=atol, equal_nan=True)
 
 
 @contextlib.contextmanager

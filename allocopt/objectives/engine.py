@@ -112,12 +112,14 @@ class Evaluator:
     (``evaluate(plans, rows=r)`` scores whole micro-batches, the first ``ceil(r / batch_size)`` of them).
     ``layerwise`` (default: when accelerate offloaded part of the model) scores each ``evaluate`` call's plans one
     decoder layer at a time (``objectives.layerwise``), so each layer's weights are read once per call, not per plan.
+    ``head_rows`` runs the LM head on the scored positions only (no [B, T, V] logits to gather from), where a check
+    on one row shows that gives the same logits.
     """
 
     def __init__(self, model: nn.Module, tokens: TokenSet, objective: str = defaults.OBJECTIVE,
                  tolerance: float = defaults.ESAP_TOLERANCE, exact: bool = False, batch_size: int | None = defaults.ESAP_BATCH_SIZE,
                  prefix_cache_bytes: int = defaults.PREFIX_CACHE_BYTES, prefix_reuse: bool = True,
-                 teacher: TeacherCache | None = None, layerwise: bool | None = None):
+                 teacher: TeacherCache | None = None, layerwise: bool | None = None, head_rows: bool = True):
         self.model, self.objective = model, get_objective(objective)
         self.layerwise = is_offloaded(model) if layerwise is None else layerwise
         info = describe(model)
@@ -138,6 +140,9 @@ class Evaluator:
         skips = (prefix_reuse or self.layerwise) and self.runner.check(
             self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], checked)
         self.prefix_reuse = prefix_reuse and skips
+        # The LM head runs on the scored positions only where that gives the full forward's logits there.
+        self.head_rows = head_rows and not self.layerwise and self.runner.check_positions(
+            self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1])
         if self.layerwise and not skips:
             log.warning("this model's decoder cannot be started at a cached layer input, so the offloaded model is "
                         "scored one plan at a time (each plan reads every layer's weights)")
@@ -236,9 +241,10 @@ class Evaluator:
                     demand[(i, k[:i])] -= 1
                 start, hidden = self._start(c, k)
                 capture = [self.layers[i] for i in range(start + 1, n)] if self.prefix_reuse else []
+                positions = self.teacher.chunks[c].positions if self.head_rows else None
                 with mask_experts(self.model, self._kept(k)):
                     logits, states = self.runner.run(batch.input_ids, batch.attention_mask, self.layers[start] if start >= 0 else 0,
-                                                     hidden, capture)
+                                                     hidden, capture, positions)
                 run = len(self.runner.layers) - (self.layers[start] if start >= 0 else 0)
                 self.counters["layers_run"] += run
                 self.counters["layer_tokens"] += run * batch.input_ids.numel()
@@ -273,10 +279,11 @@ class Evaluator:
         self.counters["layerwise_passes"] += 1
 
     def _score(self, k: Key, c: int, logits: torch.Tensor) -> None:
-        """Record plan ``k``'s per-row sums on micro-batch ``c`` from its logits [B, T, V] (or its failure)."""
+        """Record plan ``k``'s per-row sums on micro-batch ``c`` from its logits (or its failure): [B, T, V], or
+        [n, V] at the micro-batch's scored positions already (``head_rows``)."""
         chunk, first = self.teacher.chunks[c], int(self.rows_before[c])
         size = int(self.batches[c].input_ids.shape[0])
-        sel = logits.reshape(-1, logits.shape[-1])[chunk.positions]
+        sel = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])[chunk.positions]
         bad = _non_finite_rows(sel)
         if bad:
             self._scored[k].failed = f"non-finite logits at {bad} of {sel.shape[0]} scored positions"
