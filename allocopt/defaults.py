@@ -81,11 +81,10 @@ GA_PATIENCE = 6
 GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
 GA_DP_BUDGET_SHARE = 1 / 3
 
-# Sensitivity allocation (`dp`, and `ga`'s warm start): at most this many counts probed per layer in round 1 (at
-# Fibonacci offsets from the base count, nearest first: 8 on the testbed's 16-expert layers), linearisation rounds
-# (1: probes around uniform only; later rounds stop once one does not improve) and the radius (experts) later rounds
-# probe around the last DP plan.
-DP_PROBES = 12
+# Sensitivity allocation (`dp`, and `ga`'s warm start; allocopt.search.sensitivity): at most this many counts probed
+# per layer in round 1 (those within DP_RADIUS of uniform, then the layer's two bounds), linearisation rounds (1:
+# probes around uniform only; later rounds stop once one does not improve) and the trust-region radius (experts).
+DP_PROBES = 6
 DP_ROUNDS = 4
 DP_RADIUS = 2
 

@@ -213,10 +213,11 @@ def test_ga_races_by_default_and_records_the_race(root):
 
 
 def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
-    """`--optimizer dp --option dp_rounds=1`: every layer probed at Fibonacci offsets from its uniform count with the
-    rest at uniform (trials off the budget); the plan is the brute-force optimum of the additive -log ESAP model
-    (linear between probed counts) built from those trials. With its default rounds, dp re-linearises around that
-    plan and ends no worse."""
+    """`--optimizer dp --option dp_rounds=1`: every layer probed within 2 of its uniform count and at its bounds, with
+    the rest at uniform (trials off the budget), and further out only where a DP plan sat at the edge of what was
+    probed; the last DP plan is the brute-force optimum of the additive -log ESAP model (linear between probed
+    counts) built from those trials, and the reported plan the best plan evaluated. With its default rounds, dp
+    re-linearises around that plan and ends no worse."""
     import itertools
     import math
 
@@ -230,13 +231,15 @@ def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
     info = describe(model)
     lower = [max(info.top_k[l], 1) for l in sorted(info.num_experts)]
     upper = [info.num_experts[l] for l in sorted(info.num_experts)]
-    value = {tuple(t.user_attrs["allocation"]): t.value for t in _trials(root, "dp")}
+    trials = sorted(_trials(root, "dp"), key=lambda t: t.number)
+    value = {tuple(t.user_attrs["allocation"]): t.value for t in trials}
     uniform = tuple(e // 2 for e in upper)
-    fib = [1, 2, 3, 5, 8, 13]                                              # round 1: Fibonacci offsets
-    probed = [sorted(c for d in fib for c in (uniform[l] - d, uniform[l] + d) if lower[l] <= c <= upper[l])
-              for l in range(3)]
-    probes = [(l, c) for l in range(3) for c in probed[l]]
-    assert top["evaluations"] == len(value) == 1 + len(probes) + (tuple(top["counts"]) != uniform)
+    budget = sum(uniform)
+    probed = [sorted(p[l] for p in value if sum(p) != budget and p[l] != uniform[l]) for l in range(3)]
+    assert all(sum(a != b for a, b in zip(p, uniform)) == 1 for p in value if sum(p) != budget)
+    for l in range(3):                                                     # round 1: near uniform, then the bounds
+        near = {c for d in (1, 2) for c in (uniform[l] - d, uniform[l] + d) if lower[l] <= c <= upper[l]}
+        assert near | {lower[l], upper[l]} - {uniform[l]} <= set(probed[l])
 
     def point(l, c):
         x = list(uniform)
@@ -247,12 +250,13 @@ def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
         xs = sorted(probed[l] + [uniform[l]])
         return float(np.interp(c, xs, [point(l, x) for x in xs]))
 
-    budget = sum(uniform)
     ranges = [range(min(probed[l] + [uniform[l]]), max(probed[l] + [uniform[l]]) + 1) for l in range(3)]
     plans = [p for p in itertools.product(*ranges) if sum(p) == budget]
     best = min(plans, key=lambda p: sum(loss(l, c) for l, c in enumerate(p)))
-    want = best if value.get(best, -1) >= value[uniform] else uniform
-    assert tuple(top["counts"]) == want and top["esap"] == pytest.approx(max(value[uniform], value.get(best, -1)))
+    on_budget = [tuple(t.user_attrs["allocation"]) for t in trials if sum(t.user_attrs["allocation"]) == budget]
+    assert best in on_budget                                               # the last DP plan was evaluated
+    assert top["evaluations"] == len(value) and top["esap"] == pytest.approx(max(value[p] for p in on_budget))
+    assert value[tuple(top["counts"])] == max(value[p] for p in on_budget)
 
     args[args.index("--name") + 1] = "dp-rounds"
     args[args.index(str(root / "runs" / "dp"))] = str(root / "runs" / "dp-rounds")

@@ -13,7 +13,8 @@ from allocopt.search.optimizers import SearchContext, get_optimizer
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.sampling import random_composition
-from allocopt.search.sensitivity import dp_allocate, layer_costs, probe_grid, probe_plans, sensitivity_search
+from allocopt.search.sensitivity import (dp_allocate, extend_grid, layer_costs, probe_grid, probe_plans,
+                                         sensitivity_search, sensitivity_step)
 from allocopt.search.space import make_space
 from allocopt.search.toy import ToyRows, toy_objective
 
@@ -90,28 +91,71 @@ def test_a_radius_grid_keeps_the_dp_where_it_was_measured(space):
     assert x.sum() == space.budget and (np.abs(x - base) <= 2).all()
 
 
-def test_coarse_to_fine_rounds_improve_on_the_first_dp_plan_with_cheaper_rounds(space):
-    """An interacting objective: the additive model around uniform is off, re-linearising around the DP plan
-    within the radius is cheaper per round and finds better plans; every later probe is near the plan before."""
+def test_trust_region_rounds_improve_on_the_first_dp_plan_and_probe_near_the_last_one(space):
+    """An interacting objective: the additive model around uniform is off, re-linearising around the DP plan finds
+    better plans. Round 1 probes the near grid and the bounds; every later evaluation is a DP plan (on the budget)
+    or a one-layer move from the round's base; each DP plan is evaluated as soon as it is solved."""
     f = toy_objective(space, seed=0)
     found = {}
     for rounds in (1, 4):
         cache = EvaluationCache(f, 1000)
         cache(space.uniform()[None])
-        plan = sensitivity_search(cache, space, space.uniform(), 12, rounds, radius=2)
+        plan = sensitivity_search(cache, space, space.uniform(), 6, rounds, radius=2)
         found[rounds] = (plan, cache)
     one, four = found[1][1], found[4][1]
-    assert one.spent == 1 + 9 * 6 + 1 and np.array_equal(found[1][0], one.best(space.budget)[0])
+    first = probe_plans(space.uniform(), probe_grid(space, space.uniform(), 6, 2, bounds=True))
+    assert np.array_equal(np.array([x for x, _ in one.history[1:1 + len(first)]]), first)
+    assert one.history[1 + len(first)][0].sum() == space.budget             # round 1's DP plan, before any extension
+    assert np.array_equal(found[1][0], one.best(space.budget)[0])
     assert four.best(space.budget)[1] > one.best(space.budget)[1] + 1e-3
-    later = four.history[one.evaluations:]
-    assert 0 < len(later) <= 3 * (4 * 6 + 1)
-    probes = [x - found[1][0] for x, _ in later[: 4 * 6]]        # round 2 probes around round 1's plan
-    assert all(np.count_nonzero(d) == 1 and 0 < np.abs(d).max() <= 2 for d in probes)
     assert np.array_equal(found[4][0], four.best(space.budget)[0])
+    plans = [x for x, _ in four.history if x.sum() == space.budget]
+    for x, _ in four.history[1:]:
+        if x.sum() != space.budget:                                        # a probe: one layer off some plan
+            assert min(np.count_nonzero(x - p) for p in plans) == 1
     limited = EvaluationCache(f, 1000)
     limited(space.uniform()[None])
-    sensitivity_search(limited, space, space.uniform(), 12, 4, radius=2, allowance=100)
-    assert limited.spent <= 1 + 100
+    sensitivity_search(limited, space, space.uniform(), 6, 4, radius=2, allowance=40)
+    assert limited.spent <= 1 + 40
+
+
+def test_later_rounds_probe_an_asymmetric_trust_region_and_extend_it_at_its_edges(space):
+    base, previous = np.array([3, 10, 8, 8, 6, 13]), np.array([2, 8, 8, 9, 8, 13])
+    grid = probe_grid(space, base, 6, 2, previous)
+    # moved up: two further up, one back; unmoved: one each way; moved down: two further down, one back
+    assert [g.tolist() for g in grid] == [[2, 4, 5], [9, 11, 12], [7, 9], [6, 7, 9], [4, 5, 7], [12, 14]]
+    assert [g.tolist() for g in probe_grid(space, space.uniform(), 6, 2, bounds=True)] == [[2, 6, 7, 9, 10, 16]] * 6
+    base = np.full(6, 8)
+    grid = [np.array([6, 7, 9, 10])] * 3 + [np.array([5, 6, 7, 9, 10, 11]), np.array([7, 9, 11, 13]), np.array([9, 16])]
+    plan = np.array([10, 9, 8, 5, 13, 16])
+    # at an upper edge: the next Fibonacci offset past it (2 -> 3); interior or unmoved: nothing;
+    # at a lower edge: 3 -> 5; at 13 (offset 5): 8 -> 16; at the layer's bound: nothing
+    assert [g.tolist() for g in extend_grid(space, base, grid, plan)] == [[11], [], [], [3], [16], []]
+    high = extend_grid(space, np.full(6, 12), [np.array([11, 13, 14])] * 6, np.full(6, 14))
+    assert all(g.tolist() == [15] for g in high)
+    assert all(g.tolist() == [16] for g in extend_grid(space, np.full(6, 12), [np.array([11, 13, 14, 15])] * 6,
+                                                       np.full(6, 15)))              # 12 + 5 = 17 clips to 16
+
+
+def test_the_bounds_let_round_1_see_a_layer_whose_value_lies_far_from_uniform(space):
+    """Layer 0 gains nothing until it keeps 14 experts (EAN at 50% on the testbed moves layer 0 from 8 to 15): a grid
+    near uniform never sees it, round 1's bound probes do, and the trust region then finds the exact optimum."""
+    slope = np.array([0.0, 0.01, 0.012, 0.014, 0.016, 0.018])
+
+    def f(X):
+        X = np.atleast_2d(X)
+        return np.exp(-0.4 * (X[:, 0] < 14) - (slope * (16 - X)).sum(1))
+
+    brute = max((y for y in itertools.product(*[range(lo, hi + 1) for lo, hi in zip(space.lower, space.upper)])
+                 if sum(y) == space.budget), key=lambda y: f(np.array(y)[None])[0])
+    assert brute[0] >= 14
+    near = EvaluationCache(f, 1000)
+    near(space.uniform()[None])
+    grid = probe_grid(space, space.uniform(), 6, 2)
+    assert sensitivity_step(near, space, space.uniform(), grid)[0] < 14
+    cache = EvaluationCache(f, 1000)
+    cache(space.uniform()[None])
+    assert tuple(sensitivity_search(cache, space, space.uniform(), 6, rounds=4, radius=2)) == brute
 
 
 def test_ga_races_by_default_and_sees_more_plans_for_the_same_budget(space):
@@ -156,7 +200,7 @@ def test_dp_allocate_is_the_exact_optimum(n, seed):
 
 def test_additive_model_recovers_a_separable_objective(space):
     """On an objective that *is* a product over layers, probes at every count give the exact optimum in one round,
-    and the default Fibonacci grid (fewer probes per round) gets there by re-linearising within the radius."""
+    and the default trust region (fewer probes per round) gets there by re-linearising."""
     rng = np.random.default_rng(0)
     gain = rng.uniform(0.02, 0.3, space.size)
 
@@ -171,10 +215,7 @@ def test_additive_model_recovers_a_separable_objective(space):
     costs = layer_costs(space, base, float(f(base[None])[0]), every, f(probe_plans(base, every)))
     assert tuple(dp_allocate(costs, space.lower, space.upper, space.budget)) == brute
 
-    grid = probe_grid(space, base, 12)                            # 8 -/+ 1, 2, 3, 5, 8 within 2..16
-    assert all(g.tolist() == [3, 5, 6, 7, 9, 10, 11, 13, 16] for g in grid)
-    assert all(g.tolist() == [6, 7, 9, 10] for g in probe_grid(space, base, 4))      # nearest first
     cache = EvaluationCache(f, 1000)
     cache(base[None])
-    plan = sensitivity_search(cache, space, base, 12, rounds=4, radius=2)
+    plan = sensitivity_search(cache, space, base, 6, rounds=4, radius=2)                   # the defaults
     assert tuple(plan) == brute

@@ -9,13 +9,20 @@ across layers, and solve the resulting knapsack exactly by dynamic programming.
 at the base allocation (the uniform plan, or the current best when re-linearising) measures the interactions near
 that plan; probing layers alone with the rest unpruned does not (issue #12: on the testbed at 50% sparsity the
 first gives the best plan known, the second closes 44% of the gap). The model holds near its base and weakens for
-larger moves (at 25% sparsity the first DP plan closes 80% of the gap), so :func:`sensitivity_search` re-linearises
-coarse to fine: round 1 probes at Fibonacci offsets around uniform (fine near it, coarse far away), each later
-round only the counts within ``radius`` of the last DP plan (a trust region: on the testbed 24 probes instead of
-round 1's 48), while the DP plan keeps improving. Probes are plans off the budget (one layer moved): the study
-records them, searches never return them.
+larger moves (at 25% sparsity the first DP plan closes 80% of the gap), so :func:`sensitivity_search` works like a
+trust-region method:
 
-    grid = probe_grid(space, base, probes=12)                        # per layer: counts probed
+- round 1 probes the counts within ``radius`` of uniform and each layer's two bounds (the DP interpolates between
+  them, so it can see a layer whose value lies far away: EAN at 50% moves layer 0 from 8 to 15 experts);
+- each later round probes around the last DP plan, ``radius`` further in the direction each layer last moved and
+  one count back (:func:`probe_grid`), while the DP plan keeps improving;
+- in every round, where the DP plan sits at the edge of a layer's probed range (the DP never leaves it), the layer
+  is probed one Fibonacci step further out and the DP solved again (:func:`extend_grid`); each DP plan is
+  evaluated as soon as it is solved, so a search holds its best plan as early as possible.
+
+Probes are plans off the budget (one layer moved): the study records them, searches never return them.
+
+    grid = probe_grid(space, base, probes=6, radius=2, bounds=True)  # per layer: counts probed
     values = evaluate(probe_plans(base, grid))                      # one value per probe
     plan = dp_plan(space, base, base_value, grid, values)           # exact optimum of the additive model
 """
@@ -39,23 +46,26 @@ def fibonacci_offsets(limit: int) -> list[int]:
     return out
 
 
-def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: int | None = None
-               ) -> list[np.ndarray]:
-    """Per layer, at most ``probes`` counts to probe (the base count is never probed: its value is the base plan's).
+def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: int,
+               previous: np.ndarray | None = None, bounds: bool = False) -> list[np.ndarray]:
+    """Per layer, at most ``probes`` counts to probe, nearest first (the base count is never probed: its value is
+    the base plan's).
 
-    Without ``radius`` (round 1): the counts at Fibonacci offsets (+-1, 2, 3, 5, 8, ...) from the base count within
-    the layer's bounds, nearest first. The additive model is accurate next to the base, where most moves are, and
-    coarse far away, where later rounds refine it; on the testbed this keeps the every-count round-1 DP plans at
-    reap 50% and frequency 25% with 8 probes per layer instead of 12 (28 instead of 43.5 full forwards, issue #12).
-    With ``radius``: every count within ``radius`` of the base, nearest first. Shapes: ``base`` [L] -> L arrays.
+    The counts within ``radius`` of the base; with ``previous`` (the plan the last round started from) only within
+    1 against the direction a layer last moved (an asymmetric trust region: a layer the last DP moved down is probed
+    further down, and one count back up); with ``bounds`` also the layer's lowest and highest count, last.
+    Shapes: ``base``, ``previous`` [L] -> L arrays.
     """
     if probes < 1:
         raise AllocoptError(f"a sensitivity grid needs at least 1 probe per layer (got {probes}); raise dp_probes")
+    moved = np.zeros(len(base), dtype=np.int64) if previous is None else np.sign(np.asarray(base) - np.asarray(previous))
     grid = []
-    for lo, hi, b in zip(space.lower, space.upper, np.asarray(base)):
-        offsets = range(1, radius + 1) if radius is not None else fibonacci_offsets(int(hi - lo))
-        counts = [c for d in offsets for c in (b - d, b + d) if lo <= c <= hi][:probes]
-        grid.append(np.array(sorted(counts), dtype=np.int64))
+    for lo, hi, b, m in zip(space.lower, space.upper, np.asarray(base), moved):
+        counts = [b + s * d for d in range(1, radius + 1) for s in (-1, 1)
+                  if lo <= b + s * d <= hi and (d == 1 or previous is None or s == m)]
+        if bounds:
+            counts += [c for c in (lo, hi) if c != b and c not in counts]
+        grid.append(np.array(sorted(int(c) for c in counts[:probes]), dtype=np.int64))
     return grid
 
 
@@ -136,52 +146,101 @@ def dp_plan(space: AllocationSpace, base: np.ndarray, base_value: float, grid: l
     return dp_allocate(layer_costs(space, base, base_value, grid, values), space.lower, space.upper, space.budget)
 
 
-def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, probes: int, rows: int | None = None,
-                     radius: int | None = None, allowance: float | None = None) -> np.ndarray | None:
-    """One linearisation: probe around ``base`` (counts within ``radius`` of it when given; on the first ``rows``
-    rows when given and the cache races, else at full fidelity), solve the DP and evaluate its plan at full
-    fidelity. Returns the plan, or None when the budget (or ``allowance``, in evaluation equivalents) cannot pay
-    for the probes and the plan. ``cache`` is an ``EvaluationCache`` over ``space`` (values signed)."""
-    grid = probe_grid(space, base, probes, radius)
-    plans = probe_plans(base, grid)
+def extend_grid(space: AllocationSpace, base: np.ndarray, grid: list[np.ndarray], plan: np.ndarray) -> list[np.ndarray]:
+    """Counts to probe next where the DP plan moved a layer to the edge of its probed range: the next Fibonacci
+    offset (1, 2, 3, 5, 8, ...) from the base beyond that edge, clipped to the layer's bound. The DP never leaves the
+    probed range, so a plan at an edge is the one sign that the layer may want to move further; elsewhere the grid
+    is enough. Shapes: ``base``, ``plan`` [L]; ``grid`` L arrays -> L arrays (empty where nothing is added)."""
+    out = []
+    for lo, hi, b, counts, x in zip(space.lower, space.upper, np.asarray(base), grid, np.asarray(plan)):
+        probed = np.append(counts, b)
+        new = []
+        for edge, bound, sign in ((probed.max(), hi, 1), (probed.min(), lo, -1)):
+            if x == edge and x != b and sign * (bound - edge) > 0:
+                step = next(f for f in fibonacci_offsets(2 * int(abs(edge - b)) + 2) if f > abs(edge - b))
+                new.append(int(np.clip(b + sign * step, lo, hi)))
+        out.append(np.array(sorted(new), dtype=np.int64))
+    return out
+
+
+def _probe_values(cache, base: np.ndarray, plans: np.ndarray, rows: int | None, partial: bool
+                  ) -> tuple[float, np.ndarray] | None:
+    """(base value, probe values [P]) at full fidelity, or on the first ``rows`` rows (raced probes become
+    PRUNED trials); None when the budget ran out part-way."""
+    if not partial:
+        return float(cache(base[None])[0]), cache(plans)
+    scores = cache.score(np.vstack([base[None], plans]), rows)
+    cache.prune(plans)
+    if any(s is None for s in scores):
+        return None
+    return scores[0].value, np.array([s.value for s in scores[1:]])
+
+
+def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, grid: list[np.ndarray], rows: int | None = None,
+                     allowance: float | None = None) -> np.ndarray | None:
+    """One linearisation around ``base``: probe ``grid`` (on the first ``rows`` rows when given and the cache races,
+    else at full fidelity), solve the DP and evaluate its plan, then probe further out where the plan sits at the
+    edge of the probed range (:func:`extend_grid`) and solve and evaluate again, until it does not. Returns the best
+    DP plan evaluated, or None when the budget (or ``allowance``, in evaluation equivalents) cannot pay for the first probes
+    and the plan. ``cache`` is an ``EvaluationCache`` over ``space`` (values signed)."""
     partial = rows is not None and cache.fidelity is not None and rows < cache.rows
-    cost = len(plans) * (cache.fidelity.step * -(-rows // cache.fidelity.step) / cache.rows if partial else 1.0) + 1
-    if cost > min(cache.remaining, math.inf if allowance is None else allowance):
+    per_probe = cache.fidelity.step * -(-rows // cache.fidelity.step) / cache.rows if partial else 1.0
+    stop = cache.spent + (math.inf if allowance is None else allowance)
+
+    def affordable(n: int) -> bool:
+        return n * per_probe + 1 <= min(cache.remaining, stop - cache.spent) + 1e-9
+
+    plans = probe_plans(base, grid)
+    if not affordable(len(plans)):
         return None
-    if partial:
-        scores = cache.score(np.vstack([base[None], plans]), rows)
-        if any(s is None for s in scores):               # the budget ran out part-way
-            cache.prune(plans)
-            return None
-        base_value, values = scores[0].value, np.array([s.value for s in scores[1:]])
-        cache.prune(plans)
-    else:
-        base_value = float(cache(base[None])[0])
-        values = cache(plans)
-    if not np.isfinite(base_value):
+    probed = _probe_values(cache, base, plans, rows, partial)
+    if probed is None or not np.isfinite(probed[0]):
         return None
-    plan = dp_plan(space, base, base_value, grid, values)
-    cache(plan[None])
-    return plan
+    base_value, values = probed
+    value_of = dict(zip(_probe_keys(grid), values))
+    solved: list[tuple[float, np.ndarray]] = []
+
+    def best_solved() -> np.ndarray:
+        return max(solved, key=lambda item: item[0] if np.isfinite(item[0]) else -math.inf)[1]
+
+    while True:
+        plan = dp_plan(space, base, base_value, grid, values)
+        solved.append((float(cache(plan[None])[0]), plan))
+        more = extend_grid(space, base, grid, plan)
+        extra = probe_plans(base, more)
+        if not len(extra) or not affordable(len(extra)):
+            return best_solved()
+        probed = _probe_values(cache, base, extra, rows, partial)
+        if probed is None:
+            return best_solved()
+        value_of.update(zip(_probe_keys(more), probed[1]))
+        grid = [np.union1d(g, m).astype(np.int64) for g, m in zip(grid, more)]
+        values = np.array([value_of[key] for key in _probe_keys(grid)])
+
+
+def _probe_keys(grid: list[np.ndarray]) -> list[tuple[int, int]]:
+    """(layer, count) of each row of ``probe_plans(base, grid)``."""
+    return [(layer, int(c)) for layer, counts in enumerate(grid) for c in counts]
 
 
 def sensitivity_search(cache, space: AllocationSpace, base: np.ndarray, probes: int, rounds: int,
                        rows: int | None = None, radius: int = defaults.DP_RADIUS, allowance: float | None = None
                        ) -> np.ndarray | None:
-    """Coarse-to-fine sensitivity allocation: round 1 probes at most ``probes`` counts per layer at Fibonacci offsets
-    from ``base`` (:func:`probe_grid`); each of at most ``rounds - 1`` more probes only the counts within ``radius``
-    of the last DP plan and solves again, while the DP plan is the best plan evaluated (a round that does not
-    improve ends it).
+    """Trust-region sensitivity allocation (module docstring): round 1 probes at most ``probes`` counts per layer
+    (those within ``radius`` of ``base``, then the layer's bounds); each of at most ``rounds - 1`` more probes
+    around the last DP plan (asymmetric ``radius``), while the DP plan is the best plan evaluated (a round that does
+    not improve ends it).
 
-    Issue #12, frequency at 25% on the testbed: round 1 (48 probes) gives [15, 11, 10, 11, 12, 13], 80% of the
-    uniform -> best-known gap; round 2 around it gives the best-known plan. Returns the last improving DP plan, or
-    None when none beat ``base``; all rounds together spend at most ``allowance`` evaluation equivalents.
+    Issue #12, frequency at 25% on the testbed: round 1 gives [15, 11, 10, 11, 12, 13], 80% of the uniform ->
+    best-known gap; round 2 around it gives the best-known plan. Returns the last improving DP plan, or None when
+    none beat ``base``; all rounds together spend at most ``allowance`` evaluation equivalents.
     """
-    plan, stop = None, None if allowance is None else cache.spent + allowance
+    plan, previous, stop = None, None, None if allowance is None else cache.spent + allowance
     for r in range(rounds):
         left = None if stop is None else stop - cache.spent
-        step = sensitivity_step(cache, space, base, probes, rows, radius=None if r == 0 else radius, allowance=left)
+        grid = probe_grid(space, base, probes, radius, previous, bounds=r == 0)
+        step = sensitivity_step(cache, space, base, grid, rows, allowance=left)
         if step is None or tuple(step) == tuple(base) or not np.array_equal(cache.best(space.budget)[0], step):
             break
-        base = plan = step
+        previous, base, plan = base, step, step
     return plan

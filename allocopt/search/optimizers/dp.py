@@ -2,11 +2,11 @@
 
 Probes every layer at a grid of kept counts with the other layers at the uniform plan, fits the additive model of
 ``allocopt.search.sensitivity`` and returns its exact DP optimum (or uniform, if that scores higher). With
-``dp_rounds`` > 1 it re-linearises coarse to fine: probes the counts within ``dp_radius`` of the DP plan and solves
-again, while that improves. Options: ``dp_probes`` (at most this many counts probed per layer in round 1, at
-Fibonacci offsets from uniform; ``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``), ``dp_radius``
-(``defaults.DP_RADIUS``), ``dp_rows`` (probe on the first rows only; default all rows). Probes count toward
-``--evals`` like any evaluation.
+``dp_rounds`` > 1 it re-linearises in a trust region: probes around the DP plan and solves again, while that
+improves; a layer the DP puts at the edge of its probed range is probed further out. Options: ``dp_probes`` (at
+most this many counts probed per layer in round 1: those within ``dp_radius`` of uniform, then the layer's bounds;
+``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``), ``dp_radius`` (``defaults.DP_RADIUS``),
+``dp_rows`` (probe on the first rows only; default all rows). Probes count toward ``--evals`` like any evaluation.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
-from allocopt.search.sensitivity import sensitivity_search, sensitivity_step
+from allocopt.search.sensitivity import probe_grid, sensitivity_search, sensitivity_step
 
 
 def default_step(space) -> int:
@@ -125,7 +125,8 @@ class GeneticSearch:
     def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
         """The DP plan with probes within ``dp_radius`` of ``best`` (``restart=dp``)."""
         kw = search_options(ctx)
-        return sensitivity_step(cache, ctx.space, best, probes_per_layer(ctx), kw["rows"], radius=kw["radius"])
+        grid = probe_grid(ctx.space, best, probes_per_layer(ctx), kw["radius"])
+        return sensitivity_step(cache, ctx.space, best, grid, kw["rows"])
 
 
 class _Stagnation:
