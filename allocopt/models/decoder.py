@@ -94,16 +94,21 @@ class DecoderRunner:
                 h.remove()
 
     @contextlib.contextmanager
-    def _head_rows(self, positions: torch.Tensor | None) -> Iterator[None]:
+    def _head_rows(self, positions: torch.Tensor | None, tokens: int, gathered: list[bool]) -> Iterator[None]:
         """The LM head runs on the flattened [B*T, H] hidden states at ``positions`` only, so it returns [n, V]
-        logits: no [B, T, V] tensor is built and then gathered (a copy as large as the logits)."""
+        logits: no [B, T, V] tensor is built and then gathered (a copy as large as the logits). A head input that
+        is not ``tokens`` = B*T positions (a head on the last token only, or in chunks) is left alone; ``gathered``
+        records whether the hook narrowed it."""
         head = None if positions is None else self.model.get_output_embeddings()
         if head is None:
             yield
             return
 
-        def gather(module: nn.Module, args: tuple) -> tuple:
+        def gather(module: nn.Module, args: tuple) -> tuple | None:
             h = args[0]
+            if gathered or h.shape[:-1].numel() != tokens:
+                return None
+            gathered.append(True)
             return (h.reshape(-1, h.shape[-1])[positions.to(h.device)], *args[1:])
         handle = head.register_forward_pre_hook(gather)
         try:
@@ -120,12 +125,20 @@ class DecoderRunner:
         if start and hidden is None:
             raise ValueError("start > 0 needs the output of layer start-1 (the state layer `start` starts from)")
         states: dict[int, State] = {}
-        with self._skip(start, hidden), self._capture([j for j in capture if j > start], states), self._head_rows(positions):
+        gathered: list[bool] = []
+        with self._skip(start, hidden), self._capture([j for j in capture if j > start], states), \
+                self._head_rows(positions, input_ids.numel(), gathered):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         logits = out.logits
-        if positions is not None and logits.dim() != 2:     # the head is not a module call: gather afterwards
-            logits = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]
-        return logits, states
+        if positions is None:
+            return logits, states
+        rows = logits.shape[:-1].numel()
+        if gathered and rows == positions.numel():
+            return logits.reshape(-1, logits.shape[-1]), states
+        if not gathered and rows == input_ids.numel():          # the head is not a module call: gather afterwards
+            return logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)], states
+        raise RuntimeError(f"logits of shape {tuple(logits.shape)} match neither the {input_ids.numel()} positions of the "
+                           f"batch nor the {positions.numel()} asked for; score this model without positions")
 
     @torch.no_grad()
     def run_layer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int, state: State | None,
@@ -204,7 +217,8 @@ class DecoderRunner:
             part, _ = self.run(input_ids, attention_mask, positions=positions)
         except (RuntimeError, IndexError, ValueError):
             return False
-        return _same_logits(part, full.reshape(-1, full.shape[-1])[positions.to(full.device)])
+        return full.shape[:-1].numel() == input_ids.numel() and \
+            _same_logits(part, full.reshape(-1, full.shape[-1])[positions.to(full.device)])
 
 
 def _same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:

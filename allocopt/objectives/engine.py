@@ -140,13 +140,15 @@ class Evaluator:
         skips = (prefix_reuse or self.layerwise) and self.runner.check(
             self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1], checked)
         self.prefix_reuse = prefix_reuse and skips
-        # The LM head runs on the scored positions only where that gives the full forward's logits there.
-        self.head_rows = head_rows and not self.layerwise and self.runner.check_positions(
-            self.batches[0].input_ids[:1], self.batches[0].attention_mask[:1])
         if self.layerwise and not skips:
             log.warning("this model's decoder cannot be started at a cached layer input, so the offloaded model is "
                         "scored one plan at a time (each plan reads every layer's weights)")
             self.layerwise = False
+        # The LM head runs on the scored positions only where that gives the full forward's logits there.
+        self.head_rows = head_rows and not self.layerwise and self.runner.check_positions(
+            self.batches[0].input_ids[:2], self.batches[0].attention_mask[:2])
+        if head_rows and not self.layerwise and not self.head_rows:
+            log.warning("this model's LM head cannot run on the scored positions alone; every plan builds full logits")
         mode = "exact" if exact and self.objective.teacher == "sparse" else self.objective.teacher
         if teacher is None:
             teacher = build_teacher(self._teacher_logits, self.batches, mode, tolerance, info.fingerprint, tokens.fingerprint(), bs)
