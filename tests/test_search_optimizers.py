@@ -76,7 +76,7 @@ def test_search_evaluates_uniform_and_never_returns_worse(space, name):
     assert tuple(space.uniform()) in plans
     assert len(result.history) == result.evaluations
     # dp: uniform, round 1 (6 probes per layer) and its plan at least; later rounds only while the budget pays
-    assert result.evaluations == 60 if name != "dp" else 1 + 6 * 6 + 1 <= result.evaluations <= 60
+    assert (result.evaluations == 60) if name != "dp" else (1 + 6 * 6 + 1 <= result.evaluations <= 60)
     assert result.best_value >= float(f(space.uniform()[None])[0])
     assert result.best_value == max(v for x, v in result.history if x.sum() == space.budget)
     assert float(f(result.best[None])[0]) == pytest.approx(result.best_value)

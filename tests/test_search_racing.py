@@ -113,6 +113,10 @@ def test_trust_region_rounds_improve_on_the_first_dp_plan_and_probe_near_the_las
     for x, _ in four.history[1:]:
         if x.sum() != space.budget:                                        # a probe: one layer off some plan
             assert min(np.count_nonzero(x - p) for p in plans) == 1
+    # round 2 starts with the asymmetric trust region around round 1's plan
+    second = probe_plans(found[1][0], probe_grid(space, found[1][0], 6, 2, previous=space.uniform()))
+    at = next(i for i, (x, _) in enumerate(four.history) if not any(np.array_equal(x, y) for y, _ in one.history))
+    assert np.array_equal(np.array([x for x, _ in four.history[at:at + len(second)]]), second)
     limited = EvaluationCache(f, 1000)
     limited(space.uniform()[None])
     sensitivity_search(limited, space, space.uniform(), 6, 4, radius=2, allowance=40)
@@ -125,6 +129,11 @@ def test_later_rounds_probe_an_asymmetric_trust_region_and_extend_it_at_its_edge
     # moved up: two further up, one back; unmoved: one each way; moved down: two further down, one back
     assert [g.tolist() for g in grid] == [[2, 4, 5], [9, 11, 12], [7, 9], [6, 7, 9], [4, 5, 7], [12, 14]]
     assert [g.tolist() for g in probe_grid(space, space.uniform(), 6, 2, bounds=True)] == [[2, 6, 7, 9, 10, 16]] * 6
+    # whole steps only, the bounds right after +-1: a short budget keeps them, never one side of a step
+    assert [g.tolist() for g in probe_grid(space, space.uniform(), 5, 3, bounds=True)] == [[2, 7, 9, 16]] * 6
+    assert [g.tolist() for g in probe_grid(space, space.uniform(), 3, 2)] == [[7, 9]] * 6
+    with pytest.raises(AllocoptError, match="at least 2 probes"):
+        probe_grid(space, space.uniform(), 1, 2)
     base = np.full(6, 8)
     grid = [np.array([6, 7, 9, 10])] * 3 + [np.array([5, 6, 7, 9, 10, 11]), np.array([7, 9, 11, 13]), np.array([9, 16])]
     plan = np.array([10, 9, 8, 5, 13, 16])
@@ -156,6 +165,20 @@ def test_the_bounds_let_round_1_see_a_layer_whose_value_lies_far_from_uniform(sp
     cache = EvaluationCache(f, 1000)
     cache(space.uniform()[None])
     assert tuple(sensitivity_search(cache, space, space.uniform(), 6, rounds=4, radius=2)) == brute
+
+
+def test_partial_row_probes_are_pruned_trials_and_dp_plans_get_full_values(space):
+    """``dp_rows``: every probe (extensions too) is scored on the first rows only and ends PRUNED; the base and the
+    DP plans are scored on all rows; the allowance caps all of it."""
+    rows = ToyRows(space, rows=16, step=4, noise=0.002)
+    cache = EvaluationCache(rows.full, 1000, fidelity=rows)
+    cache(space.uniform()[None])
+    plan = sensitivity_search(cache, space, space.uniform(), 6, 4, rows=4, radius=2, allowance=60)
+    assert plan is not None and cache.spent <= 1 + 60 + 1e-9
+    assert cache.pruned and all(sum(p) != space.budget for p in cache.pruned)
+    assert all(x.sum() == space.budget for x, _ in cache.history)       # only on-budget plans have full values
+    assert tuple(plan) in cache.values and len(cache.history) > 2
+    assert cache.spent == pytest.approx(len(cache.history) + len(cache.pruned) * 4 / 16)   # a probe costs 4 of 16 rows
 
 
 def test_ga_races_by_default_and_sees_more_plans_for_the_same_budget(space):

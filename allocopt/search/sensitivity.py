@@ -14,8 +14,8 @@ trust-region method:
 
 - round 1 probes the counts within ``radius`` of uniform and each layer's two bounds (the DP interpolates between
   them, so it can see a layer whose value lies far away: EAN at 50% moves layer 0 from 8 to 15 experts);
-- each later round probes around the last DP plan, ``radius`` further in the direction each layer last moved and
-  one count back (:func:`probe_grid`), while the DP plan keeps improving;
+- each later round probes around the previous round's best DP plan, ``radius`` further in the direction each layer
+  last moved and one count back (:func:`probe_grid`), while that plan keeps improving;
 - in every round, where the DP plan sits at the edge of a layer's probed range (the DP never leaves it), the layer
   is probed one Fibonacci step further out and the DP solved again (:func:`extend_grid`); each DP plan is
   evaluated as soon as it is solved, so a search holds its best plan as early as possible.
@@ -48,24 +48,29 @@ def fibonacci_offsets(limit: int) -> list[int]:
 
 def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: int,
                previous: np.ndarray | None = None, bounds: bool = False) -> list[np.ndarray]:
-    """Per layer, at most ``probes`` counts to probe, nearest first (the base count is never probed: its value is
-    the base plan's).
+    """Per layer, at most ``probes`` counts to probe (the base count is never probed: its value is the base plan's).
 
-    The counts within ``radius`` of the base; with ``previous`` (the plan the last round started from) only within
-    1 against the direction a layer last moved (an asymmetric trust region: a layer the last DP moved down is probed
-    further down, and one count back up); with ``bounds`` also the layer's lowest and highest count, last.
-    Shapes: ``base``, ``previous`` [L] -> L arrays.
+    In order, whole steps only: the counts 1 from the base, with ``bounds`` the layer's lowest and highest count,
+    then the counts 2, 3, ... ``radius`` from the base. With ``previous`` (the plan the last round started from)
+    the counts beyond 1 only in the direction a layer last moved, and none beyond 1 for a layer that did not move
+    (an asymmetric trust region: a layer the last DP moved down is probed further down, and one count back up).
+    Raises AllocoptError below 2 probes (a count either side). Shapes: ``base``, ``previous`` [L] -> L arrays.
     """
-    if probes < 1:
-        raise AllocoptError(f"a sensitivity grid needs at least 1 probe per layer (got {probes}); raise dp_probes")
-    moved = np.zeros(len(base), dtype=np.int64) if previous is None else np.sign(np.asarray(base) - np.asarray(previous))
+    if probes < 2:
+        raise AllocoptError(f"a sensitivity grid needs at least 2 probes per layer, one either side (got {probes}); "
+                            "raise dp_probes or --evals")
+    moved = np.zeros(len(base), dtype=np.int64) if previous is None else np.sign(np.asarray(base) - previous)
     grid = []
     for lo, hi, b, m in zip(space.lower, space.upper, np.asarray(base), moved):
-        counts = [b + s * d for d in range(1, radius + 1) for s in (-1, 1)
-                  if lo <= b + s * d <= hi and (d == 1 or previous is None or s == m)]
-        if bounds:
-            counts += [c for c in (lo, hi) if c != b and c not in counts]
-        grid.append(np.array(sorted(int(c) for c in counts[:probes]), dtype=np.int64))
+        steps = [[b - 1, b + 1], *([[lo, hi]] if bounds else [])]
+        steps += [[b + s * d for s in (-1, 1) if previous is None or s == m] for d in range(2, radius + 1)]
+        counts: list[int] = []
+        for step in steps:
+            new = [int(c) for c in step if lo <= c <= hi and c != b and c not in counts]
+            if len(counts) + len(new) > probes:
+                break
+            counts += new
+        grid.append(np.array(sorted(counts), dtype=np.int64))
     return grid
 
 
@@ -181,8 +186,9 @@ def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, grid: list
     """One linearisation around ``base``: probe ``grid`` (on the first ``rows`` rows when given and the cache races,
     else at full fidelity), solve the DP and evaluate its plan, then probe further out where the plan sits at the
     edge of the probed range (:func:`extend_grid`) and solve and evaluate again, until it does not. Returns the best
-    DP plan evaluated, or None when the budget (or ``allowance``, in evaluation equivalents) cannot pay for the first probes
-    and the plan. ``cache`` is an ``EvaluationCache`` over ``space`` (values signed)."""
+    DP plan evaluated, or None when the budget (or ``allowance``, in evaluation equivalents) cannot pay for the
+    first probes and the plan, the base plan failed, or partial scores ran out of budget. ``cache`` is an
+    ``EvaluationCache`` over ``space`` (values signed)."""
     partial = rows is not None and cache.fidelity is not None and rows < cache.rows
     per_probe = cache.fidelity.step * -(-rows // cache.fidelity.step) / cache.rows if partial else 1.0
     stop = cache.spent + (math.inf if allowance is None else allowance)
@@ -227,13 +233,14 @@ def sensitivity_search(cache, space: AllocationSpace, base: np.ndarray, probes: 
                        rows: int | None = None, radius: int = defaults.DP_RADIUS, allowance: float | None = None
                        ) -> np.ndarray | None:
     """Trust-region sensitivity allocation (module docstring): round 1 probes at most ``probes`` counts per layer
-    (those within ``radius`` of ``base``, then the layer's bounds); each of at most ``rounds - 1`` more probes
-    around the last DP plan (asymmetric ``radius``), while the DP plan is the best plan evaluated (a round that does
-    not improve ends it).
+    (:func:`probe_grid` with the bounds); each of at most ``rounds - 1`` more probes around the previous round's
+    plan (asymmetric ``radius``), while a round's plan is the best plan evaluated (a round that does not improve
+    ends it).
 
-    Issue #12, frequency at 25% on the testbed: round 1 gives [15, 11, 10, 11, 12, 13], 80% of the uniform ->
-    best-known gap; round 2 around it gives the best-known plan. Returns the last improving DP plan, or None when
-    none beat ``base``; all rounds together spend at most ``allowance`` evaluation equivalents.
+    Issue #12, frequency at 25% on the testbed: round 1 (36 probes) gives [16, 11, 10, 10, 12, 13]; round 2 (15
+    probes) gives the best-known plan [15, 12, 8, 10, 12, 15] as the 54th evaluation (its 4 extensions confirm it).
+    Returns the last improving DP plan, or None when none beat ``base``; all rounds together spend at most
+    ``allowance`` evaluation equivalents.
     """
     plan, previous, stop = None, None, None if allowance is None else cache.spent + allowance
     for r in range(rounds):

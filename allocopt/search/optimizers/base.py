@@ -78,6 +78,9 @@ def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int
     return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned))
 
 
+_EXAMPLES = {int: 4, float: 0.5, bool: "true", str: "name"}     # a value of the kind, for options without a default
+
+
 def option(options: dict, key: str, kind: type, default, choices: tuple | None = None):
     """``options[key]`` as ``kind`` (int, float, bool or str), else ``default``; one-line AllocoptError otherwise."""
     if key not in options or options[key] is None:
@@ -93,7 +96,10 @@ def option(options: dict, key: str, kind: type, default, choices: tuple | None =
             return text in ("true", "1", "yes", "on")
         out = kind(value)
     except (TypeError, ValueError):
-        raise AllocoptError(f"--option {key}={value!r} is not a {kind.__name__}; e.g. --option {key}={default}") from None
+        example = default if default is not None else _EXAMPLES.get(kind, "...")
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise AllocoptError(f"--option {key}={value!r} is not {article} {kind.__name__}; e.g. --option {key}={example}"
+                            ) from None
     if choices is not None and out not in choices:
         raise AllocoptError(f"--option {key}={value!r} must be one of {', '.join(map(str, choices))}")
     return out

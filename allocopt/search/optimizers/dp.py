@@ -41,10 +41,11 @@ class SensitivityAllocation:
     def check(self, space, max_evals: int, options: dict) -> None:
         for key in DP_OPTIONS:
             value = option(options, key, int, None)
-            if value is not None and value < 1:
-                raise AllocoptError(f"--option {key}={value} must be >= 1; raise it")
-        if space is not None and option(options, "dp_probes", int, None) is None and max_evals < space.size + 2:
-            raise AllocoptError(f"dp needs at least {space.size + 2} evaluations (the uniform plan, one probe per "
+            low = 2 if key == "dp_probes" else 1
+            if value is not None and value < low:
+                raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+        if space is not None and option(options, "dp_probes", int, None) is None and max_evals < 2 * space.size + 2:
+            raise AllocoptError(f"dp needs at least {2 * space.size + 2} evaluations (the uniform plan, two probes per "
                                 f"layer and the DP plan), got --evals {max_evals}; raise --evals")
 
     def run(self, ctx: SearchContext) -> SearchResult:

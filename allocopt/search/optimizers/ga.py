@@ -4,7 +4,7 @@ racing and restarts.
 Why these choices (measured with benchmarks/search_efficiency.py on the testbed, studies/reports/search_efficiency.md):
 * the optimum sits near uniform and step size matters more than the library (optimizers.md §4.3), so generation 0
   is the uniform plan, the ``dp`` plan (additive model fitted to per-layer probes around uniform, solved exactly,
-  re-linearised within ``dp_radius`` of its own plan while that improves; ``allocopt.search.sensitivity``) and
+  re-linearised in a trust region around its own plan while that improves; ``allocopt.search.sensitivity``) and
   level-switch neighbours of both, not random compositions far away;
 * two-point crossover recombines per-layer moves found by different parents (BudgetRepair restores the sum),
   level-switch mutation moves up to ``mutation_max_delta`` experts, and (mu + lambda) survival keeps the elites;
@@ -13,7 +13,7 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   plans: more candidates per evaluation budget;
 * when the best has not improved for ``patience`` generations the population has converged: the GA restarts
   from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
-  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP within ``dp_radius`` of the best.
+  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best.
 
 Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
 ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
@@ -112,21 +112,24 @@ class GeneticSearch:
         return result_from(cache, budget=space.budget)
 
     def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
-        """The coarse-to-fine sensitivity DP plan around uniform, when enabled and its rounds fit
+        """The trust-region sensitivity DP plan around uniform, when enabled and its rounds fit
         ``GA_DP_BUDGET_SHARE`` of the budget (round 1 probes fewer counts per layer when it would spend more)."""
         if not option(ctx.options, "warm_start", bool, True):
             return None
         probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
-        if probes < 1:
+        if probes < 2:
             return None
         return sensitivity_search(cache, ctx.space, uniform, probes,
                                   allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(ctx))
 
     def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
-        """The DP plan with probes within ``dp_radius`` of ``best`` (``restart=dp``)."""
+        """The DP plan with probes within ``dp_radius`` of ``best`` and, where it sits at their edge, further out
+        (``restart=dp``; limited by ``--evals`` only); None when the budget cannot pay for two probes per layer."""
         kw = search_options(ctx)
-        grid = probe_grid(ctx.space, best, probes_per_layer(ctx), kw["radius"])
-        return sensitivity_step(cache, ctx.space, best, grid, kw["rows"])
+        probes = probes_per_layer(ctx)
+        if probes < 2:
+            return None
+        return sensitivity_step(cache, ctx.space, best, probe_grid(ctx.space, best, probes, kw["radius"]), kw["rows"])
 
 
 class _Stagnation:
