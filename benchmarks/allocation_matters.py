@@ -46,14 +46,14 @@ def log(message: str) -> None:
 # ---- one allocation: its run and plan.json ----------------------------------------------------------------------
 
 def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: int, evals: int, runs: Path,
-           data: str = D.SEARCH_DATA) -> dict:
+           data: str = D.SEARCH_DATA, search_seqs: int = D.SEARCH_SEQS) -> dict:
     """``run_search`` for one allocation; returns the plan's counts, kept ids and ESAP on the search set."""
     from allocopt.config import RunConfig
     from allocopt.plan import Plan
     from allocopt.search.runner import run_search
 
     given = {"model": model, "criterion": criterion, "sparsity": sparsity, "optimizer": optimizer, "seed": seed,
-             "evals": evals, "data": data}
+             "evals": evals, "data": data, "search_num_seqs": search_seqs}
     config = RunConfig.from_sources(None, {**given, "out": str(runs / RunConfig.from_sources(None, given).name)})
     result = run_search(config, progress=False)
     plan = Plan.load(result.plan_path)
@@ -153,7 +153,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Does the allocation matter? (benchmarks/allocation_matters.py)",
         "",
-        f"Model `{cfg['model']}`; calibration and search data `{cfg['data']}`; criteria {', '.join(cfg['criteria'])}; "
+        f"Model `{cfg['model']}`; calibration and search data `{cfg['data']}`, "
+        f"{cfg.get('search_seqs', D.SEARCH_SEQS)} search rows; criteria {', '.join(cfg['criteria'])}; "
         f"sparsity {', '.join(f'{s:g}' for s in cfg['sparsities'])}; "
         f"ga budget {cfg['evals']} evaluations, seeds {', '.join(map(str, cfg['seeds']))}; held-out items per task: "
         f"{cfg['limit'] if cfg['limit'] is not None else 'task defaults'}; "
@@ -232,6 +233,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--evals", type=int, default=D.EVALUATIONS, help="ga search budget (distinct plans)")
     ap.add_argument("--data", default=D.SEARCH_DATA, help="calibration and search data of every run, e.g. testbed:math "
                     "(use another --out: run names do not include the data)")
+    ap.add_argument("--search-seqs", type=int, default=D.SEARCH_SEQS, help="rows of the search set (ESAP) of every "
+                    "run [default: %(default)s] (use another --out: run names do not include it)")
     ap.add_argument("--limit", type=int, default=None, help="held-out items per task [default: the task defaults]")
     ap.add_argument("--out", default=str(Path(D.STUDIES_DIR) / "reports"), help="report directory; runs go to OUT/allocation_matters/")
     args = ap.parse_args(argv)
@@ -240,7 +243,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     except ValueError as exc:
         raise AllocoptError(f"--sparsities must be comma-separated numbers like 0.25,0.5 ({exc})") from exc
-    for name, value, low in (("--seeds", args.seeds, 1), ("--evals", args.evals, 1), ("--limit", args.limit, 1)):
+    for name, value, low in (("--seeds", args.seeds, 1), ("--evals", args.evals, 1), ("--limit", args.limit, 1),
+                             ("--search-seqs", args.search_seqs, 1)):
         if value is not None and value < low:
             raise AllocoptError(f"{name} must be >= {low}, got {value}; raise it")
     if not args.criteria or not args.sparsities:
@@ -277,7 +281,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     for i, (criterion, sparsity, allocation, seed) in enumerate(plan_list, 1):
         t = time.perf_counter()
-        run_info = search(args.model, criterion, sparsity, allocation, seed, args.evals, runs_dir, args.data)
+        run_info = search(args.model, criterion, sparsity, allocation, seed, args.evals, runs_dir, args.data,
+                          args.search_seqs)
         t_search = time.perf_counter() - t
         kept = {int(l): ids for l, ids in run_info["kept"].items()}
         run_info["heldout"] = heldout(model, tokenizer, kept, args.limit, Path(run_info["run_dir"]) / "heldout.json")
@@ -292,7 +297,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows = summarise(runs)
     criterion = D.CRITERION if D.CRITERION in args.criteria else args.criteria[0]
     sparsity = GOAL_SPARSITY if GOAL_SPARSITY in args.sparsities else max(args.sparsities)
-    report = {"config": {"model": args.model, "data": args.data, "criteria": args.criteria, "sparsities": args.sparsities,
+    report = {"config": {"model": args.model, "data": args.data, "search_seqs": args.search_seqs,
+                         "criteria": args.criteria, "sparsities": args.sparsities,
                          "seeds": seeds, "evals": args.evals, "limit": args.limit, "runs_dir": str(runs_dir)},
               "full_model": full, "rows": rows, "goal": goal_check(rows), "runs": runs,
               "density": {"criterion": criterion, "sparsity": sparsity, **density_plot(runs, criterion, sparsity, out)},

@@ -68,14 +68,33 @@ def test_bad_option_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error: --sparsities") and err.count("\n") == 1
 
 
-def test_data_option_calibrates_and_searches_on_that_data(report, tmp_path):
-    """--data reaches every run: the math-only grid ranks and scores on math text, so uniform's ESAP differs."""
+def test_bad_search_seqs_is_one_line_error(tmp_path, capsys):
+    assert _script().main(["--search-seqs", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --search-seqs must be >= 1") and err.count("\n") == 1
+
+
+def test_data_and_search_seqs_reach_every_run(report, tmp_path):
+    """--data and --search-seqs reach every run: the math-only grid ranks and scores on 8 rows of math text (the
+    studies' search fingerprint is that token set's), so uniform's ESAP differs."""
+    import optuna
+
+    from allocopt import defaults as D
+    from allocopt.data import load_tokens
+    from allocopt.models import load_model
+
     _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
-                    "--limit", "4", "--data", "testbed:math", "--out", str(tmp_path)])
+                    "--limit", "4", "--data", "testbed:math", "--search-seqs", "8", "--out", str(tmp_path)])
     mix = json.loads((report / "allocation_matters.json").read_text())
     math_only = json.loads((tmp_path / "allocation_matters.json").read_text())
     assert math_only["config"]["data"] == "testbed:math" and mix["config"]["data"] == "testbed:mix"
-    assert "`testbed:math`" in (tmp_path / "allocation_matters.md").read_text()
+    assert math_only["config"]["search_seqs"] == 8 and mix["config"]["search_seqs"] == D.SEARCH_SEQS
+    assert "`testbed:math`, 8 search rows" in (tmp_path / "allocation_matters.md").read_text()
+    want = load_tokens("testbed:math", load_model(D.MODEL)[1], D.SEARCH_SEQ_LEN, 8, split="search").fingerprint()
+    for run in math_only["runs"]:
+        plan = json.loads((Path(run["run_dir"]) / "plan.json").read_text())
+        study = optuna.load_study(study_name=plan["run_name"], storage=plan["storage"])
+        assert study.user_attrs["search_fingerprint"] == want
     uniform = {d["config"]["data"]: next(r for r in d["runs"] if r["allocation"] == "uniform") for d in (mix, math_only)}
     assert uniform["testbed:math"]["esap"] != pytest.approx(uniform["testbed:mix"]["esap"], abs=1e-3)
     assert uniform["testbed:math"]["kept"] != uniform["testbed:mix"]["kept"]     # Frequency counted on other tokens
