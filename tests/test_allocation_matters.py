@@ -21,7 +21,7 @@ def _script():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
-    code = _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
+    code = _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "14",
                            "--limit", "4", "--out", str(out)])
     assert code == 0
     return out
@@ -54,7 +54,7 @@ def test_writes_table_json_and_density_plot(report):
 
 def test_rerun_reuses_studies_and_held_out_results(report, capsys):
     before = json.loads((report / "allocation_matters.json").read_text())
-    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
+    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "14",
                     "--limit", "4", "--out", str(report)])
     after = json.loads((report / "allocation_matters.json").read_text())
     assert [r["heldout"] for r in after["runs"]] == [r["heldout"] for r in before["runs"]]
@@ -83,7 +83,7 @@ def test_data_and_search_seqs_reach_every_run(report, tmp_path):
     from allocopt.data import load_tokens
     from allocopt.models import load_model
 
-    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "8",
+    _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "14",
                     "--limit", "4", "--data", "testbed:math", "--search-seqs", "8", "--out", str(tmp_path)])
     mix = json.loads((report / "allocation_matters.json").read_text())
     math_only = json.loads((tmp_path / "allocation_matters.json").read_text())
