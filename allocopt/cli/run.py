@@ -15,7 +15,7 @@ from allocopt.errors import AllocoptError
 @opt("--problem", type=click.Path(dir_okay=False), help="Problem file (TOML); command-line options override it.")
 @model_option
 @opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
-@opt("--optimizer", default=D.OPTIMIZER, help="ga, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
+@opt("--optimizer", default=D.OPTIMIZER, help="ga, dp, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
 @opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
 @opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")

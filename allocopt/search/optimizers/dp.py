@@ -28,6 +28,16 @@ def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
 DP_OPTIONS = ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
 
 
+def check_dp_options(options: dict) -> None:
+    """The ``dp_*`` options parse as integers and are large enough (``dp_probes`` >= 2: a count either side of the
+    base; the others >= 1); one-line AllocoptError otherwise. ``dp`` and ``ga`` (its warm start) both call it."""
+    for key in DP_OPTIONS:
+        value = option(options, key, int, None)
+        low = 2 if key == "dp_probes" else 1
+        if value is not None and value < low:
+            raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+
+
 def search_options(ctx: SearchContext) -> dict:
     """``sensitivity_search`` keywords from the ``dp_*`` options (defaults from ``allocopt.defaults``)."""
     return {"rows": option(ctx.options, "dp_rows", int, None),
@@ -39,14 +49,13 @@ class SensitivityAllocation:
     name = "dp"
 
     def check(self, space, max_evals: int, options: dict) -> None:
-        for key in DP_OPTIONS:
-            value = option(options, key, int, None)
-            low = 2 if key == "dp_probes" else 1
-            if value is not None and value < low:
-                raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
-        if space is not None and option(options, "dp_probes", int, None) is None and max_evals < 2 * space.size + 2:
-            raise AllocoptError(f"dp needs at least {2 * space.size + 2} evaluations (the uniform plan, two probes per "
-                                f"layer and the DP plan), got --evals {max_evals}; raise --evals")
+        check_dp_options(options)
+        probes = option(options, "dp_probes", int, None)
+        need = None if space is None else (probes or 2) * space.size + 2
+        if need is not None and max_evals < need:
+            per_layer = f"{probes} probes per layer (--option dp_probes)" if probes else "two probes per layer"
+            raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer} and the DP "
+                                f"plan), got --evals {max_evals}; raise --evals" + (" or lower dp_probes" if probes else ""))
 
     def run(self, ctx: SearchContext) -> SearchResult:
         self.check(ctx.space, ctx.max_evals, ctx.options)

@@ -30,7 +30,7 @@ from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
 from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
-from allocopt.search.optimizers.dp import DP_OPTIONS, probes_per_layer, search_options
+from allocopt.search.optimizers.dp import check_dp_options, probes_per_layer, search_options
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
@@ -54,10 +54,11 @@ class GeneticSearch:
         for key in ("racing", "warm_start"):
             option(options, key, bool, True)
         for key, low in (("offspring", 2), ("elites", 2), ("mutation_max_delta", 1), ("mutation_max_moves", 1),
-                         ("patience", 1), *((key, 1) for key in DP_OPTIONS), ("race_first_rows", 1)):
+                         ("patience", 1), ("race_first_rows", 1)):
             value = option(options, key, int, None)
             if value is not None and value < low:
                 raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+        check_dp_options(options)
         option(options, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)
         option(options, "race_z", float, defaults.RACE_Z)
         option(options, "restart", str, defaults.GA_RESTART, choices=("step", "dp"))
