@@ -113,7 +113,7 @@ class Evaluator:
     ``layerwise`` (default: when accelerate offloaded part of the model) scores each ``evaluate`` call's plans one
     decoder layer at a time (``objectives.layerwise``), so each layer's weights are read once per call, not per plan.
     ``head_rows`` runs the LM head on the scored positions only (no [B, T, V] logits to gather from), where a check
-    on one row shows that gives the same logits.
+    on two rows shows that gives the same logits.
     """
 
     def __init__(self, model: nn.Module, tokens: TokenSet, objective: str = defaults.OBJECTIVE,
@@ -145,10 +145,11 @@ class Evaluator:
                         "scored one plan at a time (each plan reads every layer's weights)")
             self.layerwise = False
         # The LM head runs on the scored positions only where that gives the full forward's logits there.
-        self.head_rows = head_rows and not self.layerwise and self.runner.check_positions(
-            self.batches[0].input_ids[:2], self.batches[0].attention_mask[:2])
-        if head_rows and not self.layerwise and not self.head_rows:
-            log.warning("this model's LM head cannot run on the scored positions alone; every plan builds full logits")
+        self.head_rows = False
+        if head_rows and not self.layerwise:
+            self.head_rows = self.runner.check_positions(self.batches[0].input_ids[:2], self.batches[0].attention_mask[:2])
+            if not self.head_rows:
+                log.warning("this model's LM head cannot run on the scored positions alone; every plan builds full logits")
         mode = "exact" if exact and self.objective.teacher == "sparse" else self.objective.teacher
         if teacher is None:
             teacher = build_teacher(self._teacher_logits, self.batches, mode, tolerance, info.fingerprint, tokens.fingerprint(), bs)

@@ -37,13 +37,13 @@ from allocopt.errors import AllocoptError
 from allocopt.search.space import AllocationSpace
 
 
-def fibonacci_offsets(limit: int) -> list[int]:
-    """1, 2, 3, 5, 8, 13, ... up to ``limit``: probe spacing that is fine next to the base and coarse far from it."""
-    out, a, b = [], 1, 2
-    while a <= limit:
-        out.append(a)
+def next_fibonacci(offset: int) -> int:
+    """The first of 1, 2, 3, 5, 8, 13, ... above ``offset``: extension steps that are fine next to the base and
+    coarse far from it."""
+    a, b = 1, 2
+    while a <= offset:
         a, b = b, a + b
-    return out
+    return a
 
 
 def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: int,
@@ -162,8 +162,7 @@ def extend_grid(space: AllocationSpace, base: np.ndarray, grid: list[np.ndarray]
         new = []
         for edge, bound, sign in ((probed.max(), hi, 1), (probed.min(), lo, -1)):
             if x == edge and x != b and sign * (bound - edge) > 0:
-                step = next(f for f in fibonacci_offsets(2 * int(abs(edge - b)) + 2) if f > abs(edge - b))
-                new.append(int(np.clip(b + sign * step, lo, hi)))
+                new.append(int(np.clip(b + sign * next_fibonacci(int(abs(edge - b))), lo, hi)))
         out.append(np.array(sorted(new), dtype=np.int64))
     return out
 

@@ -103,3 +103,12 @@ def option(options: dict, key: str, kind: type, default, choices: tuple | None =
     if choices is not None and out not in choices:
         raise AllocoptError(f"--option {key}={value!r} must be one of {', '.join(map(str, choices))}")
     return out
+
+
+def check_at_least(options: dict, minimums: dict[str, int]) -> None:
+    """Each integer option in ``minimums`` that is given parses and is at least its minimum; one-line
+    AllocoptError otherwise."""
+    for key, low in minimums.items():
+        value = option(options, key, int, None)
+        if value is not None and value < low:
+            raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
-from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
+from allocopt.search.optimizers.base import SearchContext, SearchResult, check_at_least, option, result_from
 from allocopt.search.sensitivity import sensitivity_search
 
 
@@ -25,17 +25,8 @@ def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
     return int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // ctx.space.size))
 
 
-DP_OPTIONS = ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
-
-
-def check_dp_options(options: dict) -> None:
-    """The ``dp_*`` options parse as integers and are large enough (``dp_probes`` >= 2: a count either side of the
-    base; the others >= 1); one-line AllocoptError otherwise. ``dp`` and ``ga`` (its warm start) both call it."""
-    for key in DP_OPTIONS:
-        value = option(options, key, int, None)
-        low = 2 if key == "dp_probes" else 1
-        if value is not None and value < low:
-            raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
+# The least each ``dp_*`` option may be (dp_probes: a count either side of the base); ``dp`` and ``ga`` check them.
+DP_MINIMUMS = {"dp_probes": 2, "dp_rows": 1, "dp_rounds": 1, "dp_radius": 1}
 
 
 def search_options(ctx: SearchContext) -> dict:
@@ -49,10 +40,10 @@ class SensitivityAllocation:
     name = "dp"
 
     def check(self, space, max_evals: int, options: dict) -> None:
-        check_dp_options(options)
+        check_at_least(options, DP_MINIMUMS)
         probes = option(options, "dp_probes", int, None)
-        need = None if space is None else (probes or 2) * space.size + 2
-        if need is not None and max_evals < need:
+        need = (probes or DP_MINIMUMS["dp_probes"]) * space.size + 2 if space is not None else 0
+        if max_evals < need:
             per_layer = f"{probes} probes per layer (--option dp_probes)" if probes else "two probes per layer"
             raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer} and the DP "
                                 f"plan), got --evals {max_evals}; raise --evals" + (" or lower dp_probes" if probes else ""))

@@ -27,10 +27,9 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
-from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
-from allocopt.search.optimizers.base import SearchContext, SearchResult, option, result_from
-from allocopt.search.optimizers.dp import check_dp_options, probes_per_layer, search_options
+from allocopt.search.optimizers.base import SearchContext, SearchResult, check_at_least, option, result_from
+from allocopt.search.optimizers.dp import DP_MINIMUMS, probes_per_layer, search_options
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
@@ -53,12 +52,8 @@ class GeneticSearch:
         """Every option parses; counts are positive (one-line AllocoptError otherwise)."""
         for key in ("racing", "warm_start"):
             option(options, key, bool, True)
-        for key, low in (("offspring", 2), ("elites", 2), ("mutation_max_delta", 1), ("mutation_max_moves", 1),
-                         ("patience", 1), ("race_first_rows", 1)):
-            value = option(options, key, int, None)
-            if value is not None and value < low:
-                raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")
-        check_dp_options(options)
+        check_at_least(options, {"offspring": 2, "elites": 2, "mutation_max_delta": 1, "mutation_max_moves": 1,
+                                 "patience": 1, "race_first_rows": 1, **DP_MINIMUMS})
         option(options, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)
         option(options, "race_z", float, defaults.RACE_Z)
         option(options, "restart", str, defaults.GA_RESTART, choices=("step", "dp"))
