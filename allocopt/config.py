@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
+from allocopt.search.space import Budget
 
 
 @dataclass(frozen=True)
@@ -101,22 +102,34 @@ class RunConfig:
             return self.storage
         return f"sqlite:///{(self.run_dir.parent / f'{self.name}.db').resolve()}"
 
-    def check_context(self) -> None:
-        """The longer of the two sequence lengths must fit the model's context (read from its config only)."""
-        from allocopt.context import check_context
+    def check_context(self, source=None) -> None:
+        """The longer of the two sequence lengths must fit the model's context (read from its config only; a
+        ``ModelSource`` whose config was read already is not read again)."""
+        from allocopt.runtime.context import check_context
 
         both = self.calib_seq_len == self.search_seq_len
         length, what = max((self.calib_seq_len, "calib_seq_len"), (self.search_seq_len, "search_seq_len"))
-        check_context(self.model, length, "--seq-len" if both else what, self.allow_long_context, self.trust_remote_code,
+        check_context(self.model if source is None else source, length, "--seq-len" if both else what, self.allow_long_context, self.trust_remote_code,
                       force="--allow-long-context (allow_long_context = true in a problem file)")
 
     def load_options(self):
         """How the model loads (``allocopt.models.LoadOptions``), the same object every command builds."""
-        from allocopt.models.loading import LoadOptions
+        from allocopt.runtime.loading import LoadOptions
 
         return LoadOptions(device=self.device, dtype=self.dtype, device_map=self.device_map,
                            max_memory=dict(self.max_memory), offload_dir=self.offload_dir,
                            trust_remote_code=self.trust_remote_code)
+
+    def criterion_function(self):
+        """The criterion of ``criterion``, parsed once: :meth:`validate` parses it; a config built without
+        ``validate`` (a worker's, from its study) parses it on first use."""
+        fn = self.__dict__.get("_criterion_fn")
+        if fn is None:
+            from allocopt.criteria import get_criterion
+
+            fn = get_criterion(self.criterion)
+            object.__setattr__(self, "_criterion_fn", fn)
+        return fn
 
     @property
     def max_evals(self) -> int:
@@ -128,14 +141,7 @@ class RunConfig:
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
         """Range checks and registry look-ups; every failure names the option and the accepted values."""
-        if self.sparsity is not None and self.keep is not None:
-            raise AllocoptError(f"sparsity ({self.sparsity}) and keep ({self.keep}) are both set; give only one of them")
-        if self.sparsity is None and self.keep is None:
-            raise AllocoptError("neither sparsity nor keep is set; give one of them (e.g. sparsity = 0.5)")
-        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
-            raise AllocoptError(f"sparsity must lie strictly between 0 and 1, got {self.sparsity}; e.g. 0.5 removes half the experts")
-        if self.keep is not None and self.keep < 1:
-            raise AllocoptError(f"keep must be a positive number of experts, got {self.keep}; raise it")
+        Budget(self.sparsity, self.keep)                  # the one check of sparsity/keep (search/space.py)
         if not 0.0 <= self.min_density <= self.max_density <= 1.0:
             raise AllocoptError(f"need 0 <= min_density <= max_density <= 1, got {self.min_density} and {self.max_density}; fix the density bounds")
         for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
@@ -188,7 +194,7 @@ def check_dtype(name: str) -> str:
 
 
 def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Resolve aliases, reject unknown keys and wrong types; sparsity/keep given here clear the other one."""
+    """Resolve aliases, reject unknown keys and wrong types; sparsity or keep given here clears the other one."""
     unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
     if unknown:
         valid = ", ".join(sorted([*FIELDS, *ALIASES]))
@@ -202,11 +208,9 @@ def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         if key in FIELDS:
             _check_type(key, value, source)
             out[key] = value
-    if "sparsity" in out and "keep" in out:
-        raise AllocoptError(f"{source} sets both sparsity and keep; give only one of them")
-    if "keep" in out:
+    if "keep" in out and "sparsity" not in out:          # both in one source: Budget refuses them together
         out["sparsity"] = None
-    elif "sparsity" in out:
+    elif "sparsity" in out and "keep" not in out:
         out["keep"] = None
     return out
 
@@ -231,11 +235,10 @@ def _is_instance(value: Any, kind: type) -> bool:
 
 def _check_names(cfg: RunConfig) -> None:
     """Criterion, optimizer and objective must be registered; the message lists the registered names."""
-    from allocopt.criteria import get_criterion
     from allocopt.objectives import OBJECTIVES
     from allocopt.search.optimizers import available_optimizers
 
-    get_criterion(cfg.criterion)
+    cfg.criterion_function()                              # parses the spec; refused in one line if unknown
     for what, name, names in (("optimizer", cfg.optimizer, available_optimizers()),
                               ("objective", cfg.objective, list(OBJECTIVES))):
         if name not in names:

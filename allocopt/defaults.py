@@ -80,6 +80,7 @@ RACE_Z = None
 GA_PATIENCE = 6
 GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
 GA_DP_BUDGET_SHARE = 1 / 3
+GA_WARM_START = True           # generation 0 also holds the sensitivity DP plan (its probes count toward --evals)
 
 # Sensitivity allocation (`dp`, and `ga`'s warm start; allocopt.search.sensitivity): at most this many counts probed
 # per layer in round 1 (those within DP_RADIUS of uniform, then the layer's two bounds), linearisation rounds (1:
@@ -88,8 +89,34 @@ DP_PROBES = 6
 DP_ROUNDS = 4
 DP_RADIUS = 2
 
+# Other optimizers' options (`--option key=value`; allocopt/search/optimizers): `nsga2`'s range of budgets as
+# fractions of experts removed, `grape`'s entropy guard (a removal may lower the entropy of the kept counts to
+# (1 - gamma) of the start), plans per ask/tell batch of `tpe` and `cmaes` (None: CMA-ES's own 4 + floor(3 ln L)
+# for L layers). `evoesap` reads ELITES and the MUTATION_* values above.
+NSGA2_SPARSITY_RANGE = (0.25, 0.75)
+GRAPE_GAMMA = 0.1
+TPE_BATCH = 8
+CMAES_POPSIZE = None
+
 # lm-evaluation-harness adapter: requests per forward pass (lm-eval's own default of 1 leaves a CPU mostly idle).
 LM_EVAL_BATCH_SIZE = 16
 
 # vLLM (allocopt.serving): fraction of GPU memory vLLM reserves; on its CPU build, the fraction of host RAM.
 VLLM_MEMORY_FRACTION = 0.15
+
+# Worker liveness (allocopt.search.workers, Optuna's RDB heartbeat; whole seconds): a process records a heartbeat for
+# each trial it evaluates every HEARTBEAT_INTERVAL_S; the coordinator fails a RUNNING trial without one for
+# HEARTBEAT_GRACE_S (its worker died, on any host) and queues its plan again.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+
+# Model identity (allocopt.models.identity): per-tensor sha256 digests of a checkpoint's safetensors files, read once
+# per machine in chunks of DIGEST_CHUNK_BYTES (up to DIGEST_THREADS files at a time) and cached under the cache dir
+# ($ALLOCOPT_CACHE_DIR, else $XDG_CACHE_HOME/allocopt, else ~/.cache/allocopt) in DIGEST_CACHE_SUBDIR, one JSON per
+# checkpoint directory; an entry is reused while its file's (size, mtime_ns, ctime_ns, inode) are unchanged.
+CACHE_DIR_ENV = "ALLOCOPT_CACHE_DIR"
+DIGEST_CACHE_SUBDIR = "digests"
+DIGEST_CACHE_FORMAT = "allocopt.digests/1"
+DIGEST_CHUNK_BYTES = 16 << 20
+DIGEST_THREADS = 4
+DIGEST_CACHE_MAX_FILES = 128   # checkpoints remembered; the least recently used are forgotten (read again if needed)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +46,56 @@ def output_dir(directory: str | os.PathLike) -> Iterator[Path]:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+LOCK_FILE = ".allocopt.lock"
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path, what: str, fix: str) -> Iterator[None]:
+    """Hold ``directory`` for this process alone while the block runs: a second process (or a second job in this
+    one) gets one AllocoptError naming the holder (its pid, host and start time), ``what`` it is and the ``fix``.
+
+    The lock is an advisory ``flock`` on ``directory/.allocopt.lock`` (released by the kernel if the holder dies,
+    so a killed run never leaves its directory locked); the file is removed when the block ends, and a lock taken
+    on a file that was removed meanwhile is taken again on the new one.
+    """
+    path = Path(directory) / LOCK_FILE
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise AllocoptError(f"{directory} is in use by {holder} ({what}); {fix}") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+            break
+        fh.close()                                       # the holder removed the file as we opened it: again
+    try:
+        fh.seek(0), fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        fh.close()
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # someone else's process: alive
+        return True
+    return True
 
 
 def _write_error(path: Path, exc: BaseException) -> AllocoptError:
@@ -87,15 +141,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
 
-    On any exception the temporary directory is removed and ``path`` is left exactly as it was.
+    On any exception the temporary directory is removed and ``path`` is left exactly as it was. A process killed
+    mid-write (SIGKILL, power loss) cannot clean up: its temporary directory names its host and pid, and the next
+    write to the same ``path`` from this host removes those whose process is gone.
     """
     path = Path(path)
     non_empty = path.is_dir() and any(path.iterdir())
     if not overwrite and (non_empty or path.is_file()):
         raise AllocoptError(f"output directory {path} already exists and is not empty; pass --overwrite or choose another --out")
     ensure_writable_dir(path.parent)
+    owner = f".{path.name}.{_host()}."
+    for stale in path.parent.glob(f"{glob.escape(owner)}*.tmp"):
+        pid = stale.name[len(owner):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:

@@ -8,6 +8,11 @@ Example::
 Hand-written plans may leave out ``model_fingerprint``: such a plan is checked against the model it is applied to
 (MoE layers, experts per layer, top-k), a one-line warning says only that much could be checked, and from then on
 it carries that model's fingerprint (so an export's plan.json is pinned to it).
+
+Plan legality is one rule, here: :func:`kept_problem` says what is wrong with one layer's kept ids and
+:func:`check_kept` applies it to a plan's layers; every stage that takes a plan (masking, the evaluator, export,
+padding, the CLI) calls :func:`check_kept` or :meth:`Plan.validate_for`, so a plan is refused with the same words
+wherever it enters.
 """
 from __future__ import annotations
 
@@ -15,13 +20,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from allocopt.errors import AllocoptError, json_kind
 from allocopt.io import atomic_write_json
-
-if TYPE_CHECKING:
-    from allocopt.models.adapter import ModelInfo
 
 PLAN_FORMAT = "allocopt.plan/1"
 PLAN_FILE = "plan.json"       # a plan's file name in run directories and pruned checkpoints
@@ -67,6 +69,11 @@ class Plan:
     @property
     def counts(self) -> list[int]:
         return [len(lp.kept) for lp in self.layers]
+
+    def objective_value(self) -> tuple[str, float | None, float | None]:
+        """``(objective, value, uniform value)`` recorded by ``allocopt run`` (None where not recorded). Plans written
+        before the objective's name was recorded stored every objective's value under ``esap``/``uniform_esap``."""
+        return objective_value(self.extra)
 
     def pruned(self) -> dict[int, list[int]]:
         return {lp.index: sorted(set(range(lp.num_experts)) - set(lp.kept)) for lp in self.layers}
@@ -121,50 +128,134 @@ class Plan:
         if idx != sorted(set(idx)):
             raise AllocoptError(f"{source}: layer indices must be unique and ascending, got {idx}; fix the plan's \"layers\" list")
         for lp in self.layers:
-            if len(set(lp.kept)) != len(lp.kept):
-                raise AllocoptError(f"{source}: layer {lp.index} keeps duplicate expert ids; list each kept expert once")
-            bad = [e for e in lp.kept if not 0 <= e < lp.num_experts]
-            if bad:
-                raise AllocoptError(f"{source}: layer {lp.index} keeps expert ids {bad} outside 0..{lp.num_experts - 1}; use ids of the unpruned model")
+            problem = _ids_problem(lp.num_experts, lp.kept)
+            if problem:
+                raise AllocoptError(f"{source}: layer {lp.index} {problem}")
             if list(lp.kept) != sorted(lp.kept):
                 object.__setattr__(lp, "kept", tuple(sorted(lp.kept)))
 
-    def validate_for(self, info: "ModelInfo", source: str = "plan") -> "Plan":
-        """:meth:`validate` against ``describe(model)``, plus what each layer's router needs to route the pruned
-        layer exactly (group-limited routing keeps equal groups, hash-routed layers keep every expert): what every
-        command that applies a plan checks first."""
-        from allocopt.models.adapter import kept_problem
-
-        self.validate(info.num_experts, info.top_k, info.fingerprint, source=source)
-        by_index = {l.index: l for l in info.layers}
-        for lp in self.layers:
-            problem = kept_problem(by_index[lp.index], lp.kept)
-            if problem:
-                raise AllocoptError(f"{source}: layer {lp.index} {problem}; keep a plan that the pruned model can route "
-                                    "(allocopt run only writes such plans)")
-        return self
+    def validate_for(self, info: Any, source: str = "plan") -> "Plan":
+        """Check the plan against ``describe(model)`` (an ``allocopt.models.ModelInfo``): the same fingerprint, the
+        same MoE layers and expert counts, and :func:`check_kept` (top-k and what each router needs to route the
+        pruned layer exactly): what every command that applies a plan checks first."""
+        return self._check_against(info.layers, info.fingerprint, source)
 
     def validate(self, num_experts: Mapping[int, int], top_k: Mapping[int, int], fingerprint: str | None = None,
                  source: str = "plan") -> "Plan":
-        """Check the plan against a model description: same fingerprint, same MoE layers, >= top-k kept."""
+        """:meth:`validate_for` from expert counts and top-k alone (a model description without router needs)."""
+        layers = [LayerLimits(int(l), int(n), int(top_k[l])) for l, n in sorted(num_experts.items())]
+        return self._check_against(layers, fingerprint, source)
+
+    def _check_against(self, layers: Iterable["LayerRules"], fingerprint: str | None, source: str) -> "Plan":
+        layers = list(layers)
         self.check_shape(source)
         if fingerprint is not None and self.model_fingerprint is not None and self.model_fingerprint != fingerprint:
             raise AllocoptError(f"{source} was made for another model (fingerprint {self.model_fingerprint[:12]} != {fingerprint[:12]}); "
                                 "search a plan for this model or pass the model the plan was made for")
-        want = sorted(num_experts)
+        want = sorted(l.index for l in layers)
         have = [lp.index for lp in self.layers]
         if have != want:
             raise AllocoptError(f"{source} covers MoE layers {have} but the model has MoE layers {want}; use a plan made for this model")
+        experts = {l.index: l.num_experts for l in layers}
         for lp in self.layers:
-            if lp.num_experts != num_experts[lp.index]:
-                raise AllocoptError(f"{source}: layer {lp.index} says {lp.num_experts} experts, the model has {num_experts[lp.index]}; use a plan made for this model")
-            if len(lp.kept) < top_k[lp.index]:
-                raise AllocoptError(f"{source}: layer {lp.index} keeps {len(lp.kept)} experts, fewer than its top-k {top_k[lp.index]}; keep at least top-k experts per layer")
+            if lp.num_experts != experts[lp.index]:
+                raise AllocoptError(f"{source}: layer {lp.index} says {lp.num_experts} experts, the model has "
+                                    f"{experts[lp.index]}; use a plan made for this model")
+        check_kept(layers, self.kept, source)
         if self.model_fingerprint is None and fingerprint is not None:
             log.warning(f"{source} has no model_fingerprint, so only its MoE layers, expert counts and top-k were checked "
                         f'against this model; add "model_fingerprint": "{fingerprint}" to pin it to this model')
             self.model_fingerprint = fingerprint
         return self
+
+
+# ---- the plan-legality rule -------------------------------------------------------------------------
+
+class LayerRules(Protocol):
+    """What a plan must respect in one MoE layer (``allocopt.models.MoELayerInfo`` is one)."""
+
+    index: int                 # decoder-layer index
+    num_experts: int           # routed experts in the unpruned layer
+    top_k: int                 # experts each token is routed to
+    groups: int                # group-limited routing: equal groups of experts (1 without)
+    min_kept: int              # fewest experts the router routes exactly with (>= top_k; all for hash routing)
+
+    @property
+    def routing_note(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """A layer known only by its expert count and top-k (no router constraints): :meth:`Plan.validate`."""
+
+    index: int
+    num_experts: int
+    top_k: int
+    groups: int = 1
+    min_kept: int = 0
+    routing_note: str = ""
+
+
+def kept_problem(layer: LayerRules, kept: Sequence[int]) -> str | None:
+    """Why ``kept`` cannot be the experts ``layer`` keeps, as "keeps ...; <fix>" (None when it can): ids in range
+    and distinct, at least top-k, and what the router needs (a hash-routed layer keeps all its experts; group-limited
+    routing keeps the same number in every group, at least what the group score reads)."""
+    problem = _ids_problem(layer.num_experts, kept)
+    if problem:
+        return problem
+    n, count = layer.num_experts, len(kept)
+    if count < layer.top_k:
+        return f"keeps {count} experts, fewer than its top-k {layer.top_k}; keep at least top-k experts per layer"
+    if count < n and layer.min_kept >= n:
+        return f"keeps {count} of {n} experts, but it is {layer.routing_note}; {_ROUTABLE}"
+    if layer.groups > 1 and count < n:
+        size = n // layer.groups
+        per_group = [sum(1 for e in kept if int(e) // size == g) for g in range(layer.groups)]
+        if len(set(per_group)) > 1 or per_group[0] < layer.min_kept // layer.groups:
+            return f"uses {layer.routing_note}, and the plan keeps {per_group} experts per group; {_ROUTABLE}"
+    return None
+
+
+_ROUTABLE = "keep a plan that the pruned model can route (allocopt run only writes such plans)"
+
+
+def check_kept(layers: Iterable[LayerRules], kept: Mapping[int, Sequence[int]], source: str = "plan",
+               model: str = "the model") -> dict[int, list[int]]:
+    """The plan-legality rule for ``kept`` (layer -> kept expert ids; layers left out keep every expert) on a model
+    whose MoE layers are ``layers``: every named layer is an MoE layer and :func:`kept_problem` finds nothing.
+    Returns the kept ids as sorted int lists; raises one AllocoptError naming the layer and the fix otherwise."""
+    by_index = {l.index: l for l in layers}
+    named = {int(l): ids for l, ids in kept.items()}
+    unknown = sorted(set(named) - set(by_index))
+    if unknown:
+        raise AllocoptError(f"{source}: layers {unknown} are not MoE layers of {model} (MoE layers: {sorted(by_index)}); "
+                            "use decoder-layer indices from `allocopt info`")
+    out = {}
+    for layer, ids in sorted(named.items()):
+        ids = [int(e) for e in ids]
+        problem = kept_problem(by_index[layer], ids)
+        if problem:
+            raise AllocoptError(f"{source}: layer {layer} {problem}")
+        out[layer] = sorted(ids)
+    return out
+
+
+def _ids_problem(num_experts: int, kept: Sequence[int]) -> str | None:
+    ids = [int(e) for e in kept]
+    if len(set(ids)) != len(ids):
+        return "keeps duplicate expert ids; list each kept expert once"
+    bad = sorted(e for e in ids if not 0 <= e < num_experts)
+    if bad:
+        return f"keeps expert ids {bad} outside 0..{num_experts - 1}; use ids of the unpruned model"
+    return None
+
+
+def objective_value(fields: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
+    """:meth:`Plan.objective_value` of a plan's top-level fields (plan.json as a dict, or ``RunResult.summary``)."""
+    objective = str(fields.get("objective", "esap"))
+    value = fields.get("value", fields.get(objective, fields.get("esap")))
+    uniform = fields.get("uniform_value", fields.get(f"uniform_{objective}", fields.get("uniform_esap")))
+    return objective, None if value is None else float(value), None if uniform is None else float(uniform)
 
 
 def _layer_from_json(d: object, position: int, source: str) -> LayerPlan:

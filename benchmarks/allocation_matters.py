@@ -50,7 +50,7 @@ def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: in
     """``run_search`` for one allocation; returns the plan's counts, kept ids and ESAP on the search set."""
     from allocopt.config import RunConfig
     from allocopt.plan import Plan
-    from allocopt.search.runner import run_search
+    from allocopt.pipeline import run_search
 
     given = {"model": model, "criterion": criterion, "sparsity": sparsity, "optimizer": optimizer, "seed": seed,
              "evals": evals, "data": data, "search_num_seqs": search_seqs}
@@ -260,7 +260,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the grid and write the report; returns the report (also written as JSON)."""
     from transformers.utils import logging as hf_logging
 
-    from allocopt.models import load_model
+    from allocopt.runtime import load_model
 
     args = _parse(argv)
     start = time.perf_counter()

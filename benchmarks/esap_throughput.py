@@ -18,7 +18,8 @@ import torch
 
 from allocopt import defaults
 from allocopt.data import load_tokens
-from allocopt.models import describe, load_model, mask_experts
+from allocopt.models import describe, mask_experts
+from allocopt.runtime import load_model
 from allocopt.objectives import Evaluator
 
 

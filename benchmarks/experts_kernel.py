@@ -16,7 +16,7 @@ import torch
 
 from allocopt import defaults
 from allocopt.data import load_tokens
-from allocopt.models import load_model
+from allocopt.runtime import load_model
 
 KERNELS = ("grouped_mm", "batched_mm", "eager")
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main() -> int:
     from allocopt.calibration import observe
     from allocopt.data import load_tokens
-    from allocopt.models import describe, load_model
-    from allocopt.models.loading import LoadOptions
+    from allocopt.models import describe
+    from allocopt.runtime import load_model
+    from allocopt.runtime.loading import LoadOptions
     from allocopt.objectives import Evaluator
     from scale_model import write_checkpoint
 

@@ -133,8 +133,9 @@ import numpy as np
 from allocopt.criteria import rank
 from allocopt.calibration import RoutingStats
 from allocopt.data import load_tokens
-from allocopt.models import describe, load_model
-from allocopt.models.loading import LoadOptions
+from allocopt.models import describe
+from allocopt.runtime import load_model
+from allocopt.runtime.loading import LoadOptions
 from allocopt.objectives import Evaluator
 from allocopt.search.mutation import level_switch
 ckpt, limit, offload, stats, plans, seq_len, seqs, layerwise = sys.argv[1:9]

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from allocopt.models.streaming import ShardWriter  # noqa: E402
+from allocopt.export.streamed import ShardWriter  # noqa: E402
 
 OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
                    num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,

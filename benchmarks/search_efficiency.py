@@ -62,7 +62,7 @@ def log(message: str) -> None:
 def run_allocopt(problem: dict, row: str, seed: int, evals: int, work: Path) -> dict:
     """A fresh ``allocopt run`` (its study and run dir are deleted first) -> best, counts and the cost trace."""
     from allocopt.config import RunConfig
-    from allocopt.search.runner import run_search
+    from allocopt.pipeline import run_search
 
     optimizer, options = METHODS[row] if row in METHODS else ("ga", {})
     name = f"{row}-seed{seed}"
@@ -82,28 +82,32 @@ def run_allocopt(problem: dict, row: str, seed: int, evals: int, work: Path) -> 
             "trace": result.trace, "run_dir": str(config.run_dir)}
 
 
+def _prepared(problem: dict, work: Path):
+    """``allocopt.pipeline.prepare`` for the problem on the default model and data, its statistics read from the
+    calibration file of the problem's first run (a sibling run directory), as every allocopt row saw them."""
+    from allocopt.config import RunConfig
+    from allocopt.pipeline import prepare
+
+    config = RunConfig.from_sources(None, {"criterion": problem["criterion"], "sparsity": problem["sparsity"],
+                                           "out": str(work / problem["name"] / "reference"), "run_name": "reference"})
+    prepared = prepare(config, progress=False)
+    if not prepared.calibration_reused:
+        raise RuntimeError(f"no calibration file of an allocopt run under {work / problem['name']}; run a row first")
+    return prepared
+
+
 def run_reference(problem: dict, seed: int, evals: int, work: Path) -> dict:
-    """Faithful evoesap with the naive evaluator; the ranking is read from the first run's calibration file."""
+    """Faithful evoesap with the naive evaluator (EvoESAP's pipeline) on the same model, ranking and search set."""
     import torch
 
-    from allocopt.calibration import RoutingStats
-    from allocopt.criteria import rank
-    from allocopt.data import load_tokens
-    from allocopt.models import describe, load_model
     from allocopt.models.adapter import decoder_layers
     from allocopt.search.optimizers import SearchContext, get_optimizer
-    from allocopt.search.runner import STATS_FILE
-    from allocopt.search.space import make_space
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from esap_throughput import NaiveEvaluator
 
-    stats_file = next((work / problem["name"]).glob(f"*/{STATS_FILE}"))
-    model, tokenizer = load_model(D.MODEL)
-    info = describe(model)
-    ranking = rank(RoutingStats.load(stats_file), problem["criterion"], groups={l.index: l.groups for l in info.layers})
-    space = make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=problem["sparsity"])
-    tokens = load_tokens(D.SEARCH_DATA, tokenizer, D.SEARCH_SEQ_LEN, D.SEARCH_SEQS, split="search")
+    prepared = _prepared(problem, work)
+    model, tokens, space, ranking = prepared.model, prepared.tokens, prepared.space, prepared.ranking
     per_plan = len(decoder_layers(model)[1]) * tokens.input_ids.numel()
     naive = NaiveEvaluator(model, tokens)
     ready, done, trace = time.perf_counter(), [0], []
@@ -111,7 +115,7 @@ def run_reference(problem: dict, seed: int, evals: int, work: Path) -> dict:
     def evaluate(X: np.ndarray) -> np.ndarray:
         done[0] += len(X)
         with torch.no_grad():
-            return np.array([naive.evaluate({l: ranking[l][: int(c)] for l, c in zip(space.layers, x)}) for x in X])
+            return np.array([naive.evaluate(prepared.kept_for(x)) for x in X])
 
     def on_generation(spent: float, best: float) -> None:
         trace.append({"equivalents": float(spent), "layer_tokens": done[0] * per_plan,
@@ -125,20 +129,9 @@ def run_reference(problem: dict, seed: int, evals: int, work: Path) -> dict:
 
 
 def engine_value(problem: dict, counts: list[int], work: Path) -> float:
-    """The engine's value of a plan (what every allocopt row reports), through a one-plan ``dp``-free run."""
-    from allocopt.calibration import RoutingStats
-    from allocopt.criteria import rank
-    from allocopt.data import load_tokens
-    from allocopt.models import load_model
-    from allocopt.objectives import Evaluator
-    from allocopt.search.runner import STATS_FILE
-
-    stats_file = next((work / problem["name"]).glob(f"*/{STATS_FILE}"))
-    model, tokenizer = load_model(D.MODEL)
-    ranking = rank(RoutingStats.load(stats_file), problem["criterion"])
-    tokens = load_tokens(D.SEARCH_DATA, tokenizer, D.SEARCH_SEQ_LEN, D.SEARCH_SEQS, split="search")
-    layers = sorted(ranking)
-    [v] = Evaluator(model, tokens).evaluate([{l: ranking[l][:c] for l, c in zip(layers, counts)}])
+    """The engine's value of a plan (what every allocopt row reports)."""
+    prepared = _prepared(problem, work)
+    [v] = prepared.evaluator.evaluate([prepared.kept_for(counts)])
     return float(v.value)
 
 
@@ -181,7 +174,7 @@ def measure(problem: dict, args: argparse.Namespace, work: Path) -> dict:
     for seed in seeds:
         t = time.perf_counter()
         ref = cached(cache_dir / f"{REFERENCE}-seed{seed}.json", args.fresh,
-                     lambda: run_reference(problem, seed, args.evals, work))
+                     lambda seed=seed: run_reference(problem, seed, args.evals, work))
         if "best" not in ref:
             ref["best"] = engine_value(problem, ref["counts"], work)
             atomic_write_json(cache_dir / f"{REFERENCE}-seed{seed}.json", ref)
@@ -192,7 +185,7 @@ def measure(problem: dict, args: argparse.Namespace, work: Path) -> dict:
             t = time.perf_counter()
             evals = args.default_evals if row == "ga" else args.evals
             res = cached(cache_dir / f"{row}-seed{seed}.json", args.fresh,
-                         lambda: run_allocopt(problem, row, seed, evals, work))
+                         lambda row=row, seed=seed, evals=evals: run_allocopt(problem, row, seed, evals, work))
             results[row].append(res)
             log(f"[{problem['name']}] {row} seed {seed}: {res['best']:.5f} {res['counts']} ({res['equivalents']} "
                 f"equivalents, {res['trace'][-1]['seconds']:.0f} s search, {time.perf_counter() - t:.0f} s)")
@@ -225,7 +218,9 @@ def summarise(problem: dict, results: dict[str, list[dict]], long_run: dict) -> 
                 "reach_ref_tokens_ratio": None if hit is None else hit["layer_tokens"] / tokens,
                 "ref_best": ref["best"], "ref_wall": wall, "ref_tokens_full": tokens / full,
             })
-        mean = lambda k: statistics.fmean(s[k] for s in per_seed)
+        def mean(k: str, per_seed: list[dict] = per_seed) -> float:
+            return statistics.fmean(s[k] for s in per_seed)
+
         rows.append({"row": row, "seeds": per_seed,
                      **{k: mean(k) for k in ("best", "best_at_ref_wall", "best_at_ref_wall_10", "best_at_ref_tokens_5",
                                              "best_at_100_full", "best_at_300_evals", "equivalents", "seconds",

@@ -19,9 +19,10 @@ from click.testing import CliRunner
 
 from allocopt.cli.main import cli
 from allocopt.evaluation import tasks
-from allocopt.models import load_model, save_pruned
+from allocopt.runtime import load_model
+from allocopt.export import save_pruned
 from allocopt.plan import Plan
-from allocopt.serving.padding import pad_model
+from allocopt.export.padded import pad_model
 from allocopt.serving.vllm_engine import run_in
 
 REPO = Path(__file__).resolve().parents[1]

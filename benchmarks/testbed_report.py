@@ -17,8 +17,9 @@ import torch
 
 from allocopt.data.tokens import documents_to_tokens
 from allocopt.evaluation import evaluate
-from allocopt.models import describe, find_moe_blocks, load_model, mask_experts
-from allocopt.models.loading import resolve
+from allocopt.models import describe, find_moe_blocks, mask_experts
+from allocopt.runtime import load_model
+from allocopt.runtime.loading import resolve
 from allocopt.testbed import corpus
 
 SEQS, SEQ_LEN = 32, 256

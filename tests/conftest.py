@@ -1,17 +1,45 @@
 """Shared fixtures: tiny random MoE models of every supported family (no downloads)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Callable
 
 import pytest
 from torch import nn
 
-from allocopt.models.tiny import build_tiny_model
+from allocopt.testing.tiny import build_tiny_model
+
+# Checkpoint digests (allocopt.models.identity) go to a cache of this test session, not the user's ~/.cache; set
+# before any test module copies the environment for its subprocesses.
+os.environ.setdefault("ALLOCOPT_CACHE_DIR", tempfile.mkdtemp(prefix="allocopt-test-cache-"))
 
 # The families the component tests below run on (the full family matrix is tests/test_families.py).
 FAMILIES = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "glm4_moe")
 
 __all__ = ["FAMILIES", "tiny_model"]
+
+# The dependencies whose releases change what allocopt computes; their versions close every test run (CI's log
+# records what a fresh install resolved; pyproject.toml states the supported ranges).
+REPORTED_VERSIONS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "optuna", "sqlalchemy", "pymoo",
+                     "numpy", "scipy", "lm-eval", "python")
+
+
+def dependency_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+    import platform
+
+    out = {}
+    for name in REPORTED_VERSIONS:
+        try:
+            out[name] = platform.python_version() if name == "python" else metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line("versions: " + ", ".join(f"{k} {v}" for k, v in dependency_versions().items()))
 
 
 @pytest.fixture
@@ -36,3 +64,30 @@ def random_kept(info, counts=(3, 6, 4), seed: int = 0) -> dict[int, list[int]]:
         else:
             kept[layer.index] = sorted(torch.randperm(layer.num_experts, generator=g)[:c].tolist())
     return kept
+
+
+# ---- lm-evaluation-harness, offline, on two tiny local tasks (tests/lm_eval_kit.py) ----------------------------
+
+@pytest.fixture(scope="module")
+def lm_eval_offline():
+    from lm_eval_kit import offline_lm_eval
+
+    with offline_lm_eval():
+        yield
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict]:
+    """The first ``lm_eval_kit.ITEMS`` testbed math MC items, the tiny tasks' data."""
+    from allocopt.evaluation import tasks
+    from lm_eval_kit import ITEMS
+
+    return tasks.mc_items("math")[:ITEMS]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, items):
+    """A folder holding the tiny lm-eval tasks (MC and log-likelihood) on ``items``."""
+    from lm_eval_kit import write_tasks
+
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"), items)

@@ -32,7 +32,7 @@ def save_tokenizer(directory: Path) -> Path:
 
 def save_tiny_model(directory: Path, seed: int = 3, family: str = "olmoe", **overrides) -> Path:
     """A 3-layer tiny model of ``family`` (8 experts, top-2) with a BPE tokenizer trained on TEXT, as safetensors."""
-    from allocopt.models.tiny import build_tiny_model
+    from allocopt.testing.tiny import build_tiny_model
 
     save_tokenizer(directory)
     build_tiny_model(family, seed=seed, **overrides).save_pretrained(directory)
@@ -97,3 +97,49 @@ def pruned_allocations(storage: str, name: str) -> list[tuple[int, ...]]:
     """Allocations of PRUNED trials (racing), sorted; a plan appears once per PRUNED trial."""
     study = optuna.load_study(study_name=name, storage=storage)
     return sorted(tuple(t.user_attrs["allocation"]) for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+
+
+# A checkpoint whose model_type ("marker_moe") only its own remote_code.py defines; importing that file writes a marker.
+REMOTE_CODE = '''
+from pathlib import Path
+from transformers import OlmoeConfig, OlmoeForCausalLM
+
+Path({marker!r}).write_text("imported")
+
+
+class MarkerMoeConfig(OlmoeConfig):
+    model_type = "marker_moe"
+
+
+class MarkerMoeForCausalLM(OlmoeForCausalLM):
+    config_class = MarkerMoeConfig
+'''
+
+
+def remote_code_copy(source: str | Path, ckpt: Path) -> tuple[Path, Path]:
+    """``ckpt``: the OLMoE-type checkpoint ``source`` (a directory or ``testbed``) re-labelled as model_type
+    "marker_moe", whose classes live in the checkpoint's own remote_code.py; returns ``(ckpt, marker)``, the file that
+    importing that code writes. transformers converts stock checkpoints' per-expert tensors to fused ones only for its
+    own classes, never for remote code, so the copy stores the fused tensors its code expects."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from allocopt.runtime import load_model
+    from allocopt.runtime.loading import resolve
+
+    marker = ckpt.parent / "remote_code_ran"
+    ckpt.mkdir()
+    for f in resolve(source).iterdir():
+        if not f.name.endswith(".safetensors"):
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(model_type="marker_moe", architectures=["MarkerMoeForCausalLM"],
+                  auto_map={"AutoConfig": "remote_code.MarkerMoeConfig",
+                            "AutoModelForCausalLM": "remote_code.MarkerMoeForCausalLM"})
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "remote_code.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    model, _ = load_model(str(source))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+    return ckpt, marker

@@ -81,7 +81,7 @@ def test_data_and_search_seqs_reach_every_run(report, tmp_path):
 
     from allocopt import defaults as D
     from allocopt.data import load_tokens
-    from allocopt.models import load_model
+    from allocopt.runtime import load_model
 
     _script().main(["--criteria", "frequency", "--sparsities", "0.5", "--seeds", "1", "--evals", "14",
                     "--limit", "4", "--data", "testbed:math", "--search-seqs", "8", "--out", str(tmp_path)])

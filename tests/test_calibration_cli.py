@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from allocopt.calibration import RoutingStats, observe
 from allocopt.cli.main import cli
 from allocopt.data import load_tokens
-from allocopt.models import describe, load_model
+from allocopt.models import describe
+from allocopt.runtime import load_model
 from reliability_kit import save_tiny_model
 
 TEXT = " ".join(f"the expert number {i % 13} routes token {i % 7} to layer {i % 3} and back again" for i in range(200))

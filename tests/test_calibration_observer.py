@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from allocopt.calibration import observe
 from allocopt.data.tokens import TokenSet
 from allocopt.models import find_moe_blocks
-from allocopt.models.tiny import build_tiny_model
+from allocopt.testing.tiny import build_tiny_model
 from conftest import FAMILIES
 
 

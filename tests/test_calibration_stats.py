@@ -12,7 +12,7 @@ from allocopt.criteria import available_criteria, rank
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe
-from allocopt.models.tiny import build_tiny_model
+from allocopt.testing.tiny import build_tiny_model
 
 CRITERIA = [c for c in available_criteria() if c != "unified"] + [
     f"unified:b={b},alpha={a},beta={c}" for b in (0, 1) for a, c in ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (2, 2))]

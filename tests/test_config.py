@@ -155,9 +155,9 @@ def test_command_line_option_pairs_are_read_as_toml_values():
 def test_context_length_is_found_for_every_tiny_family_and_for_gpt2_naming():
     import transformers
 
-    from allocopt.context import context_length
+    from allocopt.runtime.context import context_length
     from allocopt.models.catalog import moe_causal_lm_types
-    from allocopt.models.tiny import tiny_config
+    from allocopt.testing.tiny import tiny_config
 
     for family in moe_causal_lm_types():          # every family's own name for it (DBRX max_seq_len, ...)
         assert context_length(tiny_config(family))[0] == 128, family

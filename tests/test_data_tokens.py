@@ -156,7 +156,8 @@ def test_esap_cli_scores_exactly_the_assistant_tokens_of_a_chat_file(tmp_path):
     from click.testing import CliRunner
 
     from allocopt.cli.main import cli
-    from allocopt.models import describe, load_model
+    from allocopt.models import describe
+    from allocopt.runtime import load_model
     from allocopt.plan import Plan
     from reliability_kit import save_tiny_model
 

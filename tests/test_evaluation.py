@@ -14,7 +14,8 @@ from allocopt.evaluation import evaluate, tasks
 from allocopt.evaluation.generation import greedy_continuations
 from allocopt.evaluation.likelihood import continuation_logprobs
 from allocopt.evaluation.perplexity import perplexity
-from allocopt.models import find_moe_blocks, load_model, mask_experts
+from allocopt.models import find_moe_blocks, mask_experts
+from allocopt.runtime import load_model
 from allocopt.testbed import corpus
 
 

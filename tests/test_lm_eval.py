@@ -13,74 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from allocopt.cli.main import cli
-from allocopt.evaluation import tasks
 from allocopt.evaluation.likelihood import continuation_logprobs, multiple_choice_accuracy
-from allocopt.models import describe, load_model, save_pruned
-
-MC_TASK, LL_TASK = "allocopt_tiny_mc", "allocopt_tiny_ll"
-ITEMS = 8
-
-# `target_delimiter: ""` makes lm-eval score exactly allocopt's (context, choice) pairs.
-MC_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-LL_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{choices[answer]}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: perplexity
-"""
-
-
-@pytest.fixture(scope="module")
-def lm_eval_offline():
-    """lm-eval with the Hugging Face hub and datasets switched to offline mode, as on a machine without network."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        reason = 'lm-eval is an optional extra: pip install "allocopt[lm-eval]"'
-        pytest.importorskip("lm_eval", reason=reason)
-        pytest.importorskip("lm_eval.models.huggingface", reason=reason)    # needs accelerate (lm-eval[hf])
-        import datasets.config
-        import huggingface_hub.constants
-        for module in (datasets.config, huggingface_hub.constants):          # in case they were imported earlier
-            mp.setattr(module, "HF_HUB_OFFLINE", True)
-        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def items() -> list[dict]:
-    return tasks.mc_items("math")[:ITEMS]
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory, items):
-    folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    data = folder / "items.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
-    (folder / f"{MC_TASK}.yaml").write_text(MC_YAML.format(name=MC_TASK, data=data), encoding="utf-8")
-    (folder / f"{LL_TASK}.yaml").write_text(LL_YAML.format(name=LL_TASK, data=data), encoding="utf-8")
-    return folder
+from allocopt.models import describe
+from allocopt.runtime import load_model
+from allocopt.export import save_pruned
+from lm_eval_kit import ITEMS, LL_TASK, MC_TASK
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from allocopt.calibration import RoutingStats, observe
 from allocopt.cli.main import cli
 from allocopt.data import load_tokens
-from allocopt.models import describe, load_model, load_pruned, mask_experts
-from allocopt.models.loading import LoadOptions
+from allocopt.models import describe, load_pruned, mask_experts
+from allocopt.runtime import load_model
+from allocopt.runtime.loading import LoadOptions
 from allocopt.objectives import Evaluator
 from allocopt.plan import Plan
 from conftest import random_kept
@@ -154,7 +155,7 @@ def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_pat
 def test_shards_are_cut_and_indexed(tmp_path):
     from safetensors.torch import load_file
 
-    from allocopt.models.streaming import INDEX_FILE, ShardWriter
+    from allocopt.export.streamed import INDEX_FILE, ShardWriter
 
     writer = ShardWriter(tmp_path, max_bytes=100)
     tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(7)}                 # 40 bytes each: 2 per shard
@@ -173,7 +174,7 @@ def test_offloaded_weights_read_directly_equal_accelerates_reads(pair):
     accelerate's own loader, for every offloaded tensor."""
     from accelerate.utils.offload import PrefixedDataset
 
-    from allocopt.models.offload import DirectReads
+    from allocopt.runtime.offload import DirectReads
 
     _, _, dispatched, _, _ = pair
     maps = [m._hf_hook.weights_map for m in dispatched.modules()
@@ -193,7 +194,7 @@ def test_a_cpu_limit_holds_the_streamed_layer_too(pair):
     from accelerate.utils import compute_module_sizes
 
     from allocopt.models.adapter import decoder_layers
-    from allocopt.models.offload import reserve_streamed_layer
+    from allocopt.runtime.offload import reserve_streamed_layer
 
     root, plain, _, _, _ = pair
     with torch.device("meta"):
@@ -210,8 +211,8 @@ def test_a_cpu_limit_holds_the_streamed_layer_too(pair):
 def test_offloaded_experts_are_read_a_slice_at_a_time_with_the_same_statistics(pair):
     """Layer-streamed calibration reads an offloaded layer's experts a few at a time (here one per read): the
     statistics equal the plain model's, and no read ever holds more than one expert's rows of a fused tensor."""
-    import allocopt.models.expert_slices as slices
-    import allocopt.models.offload as offload
+    import allocopt.runtime.expert_slices as slices
+    import allocopt.runtime.offload as offload
     from allocopt.models import find_moe_blocks
 
     root, plain, dispatched, tokenizer, _ = pair

@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from allocopt.cli.main import cli
 from allocopt.errors import AllocoptError
-from allocopt.models import describe, load_model, load_pruned, mask_experts, prune_model, save_pruned
+from allocopt.models import describe, load_pruned, mask_experts, prune_model
+from allocopt.runtime import load_model
+from allocopt.export import save_pruned
 from allocopt.plan import Plan
 from conftest import FAMILIES, random_kept
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from allocopt.cli.main import cli
 from allocopt.models import describe
-from allocopt.models.tiny import build_tiny_model
+from allocopt.testing.tiny import build_tiny_model
 from allocopt.plan import Plan
 
 WORDS = [f"w{i}" for i in range(200)]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from allocopt.data.tokens import TokenSet
-from allocopt.models import describe, load_pruned, save_pruned
-from allocopt.models.tiny import build_tiny_model
+from allocopt.models import describe, load_pruned
+from allocopt.export import save_pruned
+from allocopt.testing.tiny import build_tiny_model
 from allocopt.objectives import Evaluator
 from conftest import random_kept
 

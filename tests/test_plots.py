@@ -249,8 +249,7 @@ def test_convergence_from_storage_with_two_studies(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     for name, seed in [("seed-a", 1), ("seed-b", 2)]:
         make_single_run(tmp_path, name, "ga", seed=seed)
-        src = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
-        optuna.copy_study(from_study_name=name, from_storage=src._storage, to_storage=storage)
+        optuna.copy_study(from_study_name=name, from_storage=f"sqlite:///{tmp_path / f'{name}.db'}", to_storage=storage)
     res = CliRunner().invoke(cli, ["plot", "convergence", str(tmp_path / "shared.db"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "o" / "convergence.json").read_text())

@@ -76,6 +76,10 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
     assert plan["evaluations"] == ref_plan["evaluations"]
     assert plan["pruned"] == ref_plan["pruned"] and plan["evaluation_equivalents"] == ref_plan["evaluation_equivalents"]
     assert pruned_allocations(storage, name) == pruned_allocations(ref_storage, f"ref-{optimizer}"), counts
+    # bookkeeping of the resumed call: what came from the study is said, the killed call's time is counted
+    assert plan["new_evaluations"] < plan["evaluations"] and "of them from the study" in resumed.stdout, resumed.stdout
+    assert plan["wall_time_s"] > plan["wall_time_call_s"] and "s over all calls" in resumed.stdout
+    assert plan["evaluation_equivalents"] >= plan["evaluations"] > 0                # nsga2 wrote 0.0 here
     if optimizer == "ga":
         assert plan["pruned"] > 0, counts                         # the race really ran, and resumed
 

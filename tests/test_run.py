@@ -14,10 +14,11 @@ from allocopt.cli.main import cli
 from allocopt.config import RunConfig
 from allocopt.criteria import rank
 from allocopt.data import load_tokens
-from allocopt.models import describe, load_model
+from allocopt.models import describe
+from allocopt.runtime import load_model
 from allocopt.objectives import Evaluator
 from allocopt.plan import Plan
-from allocopt.search.runner import run_search
+from allocopt.pipeline import run_search
 from reliability_kit import make_root
 
 SMALL = ["--seq-len", "32", "--num-seqs", "6", "--calib-num-seqs", "8", "--evals", "12", "--population", "4",
@@ -126,7 +127,7 @@ def test_impossible_budget_fails_before_any_weights_load(root, tmp_path):
 def test_sparsity_and_keep_are_mutually_exclusive(root):
     result = CliRunner().invoke(cli, ["run", "--sparsity", "0.5", "--keep", "3"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: --sparsity and --keep are mutually exclusive; give only one of them"]
+        "error: both sparsity and keep are set (sparsity 0.5, keep 3); give only one of them"]
 
 
 def test_nsga2_writes_a_front(root):
@@ -264,3 +265,74 @@ def test_dp_returns_the_additive_models_optimum_from_its_probes(root):
     assert rounds.exit_code == 0, rounds.output
     again = json.loads(rounds.output.strip().splitlines()[-1])
     assert again["esap"] >= top["esap"] and again["evaluations"] >= top["evaluations"]
+
+
+def test_probes_off_the_budget_are_infeasible_trials_so_the_studys_best_is_the_plan(root, tmp_path):
+    """The DP's probes keep more (or fewer) experts than the budget; one scoring above every plan on the budget was
+    the study's (and optuna-dashboard's) best trial while plan.json held another. They are Optuna-constrained
+    trials now: `study.best_trial` is plan.json's plan, and convergence.csv says what each probe is."""
+    import csv
+
+    import optuna
+
+    trials = _trials(root, "dp")
+    plan = json.loads((root / "runs" / "dp" / "plan.json").read_text())
+    budget = sum(plan["counts"])
+    probes = [t for t in trials if sum(t.user_attrs["allocation"]) != budget]
+    assert probes and max(t.value for t in probes) > plan["value"]                # a probe scores above the plan
+    assert all(max(t.system_attrs["constraints"]) > 0 for t in probes)
+    assert all(t.system_attrs["constraints"] == [0.0, 0.0] for t in trials if t not in probes)
+    study = optuna.load_study(study_name="dp", storage=f"sqlite:///{root / 'runs' / 'dp'}.db")
+    assert study.best_trial.user_attrs["allocation"] == plan["counts"] and study.best_value == plan["value"]
+    out = CliRunner().invoke(cli, ["plot", "convergence", str(root / "runs" / "dp"), "--out", str(tmp_path / "plot")])
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader((tmp_path / "plot" / "convergence.csv").open()))
+    marked = [r for r in rows if r["off_budget"]]
+    assert len(marked) == len(probes) and all(r["esap"] == "nan" and "probe" in r["off_budget"] for r in marked)
+
+
+def test_plan_json_records_the_objective_it_optimised_by_name(root):
+    """A KL run's value is stored as what it is (objective kl_pq, value, kl_pq), never as "esap"; plans written
+    before the objective's name was recorded (every objective's value under "esap") still read back."""
+    result = CliRunner().invoke(cli, _args(root, "--optimizer", "random", "--objective", "kl_pq", "--evals", "4",
+                                           name="kl"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((root / "runs" / "kl" / "plan.json").read_text())
+    assert plan["objective"] == "kl_pq" and "esap" not in plan and "uniform_esap" not in plan
+    assert plan["value"] == plan["kl_pq"] and plan["uniform_value"] == plan["uniform_kl_pq"]
+    assert 0.0 <= plan["value"] <= plan["uniform_value"]                    # KL is minimised: never above uniform
+    assert Plan.load(root / "runs" / "kl" / "plan.json").objective_value() == ("kl_pq", plan["value"], plan["uniform_value"])
+    assert "uniform  kl_pq" in result.output
+    old = {**{k: v for k, v in plan.items() if k not in ("value", "uniform_value", "kl_pq", "uniform_kl_pq")},
+           "esap": 0.25, "uniform_esap": 0.5}
+    assert Plan.from_json(old).objective_value() == ("kl_pq", 0.25, 0.5)
+    esap_run = json.loads((root / "runs" / "r1" / "plan.json").read_text())
+    assert esap_run["objective"] == "esap" and esap_run["value"] == esap_run["esap"]
+
+
+def test_a_second_run_on_the_same_run_directory_is_refused_naming_the_first(root, tmp_path):
+    """Two `allocopt run` on one --out at once raced on the study's schema (raw SQLAlchemy tracebacks) or silently
+    overwrote each other's plan.json; the second now stops in one line that names the first, which is untouched."""
+    import subprocess
+    import sys
+    import time
+
+    from allocopt.io import LOCK_FILE
+    from reliability_kit import ENV
+
+    out = root / "runs" / "held"
+    first = subprocess.Popen([sys.executable, "-m", "allocopt.cli.main", *_args(root, "--optimizer", "ga", "--evals", "40",
+                                                                             name="held")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = CliRunner().invoke(cli, _args(root, "--optimizer", "random", "--criterion", "frequency", name="held"))
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    lines = second.output.strip().splitlines()
+    assert second.exit_code == 2 and len(lines) == 1 and f"pid {first.pid} on " in lines[0], second.output
+    assert "in use by" in lines[0] and "pass another --out or --name" in lines[0]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["optimizer"] == "ga" and plan["criterion"] == "reap"            # the first run's result, intact
+    assert not (out / LOCK_FILE).exists()                                        # released when the run ended

@@ -8,11 +8,11 @@ import optuna
 import pytest
 
 from allocopt.config import RunConfig
-from allocopt.models import describe, load_model
-from allocopt.models.adapter import kept_problem
-from allocopt.plan import Plan
+from allocopt.models import describe
+from allocopt.runtime import load_model
+from allocopt.plan import Plan, kept_problem
 from allocopt.search.optimizers import available_optimizers
-from allocopt.search.runner import run_search
+from allocopt.pipeline import run_search
 from allocopt.search.space import make_space
 from reliability_kit import TEXT, save_tiny_model
 

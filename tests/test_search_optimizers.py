@@ -1,4 +1,6 @@
 """Every optimizer on a cheap real objective (the toy score): feasibility, elitism, determinism, baselines."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -8,7 +10,7 @@ from allocopt.search.optimizers.baselines import global_allocation
 from allocopt.search.optimizers.grape import grape_allocation
 from allocopt.search.optimizers.nsga2 import budget_range
 from allocopt.search.space import make_space
-from allocopt.search.toy import toy_objective
+from allocopt.testing.toy import toy_objective
 from allocopt.errors import AllocoptError
 
 SEARCHING = ["ga", "evoesap", "cmaes", "tpe", "random", "dp"]
@@ -28,8 +30,8 @@ def context(space, seed=0, max_evals=40, population=8, sim_seed=0, **options):
     ranking = {l: list(rng.permutation(int(e))) for l, e in zip(space.layers, space.num_experts)}
     scores = {l: rng.random(int(e)) for l, e in zip(space.layers, space.num_experts)}
     sim = {l: rng.random((int(e), int(e))) for l, e in zip(space.layers, space.num_experts)}
-    options.setdefault("similarity", sim)
-    ctx = SearchContext(space, evaluate, seed, max_evals, population, ranking, scores, None, options=options)
+    stats = SimpleNamespace(similarity=sim)          # what grape reads of RoutingStats
+    ctx = SearchContext(space, evaluate, seed, max_evals, population, ranking, scores, stats, options=options)
     return ctx, seen, f
 
 
@@ -104,7 +106,7 @@ def test_nsga2_returns_a_memory_front(space):
     values = [v for _, v, _ in result.front]
     assert len(result.front) >= 3 and mems == sorted(mems)
     assert values == sorted(values)            # more memory only stays on the front if it scores better
-    for x, v, m in result.front:
+    for x, _, m in result.front:
         assert m == int(space.memory_bytes(x))
 
 
@@ -137,7 +139,7 @@ def test_global_ranking_keeps_the_globally_best_experts():
 def test_global_and_grape_respect_budget_and_bounds(space, seed):
     ctx, _, _ = context(space, sim_seed=seed)
     assert space.contains(global_allocation(space, ctx.ranking, ctx.scores))
-    assert space.contains(grape_allocation(space, ctx.options["similarity"], ctx.ranking))
+    assert space.contains(grape_allocation(space, ctx.stats.similarity, ctx.ranking))
 
 
 def test_grape_entropy_guard_prevents_hollowing_out_a_redundant_layer():

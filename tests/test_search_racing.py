@@ -13,10 +13,9 @@ from allocopt.search.optimizers import SearchContext, get_optimizer
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.sampling import random_composition
-from allocopt.search.sensitivity import (dp_allocate, extend_grid, layer_costs, probe_grid, probe_plans,
-                                         sensitivity_search, sensitivity_step)
+from allocopt.search.sensitivity import dp_allocate, extend_grid, layer_costs, probe_grid, probe_plans, sensitivity_search, sensitivity_step
 from allocopt.search.space import make_space
-from allocopt.search.toy import ToyRows, toy_objective
+from allocopt.testing.toy import ToyRows, toy_objective
 
 
 @pytest.fixture()

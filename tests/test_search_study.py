@@ -1,6 +1,7 @@
 """StudyRecorder on real SQLite storage: trials with the allocation, FAIL trials, resume without re-evaluating."""
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -9,7 +10,7 @@ import pytest
 from allocopt.search.optimizers import SearchContext, available_optimizers, get_optimizer
 from allocopt.search.space import make_space
 from allocopt.search.study import StudyRecorder
-from allocopt.search.toy import toy_objective
+from allocopt.testing.toy import toy_objective
 
 
 @dataclass
@@ -42,9 +43,9 @@ def recorder_and_counter(space, url, name="s", directions=("maximize",)):
 
 
 def run(space, evaluate, name, seed=0, max_evals=16):
+    stats = SimpleNamespace(similarity={l: np.eye(12) for l in space.layers})   # what grape reads of RoutingStats
     ctx = SearchContext(space, evaluate, seed, max_evals, 6, {l: list(range(12)) for l in space.layers},
-                        {l: np.arange(12.0) for l in space.layers}, None,
-                        options={"similarity": {l: np.eye(12) for l in space.layers}})
+                        {l: np.arange(12.0) for l in space.layers}, stats)
     return get_optimizer(name).run(ctx)
 
 
@@ -110,3 +111,49 @@ def test_two_objective_study_gets_memory_and_metric_names(space, tmp_path):
         assert t.values[1] == space.memory_bytes(t.user_attrs["allocation"])
     front = {tuple(x) for x, _, _ in result.front}
     assert front == {tuple(t.user_attrs["allocation"]) for t in rec.study.best_trials}
+
+
+def test_allocopt_reaches_optuna_through_public_apis():
+    """No private field of an Optuna study or trial (``_storage``, ``_study_id``, ``_trial_id``): allocopt holds the
+    storage it opens (``StudyRecorder.storage``) and asks it for ids, so an Optuna release cannot break it silently."""
+    import re
+    from pathlib import Path
+
+    import allocopt
+
+    private = re.compile(r"\._(storage|study_id|trial_id)\b")
+    found = [f"{path.name}:{n}: {line.strip()}" for path in sorted(Path(allocopt.__file__).parent.rglob("*.py"))
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if private.search(line)]
+    assert found == []
+
+
+def test_recorder_holds_the_storage_its_study_uses(space, tmp_path):
+    from allocopt.search.study import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    rec = StudyRecorder(storage, "held", ["maximize"], {"objective": "toy"}, ["toy"], space=space)
+    rec.wrap(lambda X: [0.5 for _ in X], "ga")(space.uniform()[None])
+    assert rec.storage is storage
+    [trial] = storage.get_all_trials(storage.get_study_id_from_name("held"))
+    assert trial.user_attrs["allocation"] == space.uniform().tolist() and trial.value == 0.5
+
+
+def test_plot_sources_read_trials_by_the_recorders_attr_names():
+    """allocopt.plotting.sources reads trial user attrs through study.py's constants, never re-spelled literals."""
+    import ast
+    import inspect
+
+    import allocopt.plotting.sources as sources
+    from allocopt.search import study
+
+    names = {value for key, value in vars(study).items() if key.isupper() and isinstance(value, str)}
+    keys = []
+    for node in ast.walk(ast.parse(inspect.getsource(sources))):
+        if isinstance(node, ast.Subscript):
+            keys.append(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
+            keys.append(node.args[0])
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            keys.append(node.left)
+    literals = sorted({k.value for k in keys if isinstance(k, ast.Constant) and k.value in names})
+    assert literals == []

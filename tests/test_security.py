@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 import transformers
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from allocopt.calibration import RoutingStats
 from allocopt.cli.main import cli
 from allocopt.errors import AllocoptError
-from allocopt.models import load_model
-from reliability_kit import ENV, SMALL, make_root, run_args
+from reliability_kit import ENV, SMALL, make_root, remote_code_copy, run_args
 
 FAST = ["--evals", "4", "--population", "4"]
 
@@ -122,42 +120,11 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_asked(root, monkeyp
                  str(root / "s.safetensors")) == {False}
 
 
-REMOTE_CODE = '''
-from pathlib import Path
-from transformers import OlmoeConfig, OlmoeForCausalLM
-
-Path({marker!r}).write_text("imported")
-
-
-class MarkerMoeConfig(OlmoeConfig):
-    model_type = "marker_moe"
-
-
-class MarkerMoeForCausalLM(OlmoeForCausalLM):
-    config_class = MarkerMoeConfig
-'''
-
-
 @pytest.fixture(scope="module")
 def remote(root, tmp_path_factory) -> tuple[Path, Path]:
     """The tiny OLMoE re-labelled as model_type "marker_moe", whose classes live in the checkpoint's own
     remote_code.py; importing that file writes the marker."""
-    ckpt = tmp_path_factory.mktemp("remote") / "model"
-    marker = ckpt.parent / "remote_code_ran"
-    ckpt.mkdir()
-    for f in (root / "model").iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(model_type="marker_moe", architectures=["MarkerMoeForCausalLM"],
-                  auto_map={"AutoConfig": "remote_code.MarkerMoeConfig",
-                            "AutoModelForCausalLM": "remote_code.MarkerMoeForCausalLM"})
-    (ckpt / "config.json").write_text(json.dumps(config))
-    (ckpt / "remote_code.py").write_text(REMOTE_CODE.format(marker=str(marker)))
-    # transformers converts stock checkpoints' per-expert tensors to fused ones only for its own classes, never for
-    # remote code, so this checkpoint stores the fused tensors its code expects (allocopt refuses a mismatch)
-    model, _ = load_model(str(root / "model"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors", metadata={"format": "pt"})
-    return ckpt, marker
+    return remote_code_copy(root / "model", tmp_path_factory.mktemp("remote") / "model")
 
 
 def test_remote_code_is_refused_without_the_flag(root, remote, tmp_path):

@@ -15,20 +15,24 @@ from safetensors.torch import load_file
 
 from allocopt.cli.main import cli
 from allocopt.errors import AllocoptError
-from allocopt.models import describe, find_moe_blocks, load_model, load_pruned, mask_experts, save_pruned
+from allocopt.models import describe, find_moe_blocks, load_pruned, mask_experts
+from allocopt.runtime import load_model
+from allocopt.export import save_pruned
 from allocopt.plan import Plan
-from allocopt.serving.padding import pad_model
-from allocopt.serving.remote_code import MODELING_FILE
+from allocopt.export.padded import pad_model
+from allocopt.export.remote_code import MODELING_FILE
 from conftest import FAMILIES, random_kept
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
-# Run in a fresh interpreter with allocopt made unimportable (a None entry in sys.modules makes `import` fail) and
-# neither checkout on sys.path: plain transformers + the checkpoint's own code, as on a machine without allocopt.
+# Run in a fresh interpreter with allocopt made unimportable (a None entry in sys.modules makes `import` fail, also
+# through an editable install's finder) and no source checkout on sys.path (an entry holding an `allocopt/` package
+# folder): plain transformers + the checkpoint's own code, as on a machine without allocopt. Only the checkouts are
+# dropped, so a venv created inside the checkout (.venv/lib/.../site-packages) keeps torch and transformers.
 _LOAD_WITHOUT_ALLOCOPT = """
-import sys
+import os, sys
 sys.modules["allocopt"] = None
-sys.path = [p for p in sys.path if not p.startswith(("/work/", {repo!r}))]
+sys.path = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.getcwd(), "allocopt", "__init__.py"))]
 import json, torch, transformers
 for directory, ids, out in json.loads(sys.argv[1]):
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
@@ -50,8 +54,7 @@ def _plan(model, counts=(3, 6, 4), seed=0) -> Plan:
 
 
 def _load_without_allocopt(jobs: list[tuple[Path, list, Path]], cwd: Path) -> list[str]:
-    script = _LOAD_WITHOUT_ALLOCOPT.format(repo=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps([[str(d), i, str(o)] for d, i, o in jobs])],
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_ALLOCOPT, json.dumps([[str(d), i, str(o)] for d, i, o in jobs])],
                           capture_output=True, text=True, cwd=cwd, timeout=600, env={"PATH": "/usr/bin:/bin",
                                                                                        "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

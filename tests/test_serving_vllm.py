@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from allocopt.cli.main import cli
 from allocopt.evaluation import tasks
 from allocopt.models import describe, load_pruned, mask_experts
-from allocopt.models.loading import load_model
+from allocopt.runtime.loading import load_model
 from allocopt.plan import Plan
 from allocopt.serving.vllm_engine import run_in
 from conftest import random_kept
@@ -107,7 +107,7 @@ def test_eval_backend_vllm_equals_the_transformers_path(python, searched):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_plugin_serves_other_families(python, family, tmp_path):
     """Each family's compact non-uniform export: vLLM's per-layer classes give load_pruned's greedy tokens."""
-    from allocopt.models import save_pruned
+    from allocopt.export import save_pruned
 
     model = tiny_vllm_model(family, seed=1)
     info = describe(model)
@@ -129,7 +129,7 @@ def test_padded_export_is_served_by_stock_vllm_without_the_plugin(python, family
     GLM4-MoE routes like DeepSeek-V3 (sigmoid, correction bias, 2 groups here; the padded experts sit inside each
     group); GPT-OSS has a router bias. GPT-OSS's sliding window is widened past the test's 20 tokens: vLLM and
     transformers disagree on where a window of 16 ends, which would hide what this test is about."""
-    from allocopt.models import save_pruned
+    from allocopt.export import save_pruned
 
     model = tiny_vllm_model(family, seed=1, **({"sliding_window": 128} if family == "gpt_oss" else {}))
     info = describe(model)

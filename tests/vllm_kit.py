@@ -28,7 +28,7 @@ def vllm_python() -> Path:
 
 def tiny_vllm_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A tiny model of ``family`` that vLLM's CPU attention accepts (head size 32, not the usual tiny 16)."""
-    from allocopt.models.tiny import build_tiny_model
+    from allocopt.testing.tiny import build_tiny_model
 
     return build_tiny_model(family, seed=seed, **{"hidden_size": 128, "num_attention_heads": 4, "head_dim": 32,
                                                   "num_key_value_heads": 2, **overrides})

@@ -43,8 +43,8 @@ from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, find_moe_blocks
 from allocopt.models.calls import experts_call, restore
-from allocopt.models.decoder import DecoderRunner, resident
-from allocopt.models.expert_slices import slice_size, sliceable, sliced_experts
+from allocopt.runtime.decoder import DecoderRunner, resident
+from allocopt.runtime.expert_slices import slice_size, sliceable, sliced_experts
 from allocopt.models.hooks import input_device
 
 

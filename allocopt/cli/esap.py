@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from allocopt import defaults
-from allocopt.cli.options import load_options, loading_options
+from allocopt.cli.options import loading_options, loading_overrides
 from allocopt.errors import AllocoptError
 
 
@@ -29,25 +29,26 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
          objective: str, tolerance: float, exact: bool, allow_long_context: bool, as_json: bool, **loading) -> None:
     """Teacher-forced agreement of a pruned model with the full model on a fixed token set: a plan's experts
     masked on the full model (--plan), or an exported checkpoint (--pruned)."""
-    from allocopt.context import check_context
-    from allocopt.data import load_tokens
-    from allocopt.models import describe, load_model
-    from allocopt.objectives import Evaluator
+    from allocopt.config import RunConfig
+    from allocopt.runtime import load_model
+    from allocopt.runtime.loading import open_model
+    from allocopt.pipeline import prepare
     from allocopt.plan import Plan
 
     if (plan_path is None) == (pruned_dir is None):
         raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
     plan = Plan.load(plan_path) if plan_path is not None else None
-    options = load_options(loading)
-    check_context(model_spec, seq_len, allow=allow_long_context, trust_remote_code=options.trust_remote_code)
-    model, tokenizer = load_model(model_spec, options)
-    if tokenizer is None:
-        raise AllocoptError(f"model {model_spec} has no tokenizer files; pass a checkpoint directory that includes its tokenizer")
+    config = RunConfig.from_sources(None, {
+        "model": model_spec, "search_data": data, "seq_len": seq_len, "search_num_seqs": num_seqs,
+        "objective": objective, "tolerance": tolerance, "allow_long_context": allow_long_context,
+        **loading_overrides(loading)})
+    options = config.load_options()
+    source = open_model(config.model, config.trust_remote_code)
+    config.check_context(source)
+    prepared = prepare(config, search=False, exact=exact, source=source)
+    ev = prepared.evaluator
     if plan is not None:
-        plan.validate_for(describe(model), source=f"plan file {plan_path}")
-    tokens = load_tokens(data, tokenizer, seq_len, num_seqs, "search")
-    ev = Evaluator(model, tokens, objective=objective, tolerance=tolerance, exact=exact)
-    if plan is not None:
+        plan.validate_for(prepared.info, source=f"plan file {plan_path}")
         [v] = ev.evaluate([plan.kept])
     else:
         v = ev.score_model(load_model(str(pruned_dir), options)[0])

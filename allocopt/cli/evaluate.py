@@ -28,7 +28,8 @@ from allocopt.errors import AllocoptError
               help="Evaluate even when the testbed tasks' perplexity windows are longer than the model's context.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
               help="Engine: vllm runs the open-ended tasks (math and code exact match, or lm-eval's vllm model) "
-                   "through vLLM, where it is installed (bash .ci/vllm-venv).")
+                   "through vLLM, where it is installed (bash .ci/vllm-venv); it takes --dtype and --trust-remote-code, "
+                   "not accelerate's --device-map, --max-memory or --offload-dir.")
 @loading_options
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
              lm_eval_include: str | None, allow_long_context: bool, backend: str, **loading) -> None:
@@ -43,10 +44,14 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     options = load_options(loading)
+    if backend == "vllm":                   # an option vLLM cannot honour is refused before anything loads
+        from allocopt.serving.vllm_engine import engine_kwargs
+
+        engine_kwargs(options)
     if lm_eval_tasks is not None:
-        metrics = _lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit, backend)
+        metrics = _lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit, backend, options)
     elif backend == "vllm":
-        metrics = _vllm_generation_tasks(model_spec, limit)
+        metrics = _vllm_generation_tasks(model_spec, limit, options)
     else:
         metrics = _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options)
     if out:
@@ -55,32 +60,47 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
         click.echo(json.dumps(metrics))
 
 
-def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None, backend: str) -> dict:
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None, backend: str, options=None) -> dict:
     from allocopt.evaluation.lm_eval_adapter import metric_table, run_lm_eval
 
     start = time.time()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    table = metric_table(run_lm_eval(model_spec, names, include_path=include, limit=limit, backend=backend))
+    results = run_lm_eval(model_spec, names, include_path=include, limit=limit, backend=backend, options=options)
+    table = metric_table(results)
     click.echo(f"{'metric':<32} {'value':>10}")
     for name, value in table.items():
         click.echo(f"{name:<32} {value:>10.4f}")
     seconds = round(time.time() - start, 1)
     click.echo(f"({seconds:.1f} s)")
-    return {"lm_eval": table, "model": str(model_spec), "backend": backend, "seconds": seconds}
+    metrics = {"lm_eval": table, "model": str(model_spec), "backend": backend, "seconds": seconds}
+    dtype = results.get("config", {}).get("model_dtype")      # what lm-eval's HFLM ran (its own report)
+    if dtype:
+        metrics["model_dtype"] = _dtype_name(dtype)
+    return metrics
 
 
-def _vllm_generation_tasks(model_spec: str, limit: int | None) -> dict:
+def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None) -> dict:
     """Math and code exact match with vLLM generating (the checkpoint's own tokenizer tokenises, as in transformers)."""
     import transformers
 
     from allocopt.evaluation.harness import generation_metrics
-    from allocopt.models.loading import resolve
-    from allocopt.serving.vllm_engine import VllmGenerator
+    from allocopt.runtime.loading import resolve
+    from allocopt.serving.vllm_engine import VllmGenerator, vllm_platform
 
+    vllm_platform()                                      # vLLM's install hint before anything loads
     path = resolve(model_spec)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    metrics = generation_metrics(VllmGenerator(path), tokenizer, limit)
+    trust = bool(options is not None and options.trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    generator = VllmGenerator(path, options)
+    metrics = generation_metrics(generator, tokenizer, limit)
     metrics.update(model=str(model_spec), backend="vllm")
+    dtype = getattr(getattr(getattr(generator.llm, "llm_engine", None), "model_config", None), "dtype", None)
+    if dtype is not None:                                   # what vLLM computes in (its model config)
+        metrics["model_dtype"] = _dtype_name(dtype)
     click.echo(f"{'metric':<20} {'value':>10}")
     click.echo(f"{'math_em':<20} {metrics['math_em']:>10.3f}")
     for form, value in metrics["math_em_by_form"].items():
@@ -94,13 +114,15 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
                    options=None) -> dict:
     import contextlib
 
-    from allocopt.context import check_context
+    from allocopt.runtime.context import check_context
     from allocopt.evaluation import evaluate as run_evaluation
     from allocopt.evaluation.harness import PPL_SEQ_LEN
-    from allocopt.models import describe, load_model, mask_experts
+    from allocopt.models import describe, mask_experts
+    from allocopt.runtime import load_model
     from allocopt.plan import Plan
 
-    check_context(model_spec, PPL_SEQ_LEN, "the testbed tasks' perplexity window", allow_long_context, settable=False)
+    check_context(model_spec, PPL_SEQ_LEN, "the testbed tasks' perplexity window", allow_long_context,
+                  trust_remote_code=bool(options is not None and options.trust_remote_code), settable=False)
     model, tokenizer = load_model(model_spec, options)
     if tokenizer is None:
         raise AllocoptError(f"model {model_spec} has no tokenizer files; save the tokenizer into the checkpoint directory")
@@ -111,6 +133,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
     with masking:
         metrics = run_evaluation(model, tokenizer, limit=limit)
     metrics["model"] = str(model_spec)
+    metrics["model_dtype"] = _dtype_name(model.dtype)
     if plan_path is not None:
         metrics["plan"] = str(plan_path)
     click.echo(f"{'metric':<20} {'value':>10}")

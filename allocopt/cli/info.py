@@ -16,7 +16,8 @@ from allocopt.cli.options import load_options, loading_options
 def info(model_spec: str, as_json: bool, **loading) -> None:
     """Describe a model's MoE layers (experts, top-k, shared experts, group-limited routing, the fewest experts the
     router routes with, router rule, storage, size)."""
-    from allocopt.models import describe, load_model
+    from allocopt.models import describe
+    from allocopt.runtime import load_model
 
     model, _ = load_model(model_spec, load_options(loading))
     desc = describe(model)

@@ -27,11 +27,11 @@ def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, b
             allow_long_context: bool, progress: bool, **loading) -> None:
     """Collect per-expert routing statistics (counts, gate and output-norm sums, expert similarity)."""
     from allocopt.calibration import observe as run_observer
-    from allocopt.context import check_context
+    from allocopt.runtime.context import check_context
     from allocopt.data import load_tokens
     from allocopt.errors import AllocoptError
     from allocopt.io import output_dir
-    from allocopt.models import load_model
+    from allocopt.runtime import load_model
 
     options = load_options(loading)
     check_context(model_spec, seq_len, allow=allow_long_context, trust_remote_code=options.trust_remote_code)

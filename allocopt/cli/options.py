@@ -44,18 +44,23 @@ def loading_options(command: Callable) -> Callable:
     return command
 
 
+def loading_overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """Pop the loading options from a command's keyword arguments -> the ``RunConfig`` keys they set (None: not
+    given), so every command turns them into settings the same way."""
+    from allocopt.config import check_dtype
+
+    out = {key: given.pop(key, None) for key in ("device", "dtype", "device_map", "offload_dir", "trust_remote_code")}
+    out["max_memory"] = memory_limits(given.pop("max_memory_pairs", ()) or ()) or None
+    if out["dtype"]:
+        check_dtype(out["dtype"])
+    return out
+
+
 def load_options(given: dict[str, Any]):
     """Pop the loading options from a command's keyword arguments -> ``allocopt.models.LoadOptions``."""
-    from allocopt.config import check_dtype
-    from allocopt.models.loading import LoadOptions
+    from allocopt.runtime.loading import LoadOptions
 
-    values = {"device": given.pop("device", None), "dtype": given.pop("dtype", None),
-              "device_map": given.pop("device_map", None), "offload_dir": given.pop("offload_dir", None),
-              "trust_remote_code": given.pop("trust_remote_code", None),
-              "max_memory": memory_limits(given.pop("max_memory_pairs", ()) or ())}
-    if values["dtype"]:
-        check_dtype(values["dtype"])
-    return LoadOptions().with_(**{k: v for k, v in values.items() if v not in (None, {})})
+    return LoadOptions().with_(**{k: v for k, v in loading_overrides(given).items() if v not in (None, {})})
 
 
 def memory_limits(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -22,8 +22,10 @@ from allocopt.errors import AllocoptError
 def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, pad: bool, quiet: bool,
           **loading) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
-    from allocopt.models import describe, load_model, save_pruned
-    from allocopt.models.card import render_card
+    from allocopt.models import describe
+    from allocopt.runtime import load_model
+    from allocopt.export import save_pruned
+    from allocopt.export.card import render_card
     from allocopt.plan import Plan
 
     if quiet:

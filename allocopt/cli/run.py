@@ -6,9 +6,8 @@ import json
 import click
 
 from allocopt import defaults as D
-from allocopt.cli.options import (json_option, loading_options, memory_limits, model_option, opt, parse_key_values,
+from allocopt.cli.options import (json_option, loading_options, loading_overrides, model_option, opt, parse_key_values,
                                   quiet_option, seed_option, silence_progress)
-from allocopt.errors import AllocoptError
 
 
 @click.command("run")
@@ -17,7 +16,8 @@ from allocopt.errors import AllocoptError
 @opt("--criterion", default=D.CRITERION, help="Within-layer ranking: reap, frequency, ean, seer, man, msan or unified:b=..,alpha=..,beta=..")
 @opt("--optimizer", default=D.OPTIMIZER, help="ga, dp, evoesap, cmaes, tpe, nsga2, random, uniform, global or grape.")
 @opt("--objective", default=D.OBJECTIVE, help="What the search maximises.")
-@opt("--sparsity", type=float, default=D.SPARSITY, help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
+@opt("--sparsity", type=float, default=D.SPARSITY,
+     help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
 @opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
@@ -48,13 +48,11 @@ from allocopt.errors import AllocoptError
 def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     """Search how many experts each MoE layer keeps and write plan.json."""
     from allocopt.config import RunConfig
-    from allocopt.search.runner import run_search
+    from allocopt.pipeline import run_search
 
-    if given["sparsity"] is not None and given["keep"] is not None:
-        raise AllocoptError("--sparsity and --keep are mutually exclusive; give only one of them")
     if option_pairs:
         given["options"] = parse_key_values(option_pairs)
-    given["max_memory"] = memory_limits(given.pop("max_memory_pairs", ()) or ()) or None
+    given.update(loading_overrides(given))
     config = RunConfig.from_sources(problem, given)
     if resume:
         from allocopt.search.workers import require_study
@@ -64,21 +62,21 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
         silence_progress()
     result = run_search(config, progress=not quiet)
     s = result.summary
-    click.echo(f"uniform  {s['objective']} {s['uniform_esap']:.6f}")
-    from allocopt.search.optimizers import get_optimizer
-
-    fixed = getattr(get_optimizer(config.optimizer), "fixed_allocation", False)
-    label = config.optimizer if fixed else "best"        # a fixed allocation (grape, global) searched nothing
+    objective, value, uniform = s["objective"], s["value"], s["uniform_value"]
+    click.echo(f"uniform  {objective} {uniform:.6f}")
+    label = config.optimizer if result.fixed_allocation else "best"    # a fixed allocation (grape, global) searched nothing
     raced = f" + {s['pruned']} pruned by racing = {s['evaluation_equivalents']:g} equivalents" if s.get("pruned") else ""
-    click.echo(f"{label:<8} {s['objective']} {s['esap']:.6f}  ({s['esap'] - s['uniform_esap']:+.6f}, "
-               f"{s['evaluations']} evaluations{raced}, {s['wall_time_s']:.1f} s)")
+    reused = s["evaluations"] - s["new_evaluations"]
+    earlier = f", {reused} of them from the study" if reused > 0 else ""
+    took = (f"{s['wall_time_s']:.1f} s over all calls, {s['wall_time_call_s']:.1f} s this one"
+            if s["wall_time_s"] > s["wall_time_call_s"] else f"{s['wall_time_s']:.1f} s")
+    click.echo(f"{label:<8} {objective} {value:.6f}  ({value - uniform:+.6f}, "
+               f"{s['evaluations']} evaluations{earlier}{raced}, {took})")
     if s.get("racing") not in (None, "on"):
         click.echo(f"racing   {s['racing']}")
     click.echo(f"counts   {s['counts']}")
     if config.sparsity is not None and abs(s["sparsity"] - config.sparsity) > 1e-9:     # whole experts only
-        from allocopt.plan import Plan
-
-        total = sum(layer.num_experts for layer in Plan.load(result.plan_path).layers)
+        total = result.total_experts
         click.echo(f"sparsity {s['sparsity']:.4f}  (requested {config.sparsity:g}; {total - sum(s['counts'])} of {total} "
                    "routed experts removed)")
     click.echo(f"plan     {result.plan_path}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from allocopt.cli.options import loading_options, memory_limits
+from allocopt.cli.options import loading_options, loading_overrides
 
 
 @click.command("worker")
@@ -24,8 +24,8 @@ def worker(study_name: str, storage: str, batch: int, idle_timeout: float | None
            **loading) -> None:
     """Take WAITING trials of a study, evaluate them and record the results, until the search is done. Loading
     options left out are the coordinator's."""
-    from allocopt.search.workers import serve
+    from allocopt.pipeline.worker import serve
 
-    loading["max_memory"] = memory_limits(loading.pop("max_memory_pairs", ()) or ())
-    done = serve(storage, study_name, batch=batch, idle_timeout=idle_timeout, parent=exit_with_parent, loading=loading)
+    done = serve(storage, study_name, batch=batch, idle_timeout=idle_timeout, parent=exit_with_parent,
+                 loading=loading_overrides(loading))
     click.echo(f"worker evaluated {done} plans of study {study_name}")

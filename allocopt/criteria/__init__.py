@@ -80,21 +80,27 @@ def get_criterion(spec: str | Criterion) -> Criterion:
 
 
 def rank(stats: RoutingStats, criterion: str | Criterion, groups: Mapping[int, int] | None = None) -> dict[int, list[int]]:
-    """Expert ids per layer, best (highest score) first; ties go to the lower id so the order is deterministic.
+    """Expert ids per layer, best (highest score) first: :func:`ranking_from_scores` of the criterion's scores."""
+    fn = get_criterion(criterion)
+    name = criterion if isinstance(criterion, str) else getattr(fn, "__name__", "criterion")
+    return ranking_from_scores(fn(stats), stats.layers, groups, name)
+
+
+def ranking_from_scores(scores: Mapping[int, np.ndarray], layers, groups: Mapping[int, int] | None = None,
+                        name: str = "criterion") -> dict[int, list[int]]:
+    """Expert ids per layer of ``layers``, best (highest score) first; ties go to the lower id so the order is
+    deterministic. ``scores[layer]`` is a criterion's [E] scores (higher = keep), computed once by the caller.
 
     ``groups[layer]`` > 1 (group-limited routing) ranks within groups instead: the ranking takes the best expert of
     every group, then the second best of every group, and so on, so keeping any multiple of the group count keeps
     the best experts of each group in equal numbers (what the pruned router needs).
     A non-finite score is refused: NaN compares false with everything, so it would land anywhere in the order.
     """
-    fn = get_criterion(criterion)
-    scores = fn(stats)
     out = {}
-    for layer in stats.layers:
+    for layer in layers:
         s = np.asarray(scores[layer], dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(s))
         if bad.size:
-            name = criterion if isinstance(criterion, str) else getattr(fn, "__name__", "criterion")
             raise AllocoptError(f"criterion {name!r} scored experts {bad.tolist()} of layer {layer} as inf/NaN, which has no "
                                 "rank; fix the criterion or the statistics (re-run `allocopt observe` in bfloat16 or float32)")
         # lexsort sorts by the last key first: descending score, then ascending id
@@ -117,4 +123,4 @@ def balance_groups(order: list[int], groups: int) -> list[int]:
     return out
 
 
-__all__ = ["available_criteria", "balance_groups", "get_criterion", "rank", "Criterion", "GROUP"]
+__all__ = ["available_criteria", "balance_groups", "get_criterion", "rank", "ranking_from_scores", "Criterion", "GROUP"]

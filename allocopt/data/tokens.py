@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -78,13 +79,26 @@ class TokenSet:
         return int(self.input_ids.shape[0])
 
 
-# A named source returns documents for (split, seed). ``testbed`` registers itself here.
-SOURCES: dict[str, Callable[[str, str], list[Document]]] = {}
+# Named sources: a spec ``prefix:name`` calls ``fn(name, split) -> list[Document]``. Packages register theirs under
+# the entry-point group ``allocopt.data_sources`` (allocopt's own ``testbed`` corpus is one), code at run time with
+# register_source; data itself never imports a source.
+SOURCE_GROUP = "allocopt.data_sources"
+_REGISTERED: dict[str, Callable[[str, str], list[Document]]] = {}
 
 
 def register_source(prefix: str, fn: Callable[[str, str], list[Document]]) -> None:
-    """``fn(name, split)`` for a spec ``prefix:name``."""
-    SOURCES[prefix] = fn
+    """``fn(name, split)`` for a spec ``prefix:name`` (wins over an entry point of the same prefix)."""
+    _REGISTERED[prefix] = fn
+
+
+def sources() -> dict[str, Callable[[str, str], list[Document]] | EntryPoint]:
+    """Every named source: the entry points of ``allocopt.data_sources`` (loaded when used) and registered ones."""
+    return {**{ep.name: ep for ep in entry_points(group=SOURCE_GROUP)}, **_REGISTERED}
+
+
+def _source(prefix: str) -> Callable[[str, str], list[Document]] | None:
+    found = sources().get(prefix)
+    return found.load() if isinstance(found, EntryPoint) else found
 
 
 def _read_jsonl(path: Path) -> list[Document]:
@@ -351,16 +365,14 @@ def load_tokens(spec: str, tokenizer, seq_len: int, num_seqs: int, split: str = 
     if seq_len < 2 or num_seqs < 1:
         raise AllocoptError(f"seq_len must be >= 2 and num_seqs >= 1 (got {seq_len}, {num_seqs}); raise them")
     prefix, _, name = spec.partition(":")
-    if name and prefix in SOURCES:
-        docs = SOURCES[prefix](name, split)
-        return documents_to_tokens(docs, tokenizer, seq_len, num_seqs, spec)
-    if prefix == "testbed" and "testbed" not in SOURCES:
-        import allocopt.testbed  # noqa: F401  (registers the source)
-        return load_tokens(spec, tokenizer, seq_len, num_seqs, split)
+    source = _source(prefix) if name else None
+    if source is not None:
+        return documents_to_tokens(source(name, split), tokenizer, seq_len, num_seqs, spec)
     path = Path(spec)
     if not path.exists():
-        known = ", ".join(f"{p}:NAME" for p in sorted(SOURCES | {"testbed": None}))
-        raise AllocoptError(f"data spec {spec!r} is neither an existing file/directory nor one of {known}; pass a local .txt/.jsonl file or a named source")
+        known = ", ".join(f"{p}:NAME" for p in sorted(sources())) or "none (reinstall allocopt: pip install -e .)"
+        raise AllocoptError(f"data spec {spec!r} is neither an existing file/directory nor one of the named sources "
+                            f"{known}; pass a local .txt/.jsonl file or a named source")
     if path.is_dir():
         docs = _read_hf_dataset(path, split)
     elif path.suffix == ".jsonl":

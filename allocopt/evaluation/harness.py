@@ -3,7 +3,7 @@
 Works the same on the shipped testbed, on a model inside ``allocopt.models.mask_experts(...)`` and on an exported
 pruned checkpoint, because it only calls ``model(...)`` and ``model.generate(...)``.
 
-    from allocopt.models import load_model
+    from allocopt.runtime import load_model
     model, tokenizer = load_model("testbed")
     print(evaluate(model, tokenizer)["math_em"])
 """

@@ -11,14 +11,18 @@ extra (``pip install "allocopt[lm-eval]"``); nothing here imports it until a tas
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from torch import nn
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
+
+if TYPE_CHECKING:
+    from allocopt.runtime.loading import LoadOptions
 
 INSTALL_HINT = 'pip install "allocopt[lm-eval]"'
 
@@ -63,12 +67,30 @@ def resolve_tasks(tasks: Sequence[str], include_path: str | Path | None = None) 
     return manager, names
 
 
+@functools.cache
+def _placed(HFLM: type) -> type:
+    """lm-eval's ``HFLM`` for a model allocopt loaded: token ids go where the input embeddings compute.
+
+    HFLM takes ``model.device`` (the first parameter's device) for a loaded model; under a device map that may be
+    another GPU, the CPU, or the meta device of a weight accelerate offloaded to disk, where lm-eval's batches and
+    its autocast context fail. The accelerate hooks move activations between layers from there on."""
+
+    class PlacedHFLM(HFLM):
+        @property
+        def device(self):
+            from allocopt.models.hooks import input_device
+
+            return input_device(self.model)
+
+    return PlacedHFLM
+
+
 def _simple_evaluate(model: nn.Module, tokenizer: Any, manager: Any, names: list[str], limit: int | None,
                      num_fewshot: int | None, batch_size: int, log_samples: bool) -> dict:
     lm_eval, HFLM, _ = _require_lm_eval()
     if tokenizer is None:
         raise AllocoptError("the model has no tokenizer; save the tokenizer into the checkpoint directory")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _placed(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=log_samples)
     if results is None:                  # only non-zero ranks of a distributed run get None
@@ -87,34 +109,46 @@ def evaluate_lm(model: nn.Module, tokenizer: Any, tasks: Sequence[str], include_
 
 def run_lm_eval(model_spec: str | Path, tasks: Sequence[str], include_path: str | Path | None = None,
                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = D.LM_EVAL_BATCH_SIZE,
-                device: str = D.DEVICE, log_samples: bool = False, backend: str = "transformers") -> dict:
+                device: str | None = None, log_samples: bool = False, backend: str = "transformers",
+                options: LoadOptions | None = None) -> dict:
     """Load ``model_spec`` (checkpoint directory, pruned export or ``testbed``) with allocopt and run lm-eval on it.
 
-    ``backend="vllm"``: lm-eval's own ``vllm`` model loads the checkpoint instead (a compact export through allocopt's
-    vLLM plugin); it needs vLLM and lm-eval installed in this environment (``bash .ci/vllm-venv``).
-    """
-    from allocopt.models import load_model
+    ``options`` are allocopt's loading options (``--dtype``, ``--device``, ``--device-map``, ``--max-memory``,
+    ``--offload-dir``, ``--trust-remote-code``; ``device`` overrides its device). allocopt loads the model with all of
+    them (``load_model``: accelerate placement, pruned exports, safetensors only) and hands lm-eval's ``HFLM`` the
+    loaded model, which HFLM runs as it is (its own dtype/parallelize/offload arguments apply only to a model it loads
+    itself, and parallelize refuses a loaded one); a dispatched model runs where its accelerate hooks put each layer.
 
+    ``backend="vllm"``: lm-eval's own ``vllm`` model loads the checkpoint instead (a compact export through allocopt's
+    vLLM plugin); it needs vLLM and lm-eval installed in this environment (``bash .ci/vllm-venv``). ``options`` go
+    through ``allocopt.serving.vllm_engine.engine_kwargs``: dtype and trust_remote_code reach vLLM, the placement
+    options vLLM has no equivalent for are refused in one line.
+    """
+    from allocopt.runtime import load_model
+    from allocopt.runtime.loading import LoadOptions
+
+    options = (options or LoadOptions()).with_(device=device)
+    if backend == "vllm":                                     # refused options fail before lm-eval indexes its tasks
+        from allocopt.serving.vllm_engine import engine_kwargs
+
+        engine_kwargs(options)
     manager, names = resolve_tasks(tasks, include_path)      # a missing extra or a typo fails before the weights load
     if backend == "vllm":
-        return _simple_evaluate_vllm(model_spec, manager, names, limit, num_fewshot, log_samples)
-    model, tokenizer = load_model(model_spec, device=device)
+        return _simple_evaluate_vllm(model_spec, manager, names, limit, num_fewshot, log_samples, options)
+    model, tokenizer = load_model(model_spec, options)
     return _simple_evaluate(model, tokenizer, manager, names, limit, num_fewshot, batch_size, log_samples)
 
 
 def _simple_evaluate_vllm(model_spec: str | Path, manager: Any, names: list[str], limit: int | None,
-                          num_fewshot: int | None, log_samples: bool) -> dict:
+                          num_fewshot: int | None, log_samples: bool, options: LoadOptions | None = None) -> dict:
     lm_eval, _, _ = _require_lm_eval()
-    from allocopt.models.loading import resolve
-    from allocopt.serving.vllm_engine import INSTALL_HINT, checkpoint_dtype
+    from allocopt.runtime.loading import resolve
+    from allocopt.serving.vllm_engine import checkpoint_dtype, engine_kwargs, vllm_platform
 
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        raise AllocoptError(f"vLLM is not installed in this environment ({exc.name} is missing); {INSTALL_HINT}") from exc
+    platform = vllm_platform()
     path = resolve(model_spec)
     args = {"pretrained": str(path), "gpu_memory_utilization": D.VLLM_MEMORY_FRACTION, "seed": D.SEED,
-            "dtype": checkpoint_dtype(path), "batch_size": "auto"}
+            "batch_size": "auto", **engine_kwargs(options, checkpoint_dtype(path), platform)}
     with _vllm_distribution_alias():
         results = lm_eval.simple_evaluate(model="vllm", model_args=args, tasks=names, task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=log_samples)

@@ -17,15 +17,15 @@ import hashlib
 import json
 import weakref
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from allocopt.errors import AllocoptError
-from allocopt.models.families import (GENERIC_COUNT_FIELDS, GENERIC_SHARED_COUNT_FIELDS, GENERIC_TOP_K_FIELDS, Family,
-                                      family_for, is_known)
+from allocopt.models.families import GENERIC_COUNT_FIELDS, GENERIC_SHARED_COUNT_FIELDS, GENERIC_TOP_K_FIELDS, Family, family_for, is_known
 from allocopt.models.hooks import onloaded
+from allocopt.models.identity import fingerprint as identity_fingerprint
 from allocopt.models.routing import RoutingParams, config_value, group_floor
 
 _LAYER_LIST_NAMES = ("layers", "blocks", "h")
@@ -354,15 +354,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
 
 def _with_inferred_rules(model: nn.Module, blocks: list[MoEBlock]) -> list[MoEBlock]:
     """A type outside the table: its rule is the simplest candidate that reproduces the real router (or unknown)."""
-    from allocopt.models.routing import RoutingParams, infer
+    from allocopt.models.router_probe import infer
 
     if any(p.device.type == "meta" for p in model.parameters()):
         return blocks
-    _CACHE[model] = blocks                      # infer() runs the model, which finds these blocks
-    try:
-        rules = infer(model)
-    finally:
-        _CACHE.pop(model, None)
+    rules = infer(model, blocks)
     out = []
     for b in blocks:
         rule = rules.get(b.layer)
@@ -387,31 +383,20 @@ def _owner(root: nn.Module, tensor: torch.Tensor) -> nn.Module:
     return root
 
 
-def kept_problem(layer: MoELayerInfo, kept: Sequence[int]) -> str | None:
-    """Why ``kept`` cannot be the experts this layer keeps (None when it can): ids in range, at least top-k and
-    what the router needs (a hash-routed layer keeps all), the same number in every group of group-limited routing."""
-    ids = sorted({int(e) for e in kept})
-    n = layer.num_experts
-    if len(ids) != len(list(kept)):
-        return "keeps duplicate expert ids"
-    bad = [e for e in ids if not 0 <= e < n]
-    if bad:
-        return f"keeps expert ids {bad} outside 0..{n - 1}"
-    if len(ids) < layer.top_k:
-        return f"keeps {len(ids)} experts, fewer than its top-k {layer.top_k}; keep at least top-k experts per layer"
-    if len(ids) < n and layer.min_kept >= n:
-        return f"keeps {len(ids)} of {n} experts, but it is {layer.routing_note}"
-    if layer.groups > 1 and len(ids) < n:
-        size = n // layer.groups
-        per_group = [sum(1 for e in ids if e // size == g) for g in range(layer.groups)]
-        if len(set(per_group)) > 1 or per_group[0] < layer.min_kept // layer.groups:
-            return f"uses {layer.routing_note}, and the plan keeps {per_group} experts per group"
-    return None
-
-
 def model_fingerprint(model: nn.Module, blocks: list[MoEBlock] | None = None) -> str:
-    """sha256 of the config essentials and the router weights (as fp32, so the dtype a model is loaded in
-    does not matter): stable across save/reload, different for other weights or other expert counts."""
+    """The model's identity (``allocopt.models.identity``): sha256 of its structure, config, weight dtypes and every
+    tensor of its checkpoint (read from the safetensors files, cached per machine, when ``load_model`` loaded it;
+    else from the tensors in memory, in the layout ``save_pretrained`` writes). Stable across save/reload of the
+    same weights; different for any other weights, dtype or config."""
+    blocks = find_moe_blocks(model) if blocks is None else blocks
+    structure = {"architecture": type(model).__name__, "num_layers": len(decoder_layers(model)[1]),
+                 "experts": {str(b.layer): b.info.num_experts for b in blocks}}
+    return identity_fingerprint(model, structure)
+
+
+def legacy_fingerprint(model: nn.Module, blocks: list[MoEBlock] | None = None) -> str:
+    """The fingerprint scheme before ``allocopt.models.identity``: config essentials and the router weights (as
+    fp32) only, blind to experts. Kept only to tell a study or plan made with it from one made for another model."""
     blocks = find_moe_blocks(model) if blocks is None else blocks
     config = text_config(model)
     essentials = {"architecture": type(model).__name__, "num_layers": len(decoder_layers(model)[1]),
@@ -443,4 +428,4 @@ def describe(model: nn.Module, fingerprint: bool = True) -> ModelInfo:
 
 
 __all__ = ["GENERIC_COUNT_FIELDS", "MoEBlock", "MoELayerInfo", "ModelInfo", "decoder_layers", "describe",
-           "expert_tensors", "find_moe_blocks", "invalidate", "kept_problem", "model_fingerprint", "text_config"]
+           "expert_tensors", "find_moe_blocks", "invalidate", "legacy_fingerprint", "model_fingerprint", "text_config"]

@@ -7,7 +7,7 @@ routing, and the few layouts that are not "stacked experts called as experts(hid
 Adding a family means adding a row; a type without a row gets a generic row whose rule is inferred by running
 its router (``routing.infer``), or ``unknown`` when no candidate reproduces it.
 
-Rows were written from the transformers 5.24 modelling code; ``tests/test_families.py`` runs every type of the
+Rows were written from the transformers 5.24 and 5.25 modelling code; ``tests/test_families.py`` runs every type of the
 installed transformers through describe -> run -> prune -> export == masked and checks each rule by execution.
 """
 from __future__ import annotations
@@ -109,9 +109,9 @@ FAMILIES: dict[str, Family] = {
                           "num_experts", shared_expert_attrs=("shared_experts",), shared_count_field="num_shared_experts"),
     "llama4_text": Family("llama4_text", RouterRule("logits", weights="sigmoid-topk"), "num_local_experts",
                           shared_expert_attrs=("shared_expert",), experts_call="input-scaled"),
-    "kolibri1": Family("kolibri1", RouterRule("sigmoid", bias_on="logits", weights="sigmoid-topk", renorm="norm_topk_prob"),
-                       "num_local_experts", shared_expert_attrs=("shared_experts",),
-                       selection_bias_paths=("gate.e_score_correction_bias",)),
+    **_rows("kolibri1 kolibri1_1", Family(
+        "", RouterRule("sigmoid", bias_on="logits", weights="sigmoid-topk", renorm="norm_topk_prob"),
+        "num_local_experts", shared_expert_attrs=("shared_experts",), selection_bias_paths=("gate.e_score_correction_bias",))),
     # sigmoid scores, selection bias, no groups
     "flint": Family("flint", RouterRule("sigmoid", renorm="norm_topk_prob"), "num_experts", shared_expert_attrs=("shared_expert",)),
     "afmoe": Family("afmoe", replace(SIGMOID_BIAS_RENORM, scale="route_scale"), "num_experts",
@@ -120,6 +120,8 @@ FAMILIES: dict[str, Family] = {
     "hy_v3": Family("hy_v3", replace(SIGMOID_BIAS_RENORM, scale="router_scaling_factor"), "num_experts",
                     shared_expert_attrs=("shared_experts",), shared_count_field="num_shared_experts",
                     selection_bias_paths=("e_score_correction_bias",)),
+    "ergo": Family("ergo", replace(SIGMOID_BIAS_RENORM, scale="moe_routed_scaling_factor"), "num_experts",
+                   shared_expert_attrs=("shared_experts",), selection_bias_paths=("gate.e_score_correction_bias",)),
     "minimax_m2": Family("minimax_m2", replace(SIGMOID_BIAS_RENORM, eps=0.0), "num_local_experts",
                          selection_bias_paths=("e_score_correction_bias",)),
     "minimax_m3_vl_text": Family("minimax_m3_vl_text", replace(SIGMOID_BIAS_RENORM, eps=0.0, output_scale="routed_scaling_factor"),
@@ -144,7 +146,7 @@ FAMILIES: dict[str, Family] = {
                        "num_experts", selection_bias_paths=("expert_bias",)),
     # DeepSeek-V3 routing: sigmoid + selection bias, group-limited top-k (group score = sum of the best two)
     **_rows("deepseek_v3 sarvam_mla deepseek_v32 glm4_moe sarvam_moe glm4_moe_lite glm_moe_dsa dots1 dots3_note_text "
-            "solar_open hy_v4 axk1", _DSV3),
+            "solar_open hy_v4 axk1 minicpm5_moe param2moe", _DSV3),
     **_rows("kimi_linear bailing_hybrid", replace(_DSV3, count_field="num_experts", top_k_field="num_experts_per_token",
                                                   shared_count_field="num_shared_experts",
                                                   group_fields=("num_expert_group", "topk_group"))),

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, find_moe_blocks
 from allocopt.models.hooks import shadow_forward
+from allocopt.plan import check_kept
 
 
 class _RouterLogitMask(TorchFunctionMode):
@@ -50,28 +50,15 @@ def _masked_forward(forward: Callable[..., Any], add: torch.Tensor, *args: Any, 
         return forward(*args, **kwargs)
 
 
-def _pruned_ids(block: MoEBlock, kept: Sequence[int]) -> list[int]:
-    n, k = block.info.num_experts, block.info.top_k
-    keep = {int(e) for e in kept}
-    bad = sorted(e for e in keep if not 0 <= e < n)
-    if bad:
-        raise AllocoptError(f"layer {block.layer}: expert ids {bad} are outside 0..{n - 1}; use ids of this model's experts")
-    if len(keep) < k:
-        raise AllocoptError(f"layer {block.layer} keeps {len(keep)} experts, fewer than its top-k {k}; keep at least top-k experts per layer")
-    return sorted(set(range(n)) - keep)
-
-
 @contextlib.contextmanager
 def mask_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Iterator[nn.Module]:
     """Inside the context only ``kept[layer]`` experts are routable in each listed MoE layer; layers not in
     ``kept`` are untouched. On exit the model is exactly as before (outputs ``torch.equal``). Works on a model that
     accelerate dispatched or offloaded: every change is made while the block runs, on its materialised weights."""
     blocks = {b.layer: b for b in find_moe_blocks(model)}
-    unknown = sorted(set(kept) - set(blocks))
-    if unknown:
-        raise AllocoptError(f"layers {unknown} are not MoE layers of {type(model).__name__} (MoE layers: {sorted(blocks)}); "
-                            "use decoder-layer indices from `allocopt info`")
-    plan = [(blocks[l], ids) for l, ids in ((l, _pruned_ids(blocks[l], kept[l])) for l in sorted(kept)) if ids]
+    kept = check_kept([b.info for b in blocks.values()], kept, "the plan", type(model).__name__)
+    plan = [(blocks[l], ids) for l, ids in ((l, sorted(set(range(blocks[l].info.num_experts)) - set(k)))
+                                            for l, k in kept.items()) if ids]
     undo: list[Callable[[], None]] = []
     try:
         for block, ids in plan:

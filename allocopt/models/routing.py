@@ -8,10 +8,10 @@ top_k_weights [T, K])``. It is composed of a few steps that cover every router i
            -> weights (the chosen scores | softmax or sigmoid of the chosen logits | joint with shared experts)
            -> [renorm | p-norm | clamped renorm] -> [x scale]
 
-``route(rule, params, logits, ...)`` runs those steps; :func:`verify` runs the real model once with hooks on each
-MoE block and checks that the rule, run on the logits the router produced, reproduces the indices and weights
+``route(rule, params, logits, ...)`` runs those steps; ``router_probe.verify`` runs the real model once with hooks on
+each MoE block and checks that the rule, run on the logits the router produced, reproduces the indices and weights
 the experts were called with. The family table (``families.py``) is checked this way in the tests, and a model
-type missing from the table gets its rule inferred the same way (:func:`infer`), never guessed.
+type missing from the table gets its rule inferred the same way (``router_probe.infer``), never guessed.
 
 Group-limited routing (DeepSeek-V3 ``n_group``/``topk_group``) is also where pruning constraints come from:
 a group is scored by the sum of its best two experts (``top2-sum``) or by its best one (``max``), so every group
@@ -20,18 +20,12 @@ group score reads, and the kept groups must hold at least top-k experts (:func:`
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
-
-from allocopt.models.hooks import input_device
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda x: torch.softmax(x, dim=-1),
@@ -182,6 +176,27 @@ def group_floor(rule: RouterRule, params: RoutingParams) -> tuple[int, int]:
     return params.n_group, max(reads, -(-params.top_k // params.topk_group))
 
 
+class RuleMismatch(ValueError):
+    """A rule that cannot run on this router's output at all (a score function the config names but no rule knows,
+    groups that do not divide the experts, more picks than columns, hash routing without its table): when
+    probing candidates, a rule that does not match."""
+
+
+def _check_applies(rule: RouterRule, p: RoutingParams, columns: int, has_hash_table: bool) -> None:
+    if rule.select == "sparsemixer":
+        return
+    if p.score not in SCORES:
+        raise RuleMismatch(f"score function {p.score!r} is none of {', '.join(SCORES)}")
+    if p.n_group > 1 and columns % p.n_group:
+        raise RuleMismatch(f"{columns} router columns do not form {p.n_group} equal groups")
+    if p.n_group > 1 and p.topk_group > p.n_group:
+        raise RuleMismatch(f"topk_group {p.topk_group} exceeds the {p.n_group} groups")
+    if rule.select == "hash" and not has_hash_table:
+        raise RuleMismatch("hash routing needs the layer's token-id table and the input ids")
+    if not 0 < p.top_k <= columns:
+        raise RuleMismatch(f"top-k {p.top_k} does not fit {columns} router columns")
+
+
 # ---- the reference implementation -------------------------------------------------------------------------------
 
 def route(rule: RouterRule, p: RoutingParams, logits: torch.Tensor, num_experts: int,
@@ -196,6 +211,7 @@ def route(rule: RouterRule, p: RoutingParams, logits: torch.Tensor, num_experts:
     shared = x[:, num_experts:] if p.weights == "joint-shared" else None
     if shared is not None:
         x = x[:, :num_experts]
+    _check_applies(rule, p, x.shape[-1], hash_table is not None and input_ids is not None)
     if rule.select == "sparsemixer":
         return _sparsemixer(x, p.top_k, p.jitter)
     s = SCORES[p.score](x)
@@ -246,147 +262,4 @@ def _sparsemixer(scores: torch.Tensor, top_k: int, jitter: float) -> tuple[torch
     return torch.cat(idx, -1), torch.cat(w, -1)
 
 
-# ---- the probe ------------------------------------------------------------------------------------------------------
-
-class _FirstLinear(TorchFunctionMode):
-    """Records the first ``F.linear`` output of width ``rows`` (the router's logits)."""
-
-    def __init__(self, rows: int):
-        super().__init__()
-        self.rows, self.logits = rows, None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.logits is None and func is F.linear and out.shape[-1] == self.rows:
-            self.logits = out.detach().reshape(-1, self.rows)
-        return out
-
-
-@dataclass
-class Observed:
-    """What one MoE layer's router produced and what its experts received, for one forward."""
-
-    logits: list[torch.Tensor] = field(default_factory=list)
-    index: list[torch.Tensor] = field(default_factory=list)
-    weights: list[torch.Tensor] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def observe_routing(model: nn.Module) -> Iterator[dict[int, Observed]]:
-    """Inside the context every MoE block records its router logits and the (indices, weights) its experts get."""
-    from allocopt.models.adapter import find_moe_blocks
-    from allocopt.models.calls import experts_call, restore
-    from allocopt.models.hooks import shadow_forward
-
-    seen: dict[int, Observed] = {}
-    saved: list = []
-    try:
-        for b in find_moe_blocks(model):
-            rec = seen.setdefault(b.layer, Observed())
-
-            def router_forward(own, _rec=rec, _rows=b.router_rows):
-                def run(*a, **k):
-                    with _FirstLinear(_rows) as mode:
-                        out = own(*a, **k)
-                    if mode.logits is not None:
-                        _rec.logits.append(mode.logits.float())
-                    return out
-                return run
-
-            def on_route(hidden, idx, w, expert_fn, _rec=rec):
-                _rec.index.append(idx.detach())
-                _rec.weights.append(w.detach().float())
-                return None
-
-            saved.append(shadow_forward(b.router, router_forward))
-            saved.extend(experts_call(b).intercept(b, on_route))
-        yield seen
-    finally:
-        restore(saved)
-
-
-def _canonical(idx: torch.Tensor, w: torch.Tensor, num_experts: int, skip_column: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots sorted by expert id; a skip column's slots (id E) become (0, 0) as the experts see them."""
-    if skip_column:
-        skip = idx >= num_experts
-        idx, w = idx.masked_fill(skip, 0), w.masked_fill(skip, 0.0)
-    order = idx.argsort(dim=-1, stable=True)
-    return idx.gather(1, order), w.gather(1, order)
-
-
-def matches(rule: RouterRule, params: RoutingParams, block: Any, observed: Observed,
-            input_ids: torch.Tensor | None = None, rtol: float = 2e-3) -> bool:
-    """Does ``rule`` reproduce, from the recorded logits, every (indices, weights) the experts were called with?"""
-    if not observed.logits or len(observed.logits) != len(observed.index):
-        return False
-    for logits, idx, w in zip(observed.logits, observed.index, observed.weights):
-        try:
-            ref_idx, ref_w = route(rule, params, logits, block.info.num_experts, bias=block.choice_bias(),
-                                   input_ids=input_ids, hash_table=block.hash_table(),
-                                   per_expert_scale=block.per_expert_scale(params))
-        except (RuntimeError, IndexError, KeyError, TypeError, ValueError):
-            return False
-        skip = block.family.router_tail == "skip"
-        a_idx, a_w = _canonical(idx.long().reshape(ref_idx.shape[0], -1), w.reshape(ref_idx.shape[0], -1), block.info.num_experts, skip)
-        b_idx, b_w = _canonical(ref_idx, ref_w, block.info.num_experts, skip)
-        if a_idx.shape != b_idx.shape or not torch.equal(a_idx, b_idx):
-            return False
-        if not torch.allclose(a_w, b_w, rtol=rtol, atol=1e-5):
-            return False
-    return True
-
-
-def probe(model: nn.Module, tokens: int = 24, seed: int = 0) -> tuple[dict[int, Observed], torch.Tensor]:
-    """One forward of ``tokens`` random token ids with routing recorded; returns (records per layer, input ids)."""
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    ids = torch.randint(3, max(4, vocab), (1, tokens), generator=torch.Generator().manual_seed(seed))
-    device = input_device(model)
-    with torch.no_grad(), observe_routing(model) as seen:
-        model(input_ids=ids.to(device), use_cache=False)
-    return seen, ids.reshape(-1)
-
-
-def verify(model: nn.Module) -> dict[int, bool]:
-    """Per MoE layer: does the family's rule reproduce what the real router did on random tokens?"""
-    from allocopt.models.adapter import find_moe_blocks
-
-    seen, ids = probe(model)
-    return {b.layer: matches(b.family.rule, b.params, b, seen[b.layer], ids) for b in find_moe_blocks(model)}
-
-
-# Candidate rules for a model type the table does not know, simplest first.
-def _candidates(has_bias: bool, has_groups: bool) -> list[RouterRule]:
-    out = []
-    for score, weights, bias_on, group, renorm in itertools.product(
-            ("softmax", "sigmoid", "logits", "sqrt-softplus"), ("scores", "softmax-topk", "sigmoid-topk"),
-            (None, "scores", "logits") if has_bias else (None,), (None, "top2-sum", "max") if has_groups else (None,),
-            (False, True)):
-        if score == "logits" and weights == "scores":
-            continue
-        for fill in ((-math.inf, 0.0) if group else (-math.inf,)):
-            out.append(RouterRule(score=score, weights=weights, bias_on=bias_on, group=group, group_fill=fill,
-                                  renorm=renorm, eps=1e-20 if renorm else 0.0, scale="routed_scaling_factor"))
-    return out
-
-
-def infer(model: nn.Module) -> dict[int, RouterRule | None]:
-    """Per MoE layer, the simplest candidate rule that reproduces the real router; None where none does."""
-    from allocopt.models.adapter import find_moe_blocks
-
-    seen, ids = probe(model)
-    out: dict[int, RouterRule | None] = {}
-    for b in find_moe_blocks(model):
-        found = None
-        groups = b.family.group_fields or ("n_group", "topk_group")
-        for rule in _candidates(b.choice_bias() is not None, config_value(b.config, groups[0]) not in (None, 1)):
-            params = RoutingParams.resolve(rule, b.config, b.info.top_k, groups)
-            if matches(rule, params, b, seen[b.layer], ids):
-                found = rule
-                break
-        out[b.layer] = found
-    return out
-
-
-__all__ = ["RouterRule", "RoutingParams", "config_value", "group_floor", "infer", "matches", "observe_routing",
-           "probe", "route", "verify"]
+__all__ = ["RouterRule", "RoutingParams", "RuleMismatch", "SCORES", "config_value", "group_floor", "route"]

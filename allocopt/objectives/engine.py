@@ -38,14 +38,14 @@ from allocopt import defaults
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
-from allocopt.models.adapter import kept_problem
 from allocopt.models.hooks import input_device
-from allocopt.models.streaming import is_offloaded
+from allocopt.runtime.offload import is_offloaded
 from allocopt.objectives.layerwise import Job, run_layerwise
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
+from allocopt.plan import check_kept
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +190,8 @@ class Evaluator:
     def key(self, plan: Mapping[int, Sequence[int]] | Any) -> Key:
         """Canonical key of a plan (a mapping or an ``allocopt.plan.Plan``); validates ids and top-k."""
         kept = plan.kept if hasattr(plan, "kept") and not isinstance(plan, Mapping) else plan
-        unknown = sorted(set(int(l) for l in kept) - set(self.layers))
-        if unknown:
-            raise AllocoptError(f"plan names layers {unknown} that are not MoE layers (MoE layers: {self.layers}); use decoder-layer indices from `allocopt info`")
-        out = []
-        for l in self.layers:
-            ids = tuple(sorted({int(e) for e in kept.get(l, kept.get(str(l), range(self.num_experts[l])))}))
-            problem = kept_problem(self.info[l], ids)
-            if problem:
-                raise AllocoptError(f"plan keeps {list(ids)} in layer {l}: the layer {problem}; fix the plan")
-            out.append(ids)
-        return tuple(out)
+        kept = check_kept(self.info.values(), kept, "the plan")
+        return tuple(tuple(kept.get(l, range(self.num_experts[l]))) for l in self.layers)
 
     def _kept(self, key: Key) -> dict[int, list[int]]:
         return {l: list(k) for l, k, full in zip(self.layers, key, self.full) if k != full}

@@ -2,7 +2,7 @@
 
 Scoring candidates one by one forwards every candidate through every layer, so an offloaded model reads each layer's
 weights from disk once per candidate and micro-batch. Here the loop is inverted: layer j's weights are made resident
-once (:func:`allocopt.models.decoder.resident`), every (micro-batch, plan) state goes through it, and only then does
+once (:func:`allocopt.runtime.decoder.resident`), every (micro-batch, plan) state goes through it, and only then does
 layer j+1 load. Plans that keep the same experts in every MoE layer before j share one state at j (a prefix tree), so
 the prefix reuse of the per-candidate path applies within the generation as well; a plan whose prefix state is in the
 engine's cache from an earlier generation joins at that layer. The embedding, final norm and head stay resident for
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from allocopt.models import mask_experts
-from allocopt.models.decoder import DecoderRunner, State, resident
+from allocopt.runtime.decoder import DecoderRunner, State, resident
 
 Key = tuple[tuple[int, ...], ...]
 

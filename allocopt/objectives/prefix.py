@@ -1,4 +1,4 @@
-"""Keep decoder hidden states for prefix reuse in a bounded LRU (the runner lives in ``allocopt.models.decoder``).
+"""Keep decoder hidden states for prefix reuse in a bounded LRU (the runner lives in ``allocopt.runtime.decoder``).
 
 Two candidates that keep the same experts in every MoE layer before layer j compute identical hidden states at
 the input of layer j, so the second one can start there (``DecoderRunner.run(start=j, hidden=state)``).
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Hashable
 
-from allocopt.models.decoder import DecoderRunner, State, state_bytes
+from allocopt.runtime.decoder import DecoderRunner, State, state_bytes
 
 __all__ = ["DecoderRunner", "PrefixCache", "State", "state_bytes"]
 

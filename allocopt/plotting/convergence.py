@@ -77,7 +77,7 @@ def curves(sources: Sequence[Source]) -> list[Curve]:
         by_opt: dict[str, list[Evaluation]] = {}
         for e in src.evaluations(pruned=True):
             if budget is not None and e.counts and sum(e.counts) != int(budget):
-                e = replace(e, esap=math.nan)
+                e = replace(e, esap=math.nan, off_budget=True)
             by_opt.setdefault(e.optimizer, []).append(e)
         groups += [(src.name, opt, evals) for opt, evals in by_opt.items() if opt != UNIFORM]
     seen = Counter(opt for _, opt, _ in groups)
@@ -126,7 +126,8 @@ def plot_convergence(targets: Sequence[str], out: str | Path | None = None, stor
     uniform = uniform_levels(sources)
     run_dirs = [s.run_dir for s in sources if s.run_dir is not None]
     out = Path(out) if out else default_out_dir(run_dirs[0] if run_dirs else None)
-    rows = [(c.label, c.study, c.optimizer, i + 1, e.number, "pruned" if e.pruned else "", f"{e.esap:.10g}", f"{b:.10g}",
+    rows = [(c.label, c.study, c.optimizer, i + 1, e.number, "pruned" if e.pruned else "",
+             "off budget: a probe, never the best" if e.off_budget else "", f"{e.esap:.10g}", f"{b:.10g}",
              f"{q:.10g}", f"{t:.10g}", f"{sec:.10g}")
             for c in lines for i, (e, b, q, t, sec) in enumerate(zip(c.evaluations, c.best_so_far, c.x("evaluations"),
                                                                      c.x("tokens"), c.x("seconds")))]
@@ -139,7 +140,7 @@ def plot_convergence(targets: Sequence[str], out: str | Path | None = None, stor
     return {
         "png": save_figure(draw_convergence(lines, uniform, x), out / "convergence.png"),
         "csv": save_csv(out / "convergence.csv",
-                        ["label", "study", "optimizer", "evaluation", "trial", "pruned", "esap", "best_so_far",
+                        ["label", "study", "optimizer", "evaluation", "trial", "pruned", "off_budget", "esap", "best_so_far",
                          "equivalents", "layer_tokens", "seconds"], rows),
         "json": save_json(out / "convergence.json", summary),
     }

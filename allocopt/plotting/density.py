@@ -67,8 +67,9 @@ def load_series(targets: Sequence[str]) -> list[PlanSeries]:
     series = []
     for base, path, plan in zip(bases, paths, plans):
         label = f"{base} ({_name(path)})" if base in repeated and base != _name(path) else base
-        if plan.extra.get("esap") is not None:
-            label += f", ESAP {float(plan.extra['esap']):.4f}"
+        objective, value, _ = plan.objective_value()
+        if value is not None:
+            label += f", {objective.upper() if objective == 'esap' else objective} {value:.4f}"
         series.append(PlanSeries(label, path, plan))
     return series
 

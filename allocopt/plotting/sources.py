@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from allocopt.errors import AllocoptError
+from allocopt.pipeline.run import FRONT_FILE
 from allocopt.plan import PLAN_FILE, Plan
-from allocopt.search.runner import FRONT_FILE
+from allocopt.search.study import (
+    ALLOCATION,
+    LAYER_TOKENS,
+    MEMORY_BYTES,
+    OPTIMIZER,
+    ROW_SUMS,
+    UNIFORM,
+)
 
 STUDY_POINTER = "study.json"       # optional {"storage", "study_name"} a run may write beside plan.json
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -39,6 +48,7 @@ class Evaluation:
     rows: int | None = None          # search rows scored (None: not recorded)
     layer_tokens: float = math.nan   # decoder layer-tokens forwarded for it (NaN: not recorded)
     seconds: float = math.nan        # when it finished, in seconds since the study's first trial started
+    off_budget: bool = False         # keeps more or fewer experts than the run's budget (a sensitivity probe)
 
 
 @dataclass(frozen=True)
@@ -119,13 +129,13 @@ def _to_evaluation(trial, start=None) -> Evaluation:
     pruned = trial.state == TrialState.PRUNED
     values = trial.values or []
     esap = float(values[0]) if values and not pruned else math.nan
-    memory = float(values[1]) if len(values) > 1 else float(attrs.get("memory_bytes", math.nan))
-    optimizer = str(attrs.get("optimizer", "unknown"))
-    rows = len(attrs["row_sums"]) if "row_sums" in attrs else None
+    memory = float(values[1]) if len(values) > 1 else float(attrs.get(MEMORY_BYTES, math.nan))
+    optimizer = str(attrs.get(OPTIMIZER, "unknown"))
+    rows = len(attrs[ROW_SUMS]) if ROW_SUMS in attrs else None
     seconds = (trial.datetime_complete - start).total_seconds() if start is not None and trial.datetime_complete else math.nan
-    return Evaluation(trial.number, esap, memory, tuple(int(c) for c in attrs.get("allocation", ())), optimizer,
-                      bool(attrs.get("uniform", False)) or optimizer == "uniform", pruned, rows,
-                      float(attrs.get("layer_tokens", math.nan)), seconds)
+    return Evaluation(trial.number, esap, memory, tuple(int(c) for c in attrs.get(ALLOCATION, ())), optimizer,
+                      bool(attrs.get(UNIFORM, False)) or optimizer == "uniform", pruned, rows,
+                      float(attrs.get(LAYER_TOKENS, math.nan)), seconds)
 
 
 def _study_names(storage: str) -> list[str]:

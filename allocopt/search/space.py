@@ -19,6 +19,34 @@ from allocopt.search.rounding import largest_remainder
 
 
 @dataclass(frozen=True)
+class Budget:
+    """The global budget of a search: a ``sparsity`` (fraction of routed experts removed, in (0, 1)) or a ``keep``
+    count (total routed experts kept, >= 1), exactly one of them. Constructing one is the only check of these
+    values (``RunConfig`` and :func:`make_space` both build one); the bounds of a particular model are checked by
+    :func:`make_space`."""
+
+    sparsity: float | None = None
+    keep: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and self.keep is not None:
+            raise AllocoptError(f"both sparsity and keep are set (sparsity {self.sparsity:g}, keep {self.keep}); give only "
+                                "one of them")
+        if self.sparsity is None and self.keep is None:
+            raise AllocoptError("neither sparsity nor keep is set; give one of them (e.g. sparsity = 0.5)")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise AllocoptError(f"sparsity must lie strictly between 0 and 1, got {self.sparsity:g}; e.g. 0.5 removes "
+                                "half the routed experts")
+        if self.keep is not None and self.keep < 1:
+            raise AllocoptError(f"keep must be a positive number of experts, got {self.keep}; raise it")
+
+    def kept(self, total: int, unit: int = 1) -> int:
+        """Experts kept out of ``total`` routed experts, a multiple of ``unit`` (rounded half up)."""
+        keep = total - experts_removed(self.sparsity, total, unit) if self.sparsity is not None else self.keep
+        return unit * int(math.floor(int(keep) / unit + 0.5))
+
+
+@dataclass(frozen=True)
 class AllocationSpace:
     """Feasible set {x : lower <= x <= upper, sum(x) == budget}; x[l] = experts kept in MoE layer layers[l]."""
 
@@ -83,8 +111,7 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     ``unit`` and the total is rounded to the nearest multiple. Impossible requests raise AllocoptError before any
     model work.
     """
-    if (sparsity is None) == (keep is None):
-        raise AllocoptError("give exactly one of sparsity (fraction removed) or keep (total experts kept)")
+    budget = Budget(sparsity, keep)
     if not 0.0 <= min_density <= max_density <= 1.0:
         raise AllocoptError(f"density bounds must satisfy 0 <= min_density ({min_density}) <= max_density "
                             f"({max_density}) <= 1; fix the bounds")
@@ -102,11 +129,7 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
         raise AllocoptError(f"layers {bad} cannot satisfy top-k/min_density {min_density} <= kept <= "
                             f"max_density {max_density}; widen the density bounds")
     total = int(e.sum())
-    if sparsity is not None:
-        if not 0.0 <= sparsity < 1.0:
-            raise AllocoptError(f"sparsity {sparsity} must be in [0, 1); it is the fraction of experts removed")
-        keep = total - experts_removed(sparsity, total, unit)
-    keep = unit * int(math.floor(int(keep) / unit + 0.5))
+    keep = budget.kept(total, unit)
     if not int(lower.sum()) <= keep <= int(upper.sum()):
         raise AllocoptError(
             f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "

@@ -20,9 +20,10 @@ import datetime
 import math
 import sqlite3
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -32,10 +33,18 @@ from optuna.trial import FrozenTrial, TrialState
 from allocopt.errors import AllocoptError
 from allocopt.search.space import AllocationSpace
 
-ALLOCATION = "allocation"
-ROW_SUMS = "row_sums"            # trial user attr: per-row sums of the objective over the rows scored
-ROW_TOKENS = "row_tokens"        # trial user attr: scored positions of each of those rows
-LAYER_TOKENS = "layer_tokens"    # trial user attr: decoder layer-tokens forwarded for the plan (its compute cost)
+# Trial user attrs (plots, workers and the dashboard read them by these names).
+ALLOCATION = "allocation"        # kept experts per MoE layer, the plan's counts
+OPTIMIZER = "optimizer"          # the optimizer that asked for the plan
+MEMORY_BYTES = "memory_bytes"    # expert memory the plan keeps
+KEPT = "kept"                    # {layer: kept expert ids} (when the recorder knows the ranking)
+BOUND = "bound"                  # certified [lo, hi] around the value (ESAP's sparse teacher cache)
+FAIL_REASON = "fail_reason"      # why the evaluation failed (a FAIL trial that is a result, see workers.ORPHANED)
+UNIFORM = "uniform"              # True on the uniform plan, when a caller marks it (plots single it out)
+CONSTRAINTS = "constraints"      # Optuna's system attr of a constrained trial: feasible when every value is <= 0
+ROW_SUMS = "row_sums"            # per-row sums of the objective over the rows scored
+ROW_TOKENS = "row_tokens"        # scored positions of each of those rows
+LAYER_TOKENS = "layer_tokens"    # decoder layer-tokens forwarded for the plan (its compute cost)
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
@@ -106,6 +115,21 @@ def _check_server(parsed) -> None:
         engine.dispose()
 
 
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.RDBStorage:
+    """The Optuna storage of ``url``, built here so that allocopt holds it (claims, heartbeats and trial writes go
+    through it) instead of reading a study's private ``_storage``.
+
+    With ``heartbeat_interval`` (seconds) Optuna's heartbeat is on: ``optuna.storages.fail_stale_trials(study)`` then
+    FAILs every RUNNING trial without a heartbeat for ``grace_period`` seconds and calls ``on_stale(study, trial)``
+    for each (``allocopt.search.workers`` records the heartbeats and calls it).
+    """
+    with warnings.catch_warnings():                      # heartbeat_interval is flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=on_stale)
+
+
 def _value(result: Any) -> float:
     value = getattr(result, "value", result)
     return float(value) if value is not None else math.nan
@@ -128,14 +152,14 @@ def outcome(result: Any, memory_bytes: float | None, objectives: int) -> Outcome
     """The trial record of an objective result (``ObjectiveValue`` or a number); shared by every recorder and
     worker so a plan's trial looks the same whoever evaluated it. Two objectives add the plan's memory."""
     value, bound = _value(result), _bound(result)
-    attrs: dict[str, Any] = {} if bound is None else {"bound": bound}
+    attrs: dict[str, Any] = {} if bound is None else {BOUND: bound}
     if getattr(result, "layer_tokens", None):
         attrs[LAYER_TOKENS] = int(result.layer_tokens)
     if getattr(result, "rows", 0) and math.isfinite(value):
         attrs[ROW_SUMS] = [float(x) for x in result.row_sums]
         attrs[ROW_TOKENS] = [int(t) for t in result.row_tokens]
     if not math.isfinite(value):
-        attrs["fail_reason"] = str(getattr(result, "failed", None) or "objective returned no value")
+        attrs[FAIL_REASON] = str(getattr(result, "failed", None) or "objective returned no value")
         return Outcome(None, attrs)
     return Outcome([value] + ([float(memory_bytes)] if objectives == 2 else []), attrs)
 
@@ -151,7 +175,7 @@ class RowRecord:
     steps: dict[int, float] = field(default_factory=dict)      # rows -> partial value reported in this run
     layer_tokens: int | None = None                              # compute spent on the plan so far (engine)
 
-    def head(self, rows: int) -> "RowRecord":
+    def head(self, rows: int) -> RowRecord:
         r = min(rows, self.rows)
         sums = None if self.row_sums is None else self.row_sums[:r]
         return RowRecord(r, sums, self.row_tokens[:r], self.failed)
@@ -175,16 +199,18 @@ class StudyRecorder:
     Optional ``space`` adds per-layer params and ``memory_bytes``; optional ``ranking`` adds the kept ids.
     With two directions the second objective told is the plan's memory in bytes (needs ``space``).
     A trial is written in one transaction once its plan is decided (see the module docstring).
+    ``storage`` is a URL or a storage built by :func:`open_storage`; ``self.storage`` keeps it.
     """
 
-    def __init__(self, storage: str, study_name: str, directions: list[str], attrs: dict,
+    def __init__(self, storage: str | optuna.storages.RDBStorage, study_name: str, directions: list[str], attrs: dict,
                  metric_names: list[str], *, space: AllocationSpace | None = None,
                  ranking: dict[int, list[int]] | None = None):
         self.attrs, self.space, self.ranking = dict(attrs), space, ranking
         layers = space.layers if space is not None else tuple(attrs.get("layers", ()))
         self.layers = tuple(int(l) for l in layers)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+        self.storage = open_storage(storage) if isinstance(storage, str) else storage
+        self.study = optuna.create_study(storage=self.storage, study_name=study_name, directions=directions,
                                          load_if_exists=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -198,23 +224,33 @@ class StudyRecorder:
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if ALLOCATION in t.user_attrs}
 
-    def wrap(self, evaluate_plans: Callable[..., list[Any]], optimizer: str) -> "RecordedObjective":
+    def wrap(self, evaluate_plans: Callable[..., list[Any]], optimizer: str) -> RecordedObjective:
         """``evaluate_plans(counts [n, L], rows=None) -> results`` recorded: full values through the study, plus
         ``partial``/``prune`` for racing when the results carry per-row sums (the engine's ``ObjectiveValue``)."""
         return RecordedObjective(self, evaluate_plans, optimizer)
 
     def trial_attrs(self, plan: tuple[int, ...], optimizer: str) -> dict[str, Any]:
         """The user attrs every trial of ``plan`` carries, whoever creates it (this process or a queue)."""
-        attrs: dict[str, Any] = {**self.attrs, ALLOCATION: list(plan), "optimizer": optimizer}
+        attrs: dict[str, Any] = {**self.attrs, ALLOCATION: list(plan), OPTIMIZER: optimizer}
         if self.space is not None:
-            attrs["memory_bytes"] = int(self.space.memory_bytes(plan))
+            attrs[MEMORY_BYTES] = int(self.space.memory_bytes(plan))
         if self.ranking is not None:
-            attrs["kept"] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
+            attrs[KEPT] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
         return attrs
 
     def owner_attrs(self) -> dict[str, Any]:
         """Extra attrs of trials this process writes (OwnedRecorder names the process)."""
         return {}
+
+    def trial_system_attrs(self, plan: tuple[int, ...]) -> dict[str, Any]:
+        """Optuna's own ``constraints`` of a trial: a plan off the run's budget (a sensitivity probe keeps more or
+        fewer experts than the budget to measure a layer) is infeasible, so ``study.best_trial`` and
+        optuna-dashboard's best trial are the best plan on the budget, the one plan.json holds. Not for studies of
+        several objectives (NSGA-II's front spans budgets on purpose)."""
+        if self.space is None or len(self.study.directions) > 1:
+            return {}
+        excess = float(sum(plan) - int(self.space.budget))
+        return {CONSTRAINTS: [excess, -excess]}             # feasible (both <= 0) only on the budget
 
     def trial_distributions(self) -> dict[str, IntDistribution]:
         """One integer param per MoE layer (what optuna-dashboard plots), bounded by the space."""
@@ -232,9 +268,9 @@ class StudyRecorder:
         template = FrozenTrial(number=-1, state=state, value=None, values=values, datetime_start=started,
                                datetime_complete=datetime.datetime.now(), params=params, distributions=distributions,
                                user_attrs={**self.trial_attrs(plan, optimizer), **self.owner_attrs(), **attrs},
-                               system_attrs={}, intermediate_values={int(k): float(v) for k, v in steps.items()},
+                               system_attrs=self.trial_system_attrs(plan), intermediate_values={int(k): float(v) for k, v in steps.items()},
                                trial_id=-1)
-        self.study._storage.create_new_trial(self.study._study_id, template_trial=template)
+        self.study.add_trial(template)
 
 
 class RecordedObjective:
@@ -325,7 +361,7 @@ class RecordedObjective:
             cost = {} if record.layer_tokens is None else {LAYER_TOKENS: int(record.layer_tokens)}
             if record.row_sums is None:
                 self.recorder.record(plan, self.optimizer, TrialState.FAIL, None,
-                                     {"fail_reason": record.failed or "objective returned no value", **cost},
+                                     {FAIL_REASON: record.failed or "objective returned no value", **cost},
                                      record.steps, started)
                 continue
             last = record.steps[max(record.steps)] if record.steps else None

@@ -19,11 +19,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from allocopt.runtime.loading import LoadOptions
 
 INSTALL_HINT = "create the vLLM environment with `bash .ci/vllm-venv` and run allocopt from .venv-vllm/bin"
 
@@ -37,16 +40,78 @@ def checkpoint_dtype(model: str | os.PathLike) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
-def open_llm(model: str | os.PathLike, **overrides: Any) -> Any:
-    """``vllm.LLM`` for ``model`` with allocopt's defaults: the host-RAM (CPU) or GPU memory fraction
-    ``VLLM_MEMORY_FRACTION`` and the checkpoint's own dtype, as allocopt's transformers path computes in (vLLM's
-    ``auto`` runs a float32 checkpoint in bfloat16 on CPU, which moves log-probabilities by ~1e-2)."""
+# The dtypes vLLM computes in (its ``dtype`` engine argument; ``auto`` aside).
+VLLM_DTYPES = ("float16", "bfloat16", "float32")
+_TRANSFORMERS_INSTEAD = "or use --backend transformers"
+
+
+def engine_kwargs(options: "LoadOptions | None", default_dtype: str = "auto", platform: str | None = None
+                  ) -> dict[str, Any]:
+    """vLLM engine keywords for allocopt's loading options (``--dtype``, ``--trust-remote-code``, ...): the names
+    ``vllm.LLM`` and lm-eval's ``vllm`` model both take. An option vLLM cannot honour is refused, in one line that
+    says what to do instead; none is dropped.
+
+    * ``dtype`` -> ``dtype`` (None: ``default_dtype``, the checkpoint's own); vLLM computes in float16, bfloat16 or
+      float32 only.
+    * ``trust_remote_code`` -> ``trust_remote_code``.
+    * ``device``: vLLM takes no device, it runs where its build does (``platform``: vLLM's
+      ``current_platform.device_type``, e.g. ``cuda`` or ``cpu``), on the first visible GPU. ``auto`` and that
+      device (``cuda``/``cuda:0`` on a CUDA build) are honoured, any other is refused; with ``platform=None``
+      (not known yet: vLLM not imported) the device is not checked.
+    * ``device_map``, ``max_memory``, ``offload_dir``: accelerate's placement; vLLM has no equivalent (its
+      ``cpu_offload_gb`` moves a fixed amount of weights to the CPU, not a limit; no disk offload): refused.
+    """
+    out: dict[str, Any] = {"dtype": default_dtype, "trust_remote_code": False}
+    if options is None:
+        return out
+    if options.device_map is not None:
+        raise AllocoptError(f"--device-map {options.device_map}: vLLM places the model itself and takes no accelerate "
+                            f"device map; leave out --device-map, {_TRANSFORMERS_INSTEAD} to spread layers over GPUs, "
+                            "CPU and disk")
+    if options.max_memory:
+        limits = " ".join(f"{device}={size}" for device, size in options.max_memory.items())
+        raise AllocoptError(f"--max-memory {limits}: vLLM takes no per-device memory limits (it sizes GPU memory as a "
+                            "fraction, and its cpu_offload_gb moves a fixed amount of weights to the CPU); leave out "
+                            f"--max-memory, {_TRANSFORMERS_INSTEAD} for accelerate's limits")
+    if options.offload_dir is not None:
+        raise AllocoptError(f"--offload-dir {options.offload_dir}: vLLM has no disk offload; leave out --offload-dir, "
+                            f"{_TRANSFORMERS_INSTEAD}, which offloads weights to disk")
+    if options.dtype is not None:
+        if options.dtype not in VLLM_DTYPES:
+            raise AllocoptError(f"--dtype {options.dtype}: vLLM computes in {', '.join(VLLM_DTYPES)} only; pick one of "
+                                f"those, {_TRANSFORMERS_INSTEAD}")
+        out["dtype"] = options.dtype
+    out["trust_remote_code"] = bool(options.trust_remote_code)
+    if platform is not None and options.device != "auto":
+        kind, _, index = options.device.partition(":")
+        if kind != platform or index not in ("", "0"):
+            hint = f"set CUDA_VISIBLE_DEVICES={index} and leave out --device" if kind == platform == "cuda" \
+                else "leave out --device"
+            where = "the first visible GPU" if platform == "cuda" else platform
+            raise AllocoptError(f"--device {options.device}: this vLLM build runs on {where} and takes no device; "
+                                f"{hint}, {_TRANSFORMERS_INSTEAD}")
+    return out
+
+
+def vllm_platform() -> str:
+    """The device type this environment's vLLM runs on (``cuda``, ``cpu``, ...), or a one-line install hint."""
     try:
-        from vllm import LLM
+        from vllm.platforms import current_platform
     except ImportError as exc:
         raise AllocoptError(f"vLLM is not installed in this environment ({exc.name} is missing); {INSTALL_HINT}") from exc
+    return str(current_platform.device_type)
+
+
+def open_llm(model: str | os.PathLike, options: "LoadOptions | None" = None, **overrides: Any) -> Any:
+    """``vllm.LLM`` for ``model`` with allocopt's defaults: the host-RAM (CPU) or GPU memory fraction
+    ``VLLM_MEMORY_FRACTION`` and the checkpoint's own dtype, as allocopt's transformers path computes in (vLLM's
+    ``auto`` runs a float32 checkpoint in bfloat16 on CPU, which moves log-probabilities by ~1e-2). ``options``
+    (allocopt's loading options) are translated by :func:`engine_kwargs`: honoured, or refused in one line."""
+    platform = vllm_platform()
+    from vllm import LLM
+
     kwargs: dict[str, Any] = dict(model=str(model), gpu_memory_utilization=D.VLLM_MEMORY_FRACTION, seed=D.SEED,
-                                  dtype=checkpoint_dtype(model))
+                                  **engine_kwargs(options, checkpoint_dtype(model), platform))
     kwargs.update(overrides)
     return LLM(**kwargs)
 
@@ -74,8 +139,8 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, logp
 class VllmGenerator:
     """A checkpoint served by vLLM in this process, for ``allocopt.evaluation`` generation tasks (``TokenGenerator``)."""
 
-    def __init__(self, model: str | os.PathLike, **llm_kwargs: Any) -> None:
-        self.llm = open_llm(model, **llm_kwargs)
+    def __init__(self, model: str | os.PathLike, options: "LoadOptions | None" = None, **llm_kwargs: Any) -> None:
+        self.llm = open_llm(model, options, **llm_kwargs)
 
     def greedy_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         return greedy(self.llm, prompts, max_new_tokens)["token_ids"]

@@ -1,7 +1,7 @@
 """vLLM model classes whose MoE layers each take their own expert count (imported by vLLM, never by allocopt itself).
 
 ``OlmoeForCausalLM`` here is vLLM's own ``OlmoeForCausalLM`` (and so on for every architecture in
-``vllm_plugin.VLLM_ARCHITECTURES``), except that while decoder layer ``i`` is built, the config's expert-count field
+``models.engines.VLLM_ARCHITECTURES``), except that while decoder layer ``i`` is built, the config's expert-count field
 (the family table's ``count_field``) holds ``layer_num_experts[i]``. vLLM's stock layers
 then size their router and fused experts per layer; the weight mapping keeps the config's largest count, which covers
 every layer's expert ids. Weights load through the stock ``load_weights``, so vLLM's own checks still refuse a
@@ -18,9 +18,8 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from allocopt.serving.vllm_plugin import VLLM_ARCHITECTURES
-
-LAYER_COUNTS_FIELD = "layer_num_experts"      # the same field allocopt.models.export writes
+from allocopt.models.engines import VLLM_ARCHITECTURES
+from allocopt.models.surgery import LAYER_COUNTS_FIELD
 _LAYER_INDEX = re.compile(r"\.(\d+)$")
 
 

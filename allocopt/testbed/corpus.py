@@ -151,5 +151,5 @@ def documents(domain: str, split: str) -> list[Document]:
 
 
 def source(name: str, split: str) -> list[Document]:
-    """The ``testbed:NAME`` data source registered with :mod:`allocopt.data.tokens`."""
+    """The ``testbed:NAME`` data source (entry point ``testbed`` of the group ``allocopt.data_sources``)."""
     return documents(name, split)

@@ -1,15 +1,21 @@
-"""What every optimizer receives and returns; optimizers only ever see plans as count vectors."""
+"""What every optimizer is, receives and returns; optimizers only ever see plans as count vectors."""
 from __future__ import annotations
 
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from allocopt.errors import AllocoptError
-from allocopt.search.fidelity import Fidelity
-from allocopt.search.problem import EvaluationCache
-from allocopt.search.space import AllocationSpace
+from allocopt.search.optimizers.options import NoOptions, check_options_class, parse_options
+
+if TYPE_CHECKING:                 # the registry imports this module; pymoo (via problem) loads with an optimizer
+    from allocopt.search.fidelity import Fidelity
+    from allocopt.search.problem import EvaluationCache
+    from allocopt.search.space import AllocationSpace
 
 
 @dataclass
@@ -23,7 +29,7 @@ class SearchContext:
     scores: dict[int, np.ndarray]                    # criterion scores per layer (for `global`)
     stats: Any = None                                # RoutingStats (for `grape`: similarity[layer] [E, E])
     on_generation: Callable[[float, float], None] | None = None   # (equivalents spent, best value so far)
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)      # raw --option values (text or TOML); the optimizer parses them
     expert_space: AllocationSpace | None = None      # ``space`` counted in experts when it counts in units (groups)
     fidelity: Fidelity | None = None                 # partial scores on the first search rows (racing); None: none
 
@@ -39,6 +45,8 @@ class SearchContext:
     def cache(self, probes: bool = False) -> EvaluationCache:
         """The evaluation cache of one search; ``probes`` when the search also evaluates plans off the budget
         (sensitivity probes), so progress reports only count plans on it."""
+        from allocopt.search.problem import EvaluationCache
+
         return EvaluationCache(self.evaluate, self.max_evals, self.on_generation, self.fidelity,
                                budget=self.space.budget if probes else None)
 
@@ -54,17 +62,63 @@ class SearchResult:
     pruned: int = 0                                  # plans that lost a race (PRUNED trials)
 
 
-class Optimizer(Protocol):
-    """Optional class attributes the runner reads: ``fixed_allocation = True`` marks a search-free allocation
-    (uniform, global, grape), reported as it is instead of falling back to uniform; ``memory_objective = True``
-    makes the study two-objective (objective, memory_bytes), as NSGA-II's front needs; ``races(options) -> bool``
-    says the optimizer races candidates on partial fidelity when ``ctx.fidelity`` allows (the runner reports when
-    it cannot); ``check(space, max_evals, options)`` refuses bad options or a budget too small with one
-    AllocoptError before the model loads (``space`` may be None when only the loaded model tells it)."""
+class Optimizer(ABC):
+    """An allocation search: ``run(ctx) -> SearchResult`` over count vectors, with options and capabilities declared
+    on the class, which the runner reads before and after the search.
 
-    name: str
+        class Anneal(Optimizer):
+            name = "anneal"
 
+            @dataclass(frozen=True)
+            class Options:
+                steps: int = option(defaults.ANNEAL_STEPS, at_least=1)
+
+            def run(self, ctx):
+                opts = self.parse(ctx.options)           # once, at the top: Options(steps=...)
+                ...
+
+    Capabilities: ``fixed_allocation`` marks a search-free allocation (uniform, global, grape), reported as it is
+    instead of falling back to uniform; ``memory_objective`` makes the study two-objective (objective,
+    memory_bytes), as NSGA-II's front needs; ``races(options)`` says the optimizer races candidates on partial
+    fidelity when ``ctx.fidelity`` allows (the runner reports when it cannot); ``check(space, max_evals, options)``
+    refuses bad options or a budget too small with one AllocoptError before the model loads (``space`` may be None
+    when only the loaded model tells it)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    fixed_allocation: ClassVar[bool] = False
+    memory_objective: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_options_class(cls.Options)
+        for attr in ("fixed_allocation", "memory_objective"):
+            if not isinstance(getattr(cls, attr), bool):
+                raise TypeError(f"{cls.__qualname__}.{attr} must be True or False")
+        declared = set(dir(Optimizer))
+        for attr in vars(cls):                 # a misspelt capability would otherwise be silently ignored
+            close = difflib.get_close_matches(attr, _CAPABILITIES, n=1, cutoff=0.85)
+            if close and attr not in declared and not attr.startswith("_"):
+                raise TypeError(f"{cls.__qualname__}.{attr} is not an Optimizer attribute; did you mean {close[0]}?")
+
+    def parse(self, options: Mapping[str, Any] | None) -> Any:
+        """``options`` (``ctx.options``: text or TOML values) as this optimizer's typed ``Options``."""
+        return parse_options(self.Options, options, self.name)
+
+    def races(self, options: Mapping[str, Any]) -> bool:
+        """Whether a search with these options races candidates on partial fidelity."""
+        return False
+
+    def check(self, space: AllocationSpace | None, max_evals: int, options: Mapping[str, Any]) -> None:
+        """One AllocoptError line for options that do not parse (and, where an optimizer adds it, a budget too
+        small for ``space``), before any weights load."""
+        self.parse(options)
+
+    @abstractmethod
     def run(self, ctx: SearchContext) -> SearchResult: ...
+
+
+_CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "races", "check", "parse", "run")
 
 
 def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int]] | None = None,
@@ -76,39 +130,3 @@ def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int
         raise AllocoptError(f"all {cache.evaluations} evaluated plans failed (NaN objective); check the objective "
                             "log above and the model/data settings")
     return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned))
-
-
-_EXAMPLES = {int: 4, float: 0.5, bool: "true", str: "name"}     # a value of the kind, for options without a default
-
-
-def option(options: dict, key: str, kind: type, default, choices: tuple | None = None):
-    """``options[key]`` as ``kind`` (int, float, bool or str), else ``default``; one-line AllocoptError otherwise."""
-    if key not in options or options[key] is None:
-        return default
-    value = options[key]
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return text in ("true", "1", "yes", "on")
-        out = kind(value)
-    except (TypeError, ValueError):
-        example = default if default is not None else _EXAMPLES.get(kind, "...")
-        article = "an" if kind.__name__[0] in "aeiou" else "a"
-        raise AllocoptError(f"--option {key}={value!r} is not {article} {kind.__name__}; e.g. --option {key}={example}"
-                            ) from None
-    if choices is not None and out not in choices:
-        raise AllocoptError(f"--option {key}={value!r} must be one of {', '.join(map(str, choices))}")
-    return out
-
-
-def check_at_least(options: dict, minimums: dict[str, int]) -> None:
-    """Each integer option in ``minimums`` that is given parses and is at least its minimum; one-line
-    AllocoptError otherwise."""
-    for key, low in minimums.items():
-        value = option(options, key, int, None)
-        if value is not None and value < low:
-            raise AllocoptError(f"--option {key}={value} must be >= {low}; raise it")

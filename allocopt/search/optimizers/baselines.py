@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.space import AllocationSpace
 
 
@@ -13,11 +13,12 @@ def evaluate_single(ctx: SearchContext, x: np.ndarray) -> SearchResult:
     return result_from(cache)
 
 
-class UniformAllocation:
+class UniformAllocation(Optimizer):
     name = "uniform"
     fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
+        self.parse(ctx.options)      # it takes none: refuse any
         return evaluate_single(ctx, ctx.space.uniform())
 
 
@@ -40,9 +41,10 @@ def global_allocation(space: AllocationSpace, ranking: dict[int, list[int]], sco
     return x
 
 
-class GlobalRanking:
+class GlobalRanking(Optimizer):
     name = "global"
     fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
     def run(self, ctx: SearchContext) -> SearchResult:
+        self.parse(ctx.options)      # it takes none: refuse any
         return evaluate_single(ctx, ctx.to_units(global_allocation(ctx.experts, ctx.ranking, ctx.scores)))

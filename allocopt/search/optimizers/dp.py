@@ -5,53 +5,62 @@ Probes every layer at a grid of kept counts with the other layers at the uniform
 ``dp_rounds`` > 1 it re-linearises in a trust region: probes around the DP plan and solves again, while that
 improves; a layer the DP puts at the edge of its probed range is probed further out. Options: ``dp_probes`` (at
 most this many counts probed per layer in round 1: those within ``dp_radius`` of uniform, then the layer's bounds;
-``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``), ``dp_radius`` (``defaults.DP_RADIUS``),
-``dp_rows`` (probe on the first rows only; default all rows). Probes count toward ``--evals`` like any evaluation.
+default: as many as the budget pays for, at most ``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``),
+``dp_radius`` (``defaults.DP_RADIUS``), ``dp_rows`` (probe on the first rows only; default all rows). Probes count
+toward ``--evals`` like any evaluation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from allocopt import defaults
 from allocopt.errors import AllocoptError
-from allocopt.search.optimizers.base import SearchContext, SearchResult, check_at_least, option, result_from
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
+from allocopt.search.optimizers.options import option
 from allocopt.search.sensitivity import sensitivity_search
 
+MIN_PROBES = 2                   # a count either side of the base
 
-def probes_per_layer(ctx: SearchContext, share: float = 1.0) -> int:
+
+def probes_per_layer(ctx: SearchContext, opts: SensitivityAllocation.Options, share: float = 1.0) -> int:
     """Counts probed per layer: ``dp_probes`` if given, else as many as ``share`` of the budget pays for one
     round besides the uniform plan and the DP plan (at most ``defaults.DP_PROBES``)."""
-    given = option(ctx.options, "dp_probes", int, None)
-    if given is not None:
-        return given
+    if opts.dp_probes is not None:
+        return opts.dp_probes
     return int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // ctx.space.size))
 
 
-# The least each ``dp_*`` option may be (dp_probes: a count either side of the base); ``dp`` and ``ga`` check them.
-DP_MINIMUMS = {"dp_probes": 2, "dp_rows": 1, "dp_rounds": 1, "dp_radius": 1}
+def search_options(opts: SensitivityAllocation.Options) -> dict:
+    """``sensitivity_search`` keywords from the ``dp_*`` options."""
+    return {"rows": opts.dp_rows, "rounds": opts.dp_rounds, "radius": opts.dp_radius}
 
 
-def search_options(ctx: SearchContext) -> dict:
-    """``sensitivity_search`` keywords from the ``dp_*`` options (defaults from ``allocopt.defaults``)."""
-    return {"rows": option(ctx.options, "dp_rows", int, None),
-            "rounds": option(ctx.options, "dp_rounds", int, defaults.DP_ROUNDS),
-            "radius": option(ctx.options, "dp_radius", int, defaults.DP_RADIUS)}
-
-
-class SensitivityAllocation:
+class SensitivityAllocation(Optimizer):
     name = "dp"
 
-    def check(self, space, max_evals: int, options: dict) -> None:
-        check_at_least(options, DP_MINIMUMS)
-        probes = option(options, "dp_probes", int, None)
-        need = (probes or DP_MINIMUMS["dp_probes"]) * space.size + 2 if space is not None else 0
+    @dataclass(frozen=True)
+    class Options:               # also ``ga``'s, for its warm start
+        dp_probes: int | None = option(None, at_least=MIN_PROBES)      # None: what the budget pays, <= DP_PROBES
+        dp_rows: int | None = option(None, at_least=1)                 # None: all search rows
+        dp_rounds: int = option(defaults.DP_ROUNDS, at_least=1)
+        dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
+
+    def check(self, space, max_evals: int, options) -> None:
+        self._check_budget(space, max_evals, self.parse(options))
+
+    def _check_budget(self, space, max_evals: int, opts: Options) -> None:
+        probes = opts.dp_probes
+        need = (probes or MIN_PROBES) * space.size + 2 if space is not None else 0
         if max_evals < need:
             per_layer = f"{probes} probes per layer (--option dp_probes)" if probes else "two probes per layer"
             raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer} and the DP "
                                 f"plan), got --evals {max_evals}; raise --evals" + (" or lower dp_probes" if probes else ""))
 
     def run(self, ctx: SearchContext) -> SearchResult:
-        self.check(ctx.space, ctx.max_evals, ctx.options)
+        opts = self.parse(ctx.options)
+        self._check_budget(ctx.space, ctx.max_evals, opts)
         space, cache = ctx.space, ctx.cache(probes=True)
         base = space.uniform()
         cache(base[None])
-        sensitivity_search(cache, space, base, probes_per_layer(ctx), **search_options(ctx))
+        sensitivity_search(cache, space, base, probes_per_layer(ctx, opts), **search_options(opts))
         return result_from(cache, budget=space.budget)

@@ -15,12 +15,14 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
   with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best.
 
-Options (``--option KEY=VALUE``): ``racing`` (bool), ``offspring``, ``elites``, ``crossover_prob``,
-``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool: the DP probes), ``dp_probes``, ``dp_rows``,
-``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``, ``race_z``, ``restart`` (``step`` or ``dp``).
-``ctx.population`` is not used.
+Options (``--option KEY=VALUE``; ``GeneticSearch.Options``, defaults in ``allocopt.defaults``): ``racing`` (bool),
+``offspring``, ``elites``, ``crossover_prob``, ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool:
+the DP probes), ``dp_probes``, ``dp_rows``, ``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``,
+``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population`` is not used.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from pymoo.algorithms.soo.nonconvex.ga import GA
@@ -28,8 +30,9 @@ from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
 from allocopt.search.mutation import LevelSwitchMutation
-from allocopt.search.optimizers.base import SearchContext, SearchResult, check_at_least, option, result_from
-from allocopt.search.optimizers.dp import DP_MINIMUMS, probes_per_layer, search_options
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
+from allocopt.search.optimizers.dp import SensitivityAllocation, probes_per_layer, search_options
+from allocopt.search.optimizers.options import option
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
@@ -42,57 +45,57 @@ def default_step(space) -> int:
     return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
 
 
-class GeneticSearch:
+class GeneticSearch(Optimizer):
     name = "ga"
 
-    def races(self, options: dict) -> bool:
-        return option(options, "racing", bool, defaults.GA_RACING)
+    @dataclass(frozen=True)
+    class Options(SensitivityAllocation.Options):
+        racing: bool = option(defaults.GA_RACING)
+        offspring: int | None = option(None, at_least=2)            # None: GA_RACE_OFFSPRING racing, else GA_OFFSPRING
+        elites: int = option(defaults.GA_ELITES, at_least=2)
+        crossover_prob: float = option(defaults.GA_CROSSOVER_PROB, at_least=0.0, at_most=1.0)
+        mutation_max_delta: int | None = option(None, at_least=1)   # None: default_step(space)
+        mutation_max_moves: int = option(defaults.MUTATION_MAX_MOVES, at_least=1)
+        warm_start: bool = option(defaults.GA_WARM_START)
+        patience: int = option(defaults.GA_PATIENCE, at_least=1)
+        race_first_rows: int | None = option(None, at_least=1)      # None: one micro-batch (the fidelity's step)
+        race_z: float | None = option(defaults.RACE_Z)
+        restart: str = option(defaults.GA_RESTART, choices=("step", "dp"))
 
-    def check(self, space, max_evals: int, options: dict) -> None:
-        """Every option parses; counts are positive (one-line AllocoptError otherwise)."""
-        for key in ("racing", "warm_start"):
-            option(options, key, bool, True)
-        check_at_least(options, {"offspring": 2, "elites": 2, "mutation_max_delta": 1, "mutation_max_moves": 1,
-                                 "patience": 1, "race_first_rows": 1, **DP_MINIMUMS})
-        option(options, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)
-        option(options, "race_z", float, defaults.RACE_Z)
-        option(options, "restart", str, defaults.GA_RESTART, choices=("step", "dp"))
+    def races(self, options) -> bool:
+        return self.parse(options).racing
 
-    def schedule(self, ctx: SearchContext) -> RaceSchedule | None:
+    def schedule(self, ctx: SearchContext, opts: Options) -> RaceSchedule | None:
         """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
         f = ctx.fidelity
-        if not self.races(ctx.options) or f is None or f.rows <= f.step:
+        if not opts.racing or f is None or f.rows <= f.step:
             return None
-        return RaceSchedule.halving(f.rows, f.step, first=option(ctx.options, "race_first_rows", int, f.step),
-                                    keep_first=defaults.RACE_KEEP_FIRST, keep_next=defaults.RACE_KEEP_NEXT)
+        first = opts.race_first_rows if opts.race_first_rows is not None else f.step
+        return RaceSchedule.halving(f.rows, f.step, first=first, keep_first=defaults.RACE_KEEP_FIRST,
+                                    keep_next=defaults.RACE_KEEP_NEXT)
 
     def run(self, ctx: SearchContext) -> SearchResult:
-        opt, space = ctx.options, ctx.space
-        self.check(space, ctx.max_evals, opt)
-        schedule = self.schedule(ctx)
-        offspring = option(opt, "offspring", int, defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
-        survivors = option(opt, "elites", int, defaults.GA_ELITES)
-        step = dmax = option(opt, "mutation_max_delta", int, default_step(space))
-        patience = option(opt, "patience", int, defaults.GA_PATIENCE)
-        z = option(opt, "race_z", float, defaults.RACE_Z)
+        opts, space = self.parse(ctx.options), ctx.space
+        schedule = self.schedule(ctx, opts)
+        offspring = opts.offspring or (defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
+        step = dmax = opts.mutation_max_delta or default_step(space)
         cache = ctx.cache(probes=True)
         uniform = space.uniform()
         cache(uniform[None])
         centres = [uniform]
-        warm = self._warm_start(ctx, cache, uniform)
+        warm = self._warm_start(ctx, opts, cache, uniform)
         if warm is not None and tuple(warm) != tuple(uniform):
             centres.append(warm)
-        evaluate = (lambda X: race(cache, X, schedule, z)) if schedule else cache
+        evaluate = (lambda X: race(cache, X, schedule, opts.race_z)) if schedule else cache
         problem = AllocationProblem(space, cache, evaluate=evaluate)
         restart = 0
         while not cache.exhausted:
             _, before = cache.best(space.budget)
-            watch = _Stagnation(cache, space.budget, patience)
-            algorithm = GA(pop_size=survivors, n_offsprings=offspring,
+            watch = _Stagnation(cache, space.budget, opts.patience)
+            algorithm = GA(pop_size=opts.elites, n_offsprings=offspring,
                            sampling=NeighbourhoodSampling(np.array(centres), step),
-                           crossover=TwoPointCrossover(prob=option(opt, "crossover_prob", float, defaults.GA_CROSSOVER_PROB)),
-                           mutation=LevelSwitchMutation(tmax=option(opt, "mutation_max_moves", int, defaults.MUTATION_MAX_MOVES),
-                                                        dmax=step),
+                           crossover=TwoPointCrossover(prob=opts.crossover_prob),
+                           mutation=LevelSwitchMutation(tmax=opts.mutation_max_moves, dmax=step),
                            repair=BudgetRepair(space.budget), eliminate_duplicates=True)
             spent = cache.spent
             drive(algorithm, problem, ctx.seed + restart, stop=watch)
@@ -101,31 +104,33 @@ class GeneticSearch:
             best, after = cache.best(space.budget)
             step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
             centres, restart = [best], restart + 1
-            if option(opt, "restart", str, defaults.GA_RESTART) == "dp" and after <= before:
-                relinearised = self._relinearise(ctx, cache, best)     # the additive model around the best
+            if opts.restart == "dp" and after <= before:
+                relinearised = self._relinearise(ctx, opts, cache, best)    # the additive model around the best
                 if relinearised is not None and tuple(relinearised) != tuple(best):
                     centres.append(relinearised)
         return result_from(cache, budget=space.budget)
 
-    def _warm_start(self, ctx: SearchContext, cache: EvaluationCache, uniform: np.ndarray) -> np.ndarray | None:
+    def _warm_start(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, uniform: np.ndarray
+                    ) -> np.ndarray | None:
         """The trust-region sensitivity DP plan around uniform, when enabled and its rounds fit
         ``GA_DP_BUDGET_SHARE`` of the budget (round 1 probes fewer counts per layer when it would spend more)."""
-        if not option(ctx.options, "warm_start", bool, True):
+        if not opts.warm_start:
             return None
-        probes = probes_per_layer(ctx, share=defaults.GA_DP_BUDGET_SHARE)
+        probes = probes_per_layer(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE)
         if probes < 2:
             return None
         return sensitivity_search(cache, ctx.space, uniform, probes,
-                                  allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(ctx))
+                                  allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(opts))
 
-    def _relinearise(self, ctx: SearchContext, cache: EvaluationCache, best: np.ndarray) -> np.ndarray | None:
+    def _relinearise(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, best: np.ndarray
+                     ) -> np.ndarray | None:
         """The DP plan with probes within ``dp_radius`` of ``best`` and, where it sits at their edge, further out
         (``restart=dp``; limited by ``--evals`` only); None when the budget cannot pay for two probes per layer."""
-        kw = search_options(ctx)
-        probes = probes_per_layer(ctx)
+        probes = probes_per_layer(ctx, opts)
         if probes < 2:
             return None
-        return sensitivity_step(cache, ctx.space, best, probe_grid(ctx.space, best, probes, kw["radius"]), kw["rows"])
+        return sensitivity_step(cache, ctx.space, best, probe_grid(ctx.space, best, probes, opts.dp_radius),
+                                opts.dp_rows)
 
 
 class _Stagnation:

@@ -2,21 +2,24 @@
 
 Layer redundancy R_l = sum of pairwise similarities among its kept experts. Each step removes one expert of
 the most similar pair in the most redundant eligible layer. If that removal would lower the entropy of the
-kept counts below (1 - gamma) * H_0, the layer is frozen instead; when every layer is frozen the freeze set
-is cleared and one removal is forced (restart), so the loop always reaches the budget.
+kept counts below (1 - gamma) * H_0 (``--option gamma``, ``defaults.GRAPE_GAMMA``), the layer is frozen instead;
+when every layer is frozen the freeze set is cleared and one removal is forced (restart), so the loop always
+reaches the budget.
 This keeps very redundant layers from being hollowed out. Only counts are returned: which experts are kept
 is decided afterwards by the criterion ranking, like for every other optimizer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult
 from allocopt.search.optimizers.baselines import evaluate_single
-from allocopt.search.optimizers.base import SearchContext, SearchResult
+from allocopt.search.optimizers.options import option
 from allocopt.search.space import AllocationSpace
-
-GAMMA = 0.1
 
 
 def _entropy(n: np.ndarray) -> float:
@@ -25,7 +28,7 @@ def _entropy(n: np.ndarray) -> float:
 
 
 def grape_allocation(space: AllocationSpace, similarity: dict[int, np.ndarray],
-                     ranking: dict[int, list[int]] | None = None, gamma: float = GAMMA) -> np.ndarray:
+                     ranking: dict[int, list[int]] | None = None, gamma: float = defaults.GRAPE_GAMMA) -> np.ndarray:
     sims, alive = [], []
     for i, layer in enumerate(space.layers):
         d = np.array(similarity[layer], dtype=float)
@@ -73,16 +76,21 @@ def grape_allocation(space: AllocationSpace, similarity: dict[int, np.ndarray],
     return n
 
 
-class GrapeAllocation:
+class GrapeAllocation(Optimizer):
     name = "grape"
     fixed_allocation = True          # not a search: its plan is reported even where uniform scores higher
 
+    @dataclass(frozen=True)
+    class Options:
+        gamma: float = option(defaults.GRAPE_GAMMA, at_least=0.0, at_most=1.0)
+
     def run(self, ctx: SearchContext) -> SearchResult:
-        similarity = getattr(ctx.stats, "similarity", None) or ctx.options.get("similarity")
+        opts = self.parse(ctx.options)
+        similarity = getattr(ctx.stats, "similarity", None)
         if not similarity:
             raise AllocoptError("grape needs per-layer expert similarity from calibration; run calibration "
                                 "with a stats file that has similarity matrices or pick another optimizer")
         sim = {l: np.asarray(similarity[l].numpy() if hasattr(similarity[l], "numpy") else similarity[l])
                for l in ctx.space.layers}
-        x = grape_allocation(ctx.experts, sim, ctx.ranking, float(ctx.options.get("gamma", GAMMA)))
+        x = grape_allocation(ctx.experts, sim, ctx.ranking, opts.gamma)
         return evaluate_single(ctx, ctx.to_units(x))

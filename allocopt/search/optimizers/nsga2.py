@@ -1,12 +1,14 @@
 """NSGA-II over a range of budgets: maximise the objective, minimise routed-expert memory -> a Pareto front.
 
-The total may vary within ``options["sparsity_range"]`` (fractions of experts removed); repair clips sums into
-that range, and the level-switch mutation may also add/remove experts. With equal-sized experts and a fixed
+The total may vary within ``--option sparsity_range=[lo,hi]`` (fractions of experts removed,
+``defaults.NSGA2_SPARSITY_RANGE``); repair clips sums into that range, and the level-switch mutation (moves of up to
+``mutation_max_delta`` experts) may also add/remove experts. With equal-sized experts and a fixed
 sum, memory would be constant and the front a single point (optimizers.md §2.2).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -16,13 +18,12 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.mutation import LevelSwitchMutation
-from allocopt.search.optimizers.base import SearchContext, SearchResult
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult
+from allocopt.search.optimizers.options import option
 from allocopt.search.problem import AllocationProblem, drive
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import BudgetSampling
 from allocopt.search.space import AllocationSpace
-
-SPARSITY_RANGE = (0.25, 0.75)
 
 
 def budget_range(space: AllocationSpace, sparsity_range: tuple[float, float]) -> tuple[int, int]:
@@ -36,20 +37,23 @@ def budget_range(space: AllocationSpace, sparsity_range: tuple[float, float]) ->
     return lo, max(hi, lo)
 
 
-class NSGA2Search:
+class NSGA2Search(Optimizer):
     name = "nsga2"
     memory_objective = True          # its study records (objective, memory_bytes): a Pareto front, not one value
 
+    @dataclass(frozen=True)
+    class Options:
+        sparsity_range: tuple[float, float] = option(defaults.NSGA2_SPARSITY_RANGE, at_least=0.0, at_most=1.0)
+        mutation_max_delta: int = option(defaults.MUTATION_MAX_DELTA, at_least=1)
+
     def run(self, ctx: SearchContext) -> SearchResult:
-        space = ctx.space
-        bounds = budget_range(space, ctx.options.get("sparsity_range", SPARSITY_RANGE))
+        opts, space = self.parse(ctx.options), ctx.space
+        bounds = budget_range(space, opts.sparsity_range)
         uniform_budget = int(np.clip(space.budget, *bounds))
         algorithm = NSGA2(pop_size=max(4, ctx.population),
                           sampling=BudgetSampling(bounds, space.num_experts, uniform_budget=uniform_budget),
                           crossover=TwoPointCrossover(),
-                          mutation=LevelSwitchMutation(dmax=int(ctx.options.get("mutation_max_delta",
-                                                                                 defaults.MUTATION_MAX_DELTA)),
-                                                       budget_range=bounds),
+                          mutation=LevelSwitchMutation(dmax=opts.mutation_max_delta, budget_range=bounds),
                           repair=BudgetRepair(bounds), eliminate_duplicates=True)
         cache = ctx.cache()
         drive(algorithm, AllocationProblem(space, cache, n_obj=2), ctx.seed)
@@ -61,4 +65,4 @@ class NSGA2Search:
         front = sorted(((done[i][0], done[i][1], int(F[i, 1])) for i in idx), key=lambda t: t[2])
         at_budget = [(x, v) for x, v in done if int(x.sum()) == space.budget] or done
         best, value = max(at_budget, key=lambda t: t[1])
-        return SearchResult(best, value, cache.evaluations, list(cache.history), front)
+        return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned))

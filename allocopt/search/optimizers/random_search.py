@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from allocopt.search.optimizers.base import SearchContext, SearchResult, result_from
+from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.problem import MAX_STALLS
 from allocopt.search.sampling import random_composition
 
 
-class RandomSearch:
+class RandomSearch(Optimizer):
     name = "random"
 
     def run(self, ctx: SearchContext) -> SearchResult:
+        self.parse(ctx.options)      # it takes none: refuse any
         space, rng, cache = ctx.space, np.random.default_rng(ctx.seed), ctx.cache()
         cache(space.uniform()[None])
         stalls = 0

@@ -10,7 +10,7 @@ def _mb(n: int) -> str:
 
 
 def render_card(plan: Plan, before: ModelInfo, after: ModelInfo, source: str, compact_expert_bytes: int | None = None) -> str:
-    """Markdown: what was pruned, kept experts per layer, ESAP if the plan carries it, memory before/after, and which
+    """Markdown: what was pruned, kept experts per layer, the searched objective's value if the plan carries it, memory before/after, and which
     loaders load this export. ``compact_expert_bytes`` (padded exports only): routed-expert bytes of the compact one."""
     kept_total = sum(len(lp.kept) for lp in plan.layers)
     all_total = sum(lp.num_experts for lp in plan.layers)
@@ -20,8 +20,10 @@ def render_card(plan: Plan, before: ModelInfo, after: ModelInfo, source: str, co
         f"Kept {kept_total} of {all_total} routed experts across {len(plan.layers)} MoE layers "
         f"({1 - kept_total / all_total:.1%} removed); shared experts and dense layers are untouched.", "",
     ]
-    if "esap" in plan.extra:
-        lines += [f"ESAP of this plan against the unpruned model: {plan.extra['esap']}", ""]
+    objective, value, _ = plan.objective_value()
+    if value is not None:
+        name = objective.upper() if objective == "esap" else objective
+        lines += [f"{name} of this plan against the unpruned model: {value}", ""]
     lines += ["| layer | experts before | kept |", "|---:|---:|---:|"]
     lines += [f"| {lp.index} | {lp.num_experts} | {len(lp.kept)} |" for lp in plan.layers]
     lines += ["", f"Memory ({after.dtype}): total {_mb(before.total_bytes)} -> {_mb(after.total_bytes)}, "
@@ -32,7 +34,7 @@ def render_card(plan: Plan, before: ModelInfo, after: ModelInfo, source: str, co
 
 def _loading(after: ModelInfo, compact_expert_bytes: int | None) -> list[str]:
     """Which loader loads this export (README: "Which loader loads which export")."""
-    from allocopt.serving.vllm_plugin import TESTED_VLLM
+    from allocopt.models.engines import TESTED_VLLM
 
     width = max(after.num_experts.values())
     lines = ["## Loading", ""]

@@ -20,7 +20,7 @@ from torch import nn
 
 from allocopt.models.families import COUNT_ATTRS
 from allocopt.models.hooks import shadow_forward
-from allocopt.models.offload import DirectReads
+from allocopt.runtime.offload import DirectReads
 
 
 def _direct_map(module: nn.Module) -> tuple[DirectReads, str] | None:

@@ -1,16 +1,14 @@
-"""`allocopt run` as a library call: problem -> statistics -> ranking -> objective -> optimizer -> plan.json.
+"""`allocopt run` as a library call: checks -> :func:`~allocopt.pipeline.prepare` -> optimizer -> plan.json.
 
 Work that costs nothing comes first (config and budget checks), so an impossible request fails before any
-weights load. Expensive results are reused: routing statistics are cached in the run directory (and found in
-sibling run directories with the same model and calibration data), and every evaluated plan is an Optuna
-trial, so re-running the same command evaluates nothing twice.
+weights load. Every evaluated plan is an Optuna trial, so re-running the same command evaluates nothing twice.
 
     result = run_search(RunConfig.from_sources("problems/testbed-50.toml"))
-    result.summary["esap"], result.summary["uniform_esap"], result.plan_path
+    result.summary["value"], result.summary["uniform_value"], result.plan_path
 """
 from __future__ import annotations
 
-import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,10 @@ import numpy as np
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.io import atomic_write_json, output_dir
+from allocopt.io import atomic_write_json, exclusive, output_dir
+from allocopt.pipeline.prepare import check_request, prepare
 from allocopt.plan import PLAN_FILE, Plan
 
-STATS_FILE = "calibration.safetensors"
 FRONT_FILE = "front.json"
 
 
@@ -37,6 +35,8 @@ class RunResult:
     calibration_reused: bool
     trace: list[dict[str, float]]    # after each batch the optimizer evaluated: budget spent, engine layer-tokens,
                                      # seconds since the evaluator was ready, best value (benchmarks/search_efficiency.py)
+    total_experts: int = 0           # routed experts of the unpruned model (the sparsity's denominator)
+    fixed_allocation: bool = False   # the optimizer is a search-free allocation (uniform, global, grape)
 
 
 def run_search(config: RunConfig, progress: bool = True) -> RunResult:
@@ -44,36 +44,21 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     from allocopt.search.study import check_storage
 
     start = time.perf_counter()
-    space = peek_space(config)
-    check_options(config, space)
-    config.check_context()                              # rows must fit the model's context (config only)
-    with output_dir(config.run_dir) as run_dir:          # the default study database lives beside the run dir
-        check_storage(config.storage_url)
-        return _search(config, run_dir, progress, start)
+    source, _ = check_request(config)
+    with output_dir(config.run_dir) as run_dir, exclusive(run_dir, "an allocopt run writing there",
+                                                         "wait for it to finish, or pass another --out or --name"):
+        check_storage(config.storage_url)                # the default study database lives beside the run dir
+        return _search(config, source, run_dir, progress, start)
 
 
-def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> RunResult:
-    from allocopt.criteria import get_criterion, rank
-    from allocopt.data import load_tokens
-    from allocopt.models import describe, load_model
-    from allocopt.objectives import Evaluator
+def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: float) -> RunResult:
+    from allocopt.models.adapter import legacy_fingerprint
     from allocopt.search.optimizers import SearchContext, get_optimizer
     from allocopt.search.workers import recorder_for, uses_queue, workers_for
 
-    model, tokenizer = load_model(config.model, config.load_options())
-    if tokenizer is None:
-        raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
-    info = describe(model)
-    space = space_for(config, info)
+    prepared = prepare(config, progress=progress, source=source)
+    info, space, evaluator, ranking = prepared.info, prepared.space, prepared.evaluator, prepared.ranking
     search_space = space.lattice()        # in units of group-count experts where routing is group-limited
-
-    stats, reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
-    criterion = get_criterion(config.criterion)
-    ranking = rank(stats, criterion, groups={l.index: l.groups for l in info.layers})
-    scores = criterion(stats)
-
-    tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
-    evaluator = Evaluator(model, tokens, objective=config.objective, tolerance=config.tolerance)
     ready = time.perf_counter()
     counter = {"plans": 0, "partial": 0}
     values: dict[tuple[int, ...], Any] = {}
@@ -81,7 +66,7 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
     def evaluate_plans(counts: np.ndarray, rows: int | None = None) -> list[Any]:
         """counts [n, L] -> objective values on the first ``rows`` search rows (None: all, the full value); kept ids
         of layer l are the first counts[l] of its ranking."""
-        kept = [{l: ranking[l][: int(c)] for l, c in zip(space.layers, row)} for row in np.asarray(counts)]
+        kept = [prepared.kept_for(row) for row in np.asarray(counts)]
         out = evaluator.evaluate(kept, rows=rows)
         if rows is None:
             counter["plans"] += len(kept)
@@ -90,21 +75,27 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
             counter["partial"] += len(kept)
         return out
 
-    attrs = {"model": config.model, "model_fingerprint": info.fingerprint, "calibration_fingerprint": stats.data_fingerprint,
-             "search_fingerprint": tokens.fingerprint(), "criterion": config.criterion, "objective": config.objective,
-             "tolerance": config.tolerance, "seed": config.seed, "budget": int(space.budget), "layers": list(space.layers)}
-    check_resumable(config, attrs)
+    attrs = {"model": config.model, "model_fingerprint": info.fingerprint,
+             "calibration_fingerprint": prepared.stats.data_fingerprint,
+             "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
+             "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
+             "budget": int(space.budget), "layers": list(space.layers)}
+    check_resumable(config, attrs, legacy=lambda: legacy_fingerprint(prepared.model))
     optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
-    if getattr(optimizer, "memory_objective", False):   # the dashboard's Pareto view: objective vs expert memory
+    if optimizer.memory_objective:                 # the dashboard's Pareto view: objective vs expert memory
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
     recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
 
+    clock = CallClock(recorder.study, start)
+
     def evaluate(units: np.ndarray) -> np.ndarray:
         """Optimizers search ``search_space`` (counts in units); the study and the plans are in experts."""
-        return sign * recorded(space.expand(units))
+        values = sign * recorded(space.expand(units))
+        clock.record()
+        return values
 
     # Racing scores plans on the first rows of the search set; the queue of a multi-process search (workers.py)
     # hands out whole evaluations only, so there every plan is scored on all rows.
@@ -122,29 +113,27 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
                 on_generation(spent, best)
 
         ctx = SearchContext(space=search_space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
-                            population=config.population, ranking=ranking, scores=scores, stats=stats,
-                            on_generation=traced, options=dict(config.options), expert_space=space,
-                            fidelity=fidelity)
+                            population=config.population, ranking=ranking, scores=prepared.scores,
+                            stats=prepared.stats, on_generation=traced, options=dict(config.options),
+                            expert_space=space, fidelity=fidelity)
         result = optimizer.run(ctx)
 
     # A search also saw the uniform plan, so it never hands back something worse than that baseline; a fixed
     # allocation (uniform, global, grape) is reported as it is, even where uniform scores higher.
     best, best_value = space.expand(result.best), float(result.best_value)
     uniform = space.expand(uniform)
-    if not getattr(optimizer, "fixed_allocation", False) and not best_value >= uniform_value:
+    if not optimizer.fixed_allocation and not best_value >= uniform_value:
         best, best_value = uniform, uniform_value
     counts = {l: int(c) for l, c in zip(space.layers, best)}
     total = int(space.num_experts.sum())
     summary = {
-        "esap": sign * best_value,
-        "uniform_esap": sign * uniform_value,
+        **objective_fields(config.objective, sign * best_value, sign * uniform_value),
         "evaluations": int(result.evaluations),
         "evaluation_equivalents": round(float(result.spent), 4),
         "pruned": int(result.pruned),
         "racing": racing_note(optimizer, ctx),
         "optimizer": config.optimizer,
         "criterion": config.criterion,
-        "objective": config.objective,
         "bound": _bound(values, recorder, best),
         "seed": config.seed,
         "model": config.model,
@@ -152,7 +141,8 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
         "counts": [int(c) for c in best],
         "run_name": config.name,
         "storage": config.storage_url,
-        "wall_time_s": round(time.perf_counter() - start, 3),
+        "new_evaluations": counter["plans"],                  # scored by this call; the others came from the study
+        **clock.record(),
     }
     plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts)
     plan.extra.update(summary)
@@ -164,7 +154,16 @@ def _search(config: RunConfig, run_dir: Path, progress: bool, start: float) -> R
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
             "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
                        for x, v, m in result.front]})
-    return RunResult(config, summary, plan_path, front_path, counter["plans"], reused, trace)
+    return RunResult(config, summary, plan_path, front_path, counter["plans"], prepared.calibration_reused, trace,
+                     total_experts=total, fixed_allocation=optimizer.fixed_allocation)
+
+
+def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:
+    """plan.json's record of what was optimised: the objective's name, the plan's and the uniform plan's values as
+    ``value``/``uniform_value``, and again under the objective's own name (``esap``/``uniform_esap`` for ESAP,
+    ``kl_pq``/``uniform_kl_pq`` for KL, ...). Read them back with :meth:`allocopt.plan.Plan.objective_value`."""
+    return {"objective": objective, "value": value, "uniform_value": uniform_value, objective: value,
+            f"uniform_{objective}": uniform_value}
 
 
 # ---- racing -----------------------------------------------------------------------------------------
@@ -193,8 +192,7 @@ RACING_OFF_QUEUE = ("off: --workers > 1 or a server storage hand out whole evalu
 
 
 def racing_note(optimizer, ctx) -> str | None:
-    wants = getattr(optimizer, "races", None)
-    if wants is None or not wants(ctx.options):
+    if not optimizer.races(ctx.options):
         return None
     if ctx.fidelity is None:
         return RACING_OFF_QUEUE
@@ -204,52 +202,33 @@ def racing_note(optimizer, ctx) -> str | None:
     return "on"
 
 
-# ---- budget ----------------------------------------------------------------------------------------
+# ---- resume ----------------------------------------------------------------------------------------
 
-def space_for(config: RunConfig, info):
-    """The allocation space of ``config``'s budget on a model described by ``info`` (a ModelInfo): per-layer
-    floors from top-k and the router's needs, and the group-limited routing step."""
-    from allocopt.search.space import make_space
+class CallClock:
+    """Wall-clock of a study's search over every ``allocopt run`` call that worked on it, a killed one included:
+    each call keeps its own elapsed seconds in the study (user attr ``wall_time_by_call``, updated after every
+    batch of evaluations), so a resumed run reports the whole search, not only its own part."""
 
-    return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
-                      min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept,
-                      unit=info.unit)
+    KEY = "wall_time_by_call"
 
+    def __init__(self, study, start: float):
+        self.study, self.start = study, start
+        self.call = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}"
 
-def peek_space(config: RunConfig):
-    """Check the budget from the model's config alone (weights on the meta device), before loading anything.
-
-    Pruned exports and remote-code models are checked right after loading instead (returns None).
-    """
-    import torch
-
-    from allocopt.models import describe
-    from allocopt.models.export import LAYER_COUNTS_FIELD
-    from allocopt.models.loading import instantiate, load_config, resolve
-
-    path = resolve(config.model)
-    if config.trust_remote_code:
-        return None
-    model_config = load_config(path)
-    if getattr(model_config, LAYER_COUNTS_FIELD, None) is not None:
-        return None
-    with torch.device("meta"):
-        skeleton = instantiate(model_config)
-    return space_for(config, describe(skeleton, fingerprint=False))
+    def record(self) -> dict[str, float]:
+        """Store this call's time so far; returns plan.json's ``wall_time_s`` (all calls) and ``wall_time_call_s``."""
+        mine = round(time.perf_counter() - self.start, 3)
+        calls = {**self.study.user_attrs.get(self.KEY, {}), self.call: mine}
+        self.study.set_user_attr(self.KEY, calls)
+        return {"wall_time_s": round(sum(calls.values()), 3), "wall_time_call_s": mine}
 
 
-def check_options(config: RunConfig, space) -> None:
-    """The optimizer's own check of ``--option`` values and the budget (``check(space, max_evals, options)``,
-    optional), before any weights load; ``space`` is in experts (None: known only after loading)."""
-    from allocopt.search.optimizers import get_optimizer
+def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[], str] | None = None) -> None:
+    """Refuse to reuse a study whose trials were scored on another model, data, criterion or objective.
 
-    check = getattr(get_optimizer(config.optimizer), "check", None)
-    if check is not None:
-        check(None if space is None else space.lattice(), config.max_evals, dict(config.options))
-
-
-def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:
-    """Refuse to reuse a study whose trials were scored on another model, data, criterion or objective."""
+    ``legacy`` gives this model's fingerprint in the scheme before ``allocopt.models.identity`` (routers only): a
+    study stored with it is refused too (that scheme could not tell apart models that differ only in their experts,
+    so a match proves nothing), with a message that says why rather than "another model"."""
     import optuna
 
     try:
@@ -257,6 +236,10 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:
     except KeyError:
         return
     differ = [k for k in _SAME_FOR_RESUME if k in study.user_attrs and study.user_attrs[k] != attrs[k]]
+    if "model_fingerprint" in differ and legacy is not None and study.user_attrs["model_fingerprint"] == legacy():
+        raise AllocoptError(f"study {config.name!r} in {config.storage_url} was made with allocopt's earlier model "
+                            "fingerprint (router weights only), which cannot tell whether its trials were scored on this "
+                            "model; pass a new --name (or --storage) to search again")
     if differ:
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} was searched with another {', '.join(differ)}; "
                             "pass a new --name (or --storage) for this search")
@@ -265,45 +248,6 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any]) -> None:
 # Everything a stored trial's value depends on besides its allocation.
 _SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
                     "tolerance", "layers")
-
-
-# ---- calibration -----------------------------------------------------------------------------------
-
-def calibration_stats(model, tokenizer, model_fp: str, config: RunConfig, progress: bool):
-    """Routing statistics for (model, calibration data): from a cache when the fingerprints match, else observed.
-
-    Returns ``(stats, reused)``. The cache is this run's ``calibration.safetensors`` or a sibling run's, so
-    trying another criterion or budget on the same model and data never observes again.
-    """
-    from allocopt.calibration import RoutingStats, observe
-    from allocopt.data import load_tokens
-
-    tokens = load_tokens(config.calib_data, tokenizer, config.calib_seq_len, config.calib_num_seqs, split="calibration")
-    data_fp = tokens.fingerprint()
-    target = config.run_dir / STATS_FILE
-    for candidate in [target, *sorted(config.run_dir.parent.glob(f"*/{STATS_FILE}"))]:
-        if _stats_fingerprints(candidate) == (model_fp, data_fp):
-            stats = RoutingStats.load(candidate)
-            if candidate != target:
-                stats.save(target)
-            return stats, True
-    stats = observe(model, tokens, batch_size=config.calib_batch_size, progress=progress)
-    stats.save(target)
-    return stats, False
-
-
-def _stats_fingerprints(path: Path) -> tuple[str, str] | None:
-    """(model, data) fingerprints from a statistics file's header, without reading its tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("allocopt", "{}"))
-    except (SafetensorError, OSError, ValueError):
-        return None
-    return meta.get("model_fingerprint"), meta.get("data_fingerprint")
 
 
 # ---- reporting -------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from allocopt import defaults
 from allocopt.models.adapter import decoder_layers, find_moe_blocks, invalidate
-from allocopt.models.decoder import resident
-from allocopt.models.offload import SAFETENSORS_DTYPES
+from allocopt.models.surgery import prune_block
+from allocopt.runtime.decoder import resident
+from allocopt.runtime.offload import SAFETENSORS_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items() if dtype is not None}  # the inverse
@@ -109,8 +110,6 @@ def _tied_names(model: nn.Module) -> set[str]:
 def write_streamed(model: nn.Module, kept: dict[int, list[int]], directory: Path,
                    max_shard_bytes: int = defaults.EXPORT_SHARD_BYTES, progress: bool = False) -> None:
     """Prune ``model`` (an accelerate-dispatched model) layer by layer and write its weights to ``directory``."""
-    from allocopt.models.export import prune_block
-
     list_name, layers = decoder_layers(model)
     blocks = {b.layer: b for b in find_moe_blocks(model)}
     writer = ShardWriter(directory, max_shard_bytes)
@@ -136,9 +135,4 @@ def write_streamed(model: nn.Module, kept: dict[int, list[int]], directory: Path
     invalidate(model)
 
 
-def is_offloaded(model: nn.Module) -> bool:
-    """Some weights live on CPU or disk behind accelerate hooks (the model is on the meta device there)."""
-    return any(p.device.type == "meta" for p in model.parameters())
-
-
-__all__ = ["INDEX_FILE", "ShardWriter", "is_offloaded", "write_streamed"]
+__all__ = ["INDEX_FILE", "ShardWriter", "write_streamed"]

@@ -26,18 +26,21 @@ def context_length(config: Any) -> tuple[int, str] | None:
     return None
 
 
-def check_context(model: str, seq_len: int, what: str = "--seq-len", allow: bool = False,
+def check_context(model: Any, seq_len: int, what: str = "--seq-len", allow: bool = False,
                   trust_remote_code: bool = False, settable: bool = True, force: str = "--allow-long-context") -> None:
-    """Refuse ``seq_len`` tokens per row beyond the context of ``model`` (a checkpoint dir or ``testbed``).
+    """Refuse ``seq_len`` tokens per row beyond the context of ``model`` (a checkpoint dir, ``testbed`` or a
+    ``ModelSource`` whose config was read already).
 
     ``what`` names the length and ``force`` the override in the message; ``settable=False`` when the user cannot
     choose the length (eval's windows).
     """
     if allow:
         return
-    from allocopt.models.loading import load_config, resolve
+    from allocopt.runtime.loading import open_model
 
-    found = context_length(load_config(resolve(model), trust_remote_code))
+    source = open_model(model, trust_remote_code)
+    model = source.spec
+    found = context_length(source.config)
     if found is None or seq_len <= found[0]:
         return
     context, field = found

@@ -8,7 +8,9 @@ only the real layers j.. do work. A layer's output is cached whole, whatever its
 families, a tuple where a layer hands more than its hidden state to the next one (GLM-MoE-DSA and HY-V4 pass the
 indexer's top-k along). A layer that already has an instance ``forward`` (accelerate's hooks) keeps it: skipping
 replaces it for the call and restores it after, so a skipped offloaded layer is not even read from disk.
-``DecoderRunner.check`` compares this against a full forward once; callers fall back when it differs.
+``DecoderRunner.check`` compares this against a full forward once; callers fall back when it differs, or when the
+partial forward fails because a skipped layer hands state to a later one outside its output (Kolibri-1.1's layers
+read the keys and values an earlier layer stored in a dict the model's forward passes to every layer).
 
 ``run_layer`` goes one step further for models larger than memory: it runs layer j alone (the layers before it
 skipped, the ones after it never reached, the embedding replaced by its cached output), so a caller can push
@@ -23,12 +25,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from allocopt.models.adapter import decoder_layers
+
+log = logging.getLogger(__name__)
 
 State = Any          # a decoder layer's output: a tensor, or a tuple whose first item is the hidden state
 
@@ -203,7 +208,13 @@ class DecoderRunner:
         for j in layers:
             if j == 0:
                 continue
-            part, _ = self.run(input_ids, attention_mask, start=j, hidden=states[j])
+            try:
+                part, _ = self.run(input_ids, attention_mask, start=j, hidden=states[j])
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+                # a skipped layer hands on more than its output (Kolibri-1.1's shared K/V): no partial forwards
+                log.info(f"a forward cannot start at decoder layer {j} ({type(exc).__name__}: {exc}); every "
+                         "evaluation runs all layers")
+                return False
             if not _same_logits(part, full):
                 return False
         return True

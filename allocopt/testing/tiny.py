@@ -87,6 +87,12 @@ _RECIPES: dict[str, dict[str, Any]] = {
                             index_head_dim=16, index_n_heads=2, index_topk=8),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8),
     "kimi_linear": dict(linear_head_dim=16, linear_num_heads=4),
+    # at most heads/kv-heads indexer heads; a sparse pool smaller than a test row; layer 2 reads layer 1's K/V as in
+    # the released layout
+    "kolibri1_1": dict(index_num_heads=2, index_topk=4, index_pool_size=8, index_compression=2,
+                       index_num_local_tokens=2, index_num_sink_tokens=1, kv_source_layers=[0, 1, 1],
+                       mlp_only_layers=[0], mlp_only_intermediate_size=96),
+    "ergo": dict(first_dense_intermediate_size=96),
     "nemotron_h": dict(layers_block_type=["moe", "full_attention", "moe"], mamba_num_heads=4, mamba_head_dim=16,
                        n_groups=2, ssm_state_size=16, chunk_size=8, moe_latent_size=None,
                        mtp_layers_block_type=["full_attention", "moe"], num_nextn_predict_layers=0),
@@ -150,7 +156,7 @@ def _per_layer_prefix(value: list) -> list:
 def build_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Module:
     """A tiny random causal LM of ``model_type`` (fp32, eval mode) with randomised routers and selection biases."""
     from allocopt.models.catalog import moe_causal_lm_types
-    from allocopt.models.loading import instantiate
+    from allocopt.runtime.loading import instantiate
 
     config = tiny_config(model_type, **overrides)
     if model_type not in moe_causal_lm_types():

@@ -15,6 +15,7 @@ Two things decide the peak memory of a layer-streamed pass (``observe``, ``esap`
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from typing import Any, Iterator
@@ -47,17 +48,32 @@ def reserve_streamed_layer(max_memory: dict[Any, Any], skeleton: nn.Module, dtyp
     return {**max_memory, "cpu": max(0, budget - largest)}
 
 
-def _header(path: str, cache: dict[str, tuple[int, dict]]) -> tuple[int, dict]:
+def read_header(path: str, cache: dict[str, tuple[int, dict]] | None = None) -> tuple[int, dict]:
+    """``(offset where tensor data starts, JSON header)`` of the safetensors file ``path``: its 8-byte header length
+    and the header, nothing else. ValueError when those bytes are not a safetensors header (a file shorter than the
+    length it announces, text that is not a JSON object); OSError when the file cannot be read."""
+    cache = {} if cache is None else cache
     if path not in cache:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            cache[path] = (8 + n, json.loads(f.read(n)))
+            raw, size = f.read(8), os.fstat(f.fileno()).st_size
+            if len(raw) < 8:
+                raise ValueError(f"{size} bytes, shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as exc:                # also UnicodeDecodeError
+                raise ValueError(f"header is not JSON: {exc}") from exc
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            cache[path] = (8 + n, header)
     return cache[path]
 
 
 def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None = None) -> torch.Tensor:
     """Tensor ``name`` of the safetensors file ``path``, read with ``readinto`` into its own memory (no mmap)."""
-    start, header = _header(path, {} if cache is None else cache)
+    start, header = read_header(path, cache)
     entry = header[name]
     out = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
     _read_into(path, start + entry["data_offsets"][0], out, name)
@@ -66,14 +82,14 @@ def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None 
 
 def stored_shape(path: str, name: str, cache: dict[str, tuple[int, dict]] | None = None) -> list[int]:
     """The shape tensor ``name`` has in the safetensors file ``path`` (from its header; nothing else is read)."""
-    return list(_header(path, {} if cache is None else cache)[1][name]["shape"])
+    return list(read_header(path, cache)[1][name]["shape"])
 
 
 def read_rows(path: str, name: str, start: int, stop: int, cache: dict[str, tuple[int, dict]] | None = None
               ) -> torch.Tensor:
     """Rows ``start:stop`` of tensor ``name`` (along its first dimension, e.g. experts ``start..stop-1`` of a fused
     ``[E, ...]`` tensor), read with ``readinto``: only those rows' bytes are read."""
-    begin, header = _header(path, {} if cache is None else cache)
+    begin, header = read_header(path, cache)
     entry = header[name]
     shape = list(entry["shape"])
     out = torch.empty([stop - start, *shape[1:]], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
@@ -147,5 +163,10 @@ def install_direct_reads(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["SAFETENSORS_DTYPES", "DirectReads", "install_direct_reads", "read_rows", "read_tensor",
+def is_offloaded(model: nn.Module) -> bool:
+    """Some weights live on CPU or disk behind accelerate hooks (the model is on the meta device there)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+__all__ = ["is_offloaded", "SAFETENSORS_DTYPES", "DirectReads", "install_direct_reads", "read_header", "read_rows", "read_tensor",
            "reserve_streamed_layer", "stored_shape"]

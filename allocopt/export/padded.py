@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from allocopt.errors import AllocoptError
-from allocopt.models.adapter import MoEBlock, expert_tensors, find_moe_blocks, invalidate, kept_problem
+from allocopt.models.adapter import MoEBlock, expert_tensors, find_moe_blocks, invalidate
 from allocopt.models.masking import selection_bias_owners
 from allocopt.models.routing import SCORES
+from allocopt.plan import check_kept
 
 # Score functions computed per expert (a padded expert's score does not change another expert's).
 ELEMENTWISE_SCORES = frozenset(SCORES) - {"softmax"}
@@ -102,17 +103,11 @@ def pad_model(model: nn.Module, kept: Mapping[int, Sequence[int]], check_exact: 
     builds the same shapes for any family (benchmarks measure what padding would cost there); its outputs then differ
     from the pruned model's.
     """
-    from allocopt.models.export import LAYER_COUNTS_FIELD, prune_model
+    from allocopt.models.pruned import LAYER_COUNTS_FIELD
+    from allocopt.models.surgery import prune_model
 
     blocks = {b.layer: b for b in find_moe_blocks(model)}
-    kept = {int(l): sorted(int(e) for e in k) for l, k in kept.items()}
-    for layer, keep in kept.items():
-        if layer not in blocks:
-            raise AllocoptError(f"layer {layer} is not an MoE layer of {type(model).__name__} (MoE layers: {sorted(blocks)}); "
-                                "use a plan made for this model")
-        problem = kept_problem(blocks[layer].info, keep)
-        if problem:
-            raise AllocoptError(f"layer {layer} {problem}; fix the plan")
+    kept = check_kept([b.info for b in blocks.values()], kept, "the plan", type(model).__name__)
     kept = {l: kept.get(l, list(range(b.info.num_experts))) for l, b in blocks.items()}   # unlisted layers keep all
     counts = {l: len(k) for l, k in kept.items()}
     width = max(counts.values())

@@ -1,0 +1,76 @@
+"""Writing a pruned checkpoint: the compact export (each layer its own expert count), streamed one decoder layer at a
+time for an offloaded model, or the exact padded export; with its modelling code, plan.json and a model card.
+
+    save_pruned(model, tokenizer, "out/", plan)        # prunes in place, writes safetensors atomically
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from allocopt.errors import AllocoptError
+from allocopt.export.padded import pad_model
+from allocopt.export.remote_code import write_modeling_code
+from allocopt.export.streamed import write_streamed
+from allocopt.io import atomic_directory, atomic_write_text
+from allocopt.models.adapter import describe, find_moe_blocks
+from allocopt.models.surgery import checked_kept, prune_model, record_counts
+from allocopt.plan import PLAN_FILE, Plan
+from allocopt.runtime.offload import is_offloaded
+
+
+def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],
+                card: str | Callable[[Any], str] | None = None, overwrite: bool = False, progress: bool = False,
+                self_contained: bool = True, pad: bool = False) -> Path:
+    """Write the pruned checkpoint (safetensors, the model's dtype) atomically to ``out_dir``.
+
+    ``model`` is pruned in place first unless it already has the plan's counts (no second copy of the
+    weights is ever made); a model accelerate offloaded is pruned and written one decoder layer at a time
+    (``export.streamed.write_streamed``). Writes plan.json (for a ``Plan``) and README.md (``card``, or ``card(info)``
+    of the pruned model) beside the weights.
+    ``self_contained``: where layers differ in count, also write the checkpoint's own modelling code (``auto_map``,
+    ``allocopt.export.remote_code``) so that plain transformers loads it with ``trust_remote_code=True``.
+    ``pad``: the exact padded export instead (``allocopt.export.padded.pad_model``, applied here unless ``model`` is
+    padded already): one expert count in every layer, loadable by stock transformers and vLLM; AllocoptError for
+    families where it cannot be exact, or for an offloaded model (padding needs the weights in memory).
+    """
+    kept = plan.kept if isinstance(plan, Plan) else {int(l): tuple(k) for l, k in plan.items()}
+    current = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
+    streamed = is_offloaded(model)
+    if pad:
+        if streamed:
+            raise AllocoptError("--pad needs the whole model in memory and this one is offloaded; export without --pad "
+                                "(streamed, compact) or give it more memory (--max-memory)")
+        width = max(len(kept.get(l, range(n))) for l, n in current.items())
+        if any(n != width for n in current.values()):
+            if isinstance(plan, Plan):
+                plan.validate_for(describe(model))
+            pad_model(model, kept)
+    elif streamed:
+        checked_kept(model, plan)
+    elif any(current.get(l) != len(k) for l, k in kept.items()):
+        prune_model(model, plan, progress=progress)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if streamed:
+            write_streamed(model, {l: list(k) for l, k in kept.items()}, tmp, progress=progress)
+            record_counts(model)
+            model.config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        if self_contained:
+            write_modeling_code(model, tmp)
+        if callable(card):                         # a streamed model's offloaded copy is the unpruned one: no fingerprint
+            card = card(describe(model, fingerprint=not streamed))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if isinstance(plan, Plan):
+            plan.save(tmp / PLAN_FILE)
+        if card is not None:
+            atomic_write_text(tmp / "README.md", card)
+    return out_dir
+
+
+__all__ = ["save_pruned"]

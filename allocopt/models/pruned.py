@@ -1,0 +1,132 @@
+"""The pruned-checkpoint format and its loader.
+
+A pruned checkpoint is a stock transformers checkpoint plus ``config.layer_num_experts`` (one count per decoder
+layer, ``None`` for dense layers); the family's count field holds the largest count. Stock ``from_pretrained``
+builds every layer at that largest size, so :func:`load_pruned` uses a subclass that shrinks each layer right after
+``__init__`` (on the meta device) and keeps the stock ``__name__`` and ``__module__``: transformers applies its
+weight-renaming rules only to classes it recognises as its own.
+
+    model = load_pruned("out/")       # same logits as mask_experts(full_model, plan.kept)
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from torch import nn
+
+from allocopt.errors import AllocoptError
+from allocopt.models.adapter import find_moe_blocks, invalidate
+from allocopt.models.surgery import LAYER_COUNTS_FIELD, prune_block
+from allocopt.plan import PLAN_FILE
+
+
+@functools.cache
+def pruned_class(base: type) -> type:
+    """``base`` whose layers shrink to ``config.layer_num_experts`` right after construction (meta device
+    inside ``from_pretrained``); the real weights then load into the smaller shapes."""
+
+    class Pruned(base):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            counts = getattr(config, LAYER_COUNTS_FIELD, None) or []
+            for b in find_moe_blocks(self):
+                n = counts[b.layer] if b.layer < len(counts) else None
+                if n is not None and n != b.info.num_experts:
+                    prune_block(b, range(n))
+            invalidate(self)
+
+    Pruned.__name__, Pruned.__qualname__, Pruned.__module__ = base.__name__, base.__qualname__, base.__module__
+    return Pruned
+
+
+def _stock_class(config: Any, path: Path) -> type:
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    base = getattr(transformers, arch, None) if arch else None
+    if not (isinstance(base, type) and base.__module__.startswith("transformers.")):
+        raise AllocoptError(f"{path}/config.json names architecture {arch!r}, which is not a transformers class; "
+                            "allocopt loads pruned checkpoints with stock transformers classes only")
+    return base
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu", config: Any = None,
+                **placement: Any) -> nn.Module:
+    """Load an allocopt checkpoint with the stock transformers class, strictly: any missing, unexpected or
+    mis-shaped weight is an error (a silently re-initialised expert would be a different model).
+    ``placement``: transformers' ``device_map``/``max_memory``/``offload_folder`` (the model then stays where
+    accelerate put it instead of moving to ``device``)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AllocoptError(f"{path} has no config.json; pass a directory written by `allocopt prune`")
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    cls = pruned_class(_stock_class(config, path))
+    model = strict_from_pretrained(cls.from_pretrained, path, config, dtype=dtype, **placement)
+    return (model if placement else model.to(device)).eval()
+
+
+def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) -> nn.Module:
+    """``load(path, config=config, ...)`` (a ``from_pretrained``) that refuses a checkpoint which does not match its
+    config: transformers re-initialises missing weights with a warning only, which would be a different model."""
+    try:
+        model, report = load(path, config=config, dtype=kwargs.pop("dtype", None) or "auto", use_safetensors=True,
+                             output_loading_info=True, **kwargs)
+    except RuntimeError as exc:          # transformers refuses mis-shaped weights itself
+        raise AllocoptError(f"checkpoint {path} does not match its config ({str(exc).splitlines()[0][:200]}); "
+                            f"{_fix_for(path, config)}") from exc
+    except ValueError as exc:
+        if "offload_folder" not in str(exc):
+            raise
+        raise AllocoptError("--max-memory leaves some weights for the disk but no --offload-dir was given; pass "
+                            "--offload-dir DIR (a folder with room for the weights that do not fit)") from exc
+    except (OSError, SafetensorError) as exc:   # a shard missing or cut short, or the offload folder out of room
+        raise _read_error(exc, path, kwargs.get("offload_folder")) from exc
+    problems = {k: sorted(v) for k, v in report.items() if v and k != "error_msgs"}
+    if problems:
+        detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
+        raise AllocoptError(f"checkpoint {path} does not match its config ({detail}); {_fix_for(path, config)}")
+    return model
+
+
+def _fix_for(path: Path, config: Any) -> str:
+    """What to do about a checkpoint whose weights and config disagree."""
+    if (path / PLAN_FILE).is_file() and getattr(config, LAYER_COUNTS_FIELD, None) is None:
+        return (f"it looks like an allocopt export whose config.json lost \"{LAYER_COUNTS_FIELD}\" (its {PLAN_FILE} lists the "
+                "kept experts): re-export it with `allocopt prune`")
+    if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
+        return "re-export it with `allocopt prune`"
+    return DAMAGED
+
+
+DAMAGED = "the checkpoint is incomplete or damaged: copy it again from its source"
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _read_error(exc: Exception, path: Path, offload_folder: str | None) -> AllocoptError:
+    """The one-line error for an OSError or SafetensorError raised while ``from_pretrained`` ran: writing an offloaded
+    weight (the --offload-dir is full or read-only), else reading the checkpoint (a shard missing or damaged)."""
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    filename = getattr(exc, "filename", None)
+    filename = str(filename) if isinstance(filename, (str, Path)) else None
+    if isinstance(exc, SafetensorError):
+        writing = "while serializing" in reason              # save_file as transformers offloads (not "deserializing")
+    elif filename is not None:
+        writing = offload_folder is not None and Path(filename).resolve().is_relative_to(Path(offload_folder).resolve())
+    else:
+        writing = exc.errno in _WRITE_ERRNOS
+    if writing and offload_folder is not None:
+        why = getattr(exc, "strerror", None) or reason.rpartition("I/O error: ")[2]
+        return AllocoptError(f"--offload-dir {offload_folder} could not take the offloaded weights ({why}); free space "
+                             "there or pass an --offload-dir with room for the weights beyond --max-memory")
+    named = filename or next(iter(re.findall(r"[^\s:'\"]+\.safetensors(?:\.index\.json)?", reason)), None)
+    where = f"checkpoint file {named}" if named else f"a safetensors file of checkpoint {path}"
+    return AllocoptError(f"{where} could not be read ({reason}); {DAMAGED}")
+
+
+__all__ = ["DAMAGED", "LAYER_COUNTS_FIELD", "load_pruned", "pruned_class", "strict_from_pretrained"]

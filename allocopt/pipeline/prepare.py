@@ -1,0 +1,177 @@
+"""What every command that scores plans needs, built in one place: :func:`check_request` (no weights: the model's
+config.json is read once for the context-length and budget checks) then :func:`prepare` (the model loaded once, the
+routing statistics observed or reused, the criterion parsed and scored once, the search tokens and the evaluator).
+
+Routing statistics are cached in the run directory (and found in sibling run directories with the same model and
+calibration data), so trying another criterion or budget on the same model and data never observes again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from allocopt.config import RunConfig
+from allocopt.errors import AllocoptError
+
+STATS_FILE = "calibration.safetensors"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A loaded model and everything scoring plans on it needs (``search=False``: no space, statistics or ranking)."""
+
+    config: RunConfig
+    model: Any                                   # torch.nn.Module, eval mode
+    tokenizer: Any
+    info: Any                                    # allocopt.models.ModelInfo
+    tokens: Any                                  # the search TokenSet
+    evaluator: Any                               # allocopt.objectives.Evaluator
+    space: Any = None                            # AllocationSpace in experts (group-limited routing: see lattice())
+    stats: Any = None                            # RoutingStats
+    calibration_reused: bool = False             # statistics came from a cache file
+    scores: dict[int, Any] | None = None         # criterion scores per layer [E] (higher = keep)
+    ranking: dict[int, list[int]] | None = None  # expert ids per layer, best first
+
+    def kept_for(self, counts: Sequence[int]) -> dict[int, list[int]]:
+        """Expert counts in ``space.layers`` order -> each layer's kept ids: the first counts[l] of its ranking."""
+        return {l: self.ranking[l][: int(c)] for l, c in zip(self.space.layers, counts)}
+
+
+def check_request(config: RunConfig):
+    """The checks that need no weights, so an impossible request fails before anything loads: the budget on a
+    meta-device skeleton, the optimizer's options against it and both sequence lengths against the model's context.
+    Returns ``(source, space)``: the ``ModelSource`` (config.json read once, reused by :func:`prepare`) and the
+    space in experts (None where only the loaded model tells it: pruned exports, remote code)."""
+    from allocopt.runtime.loading import open_model
+
+    source = open_model(config.model, config.trust_remote_code)
+    space = peek_space(config, source)
+    check_options(config, space)
+    config.check_context(source)
+    return source, space
+
+
+def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, exact: bool = False, source: Any = None,
+            expect: Mapping[str, Any] | None = None) -> Prepared:
+    """Load ``config.model`` once and build the search tokens and the evaluator; with ``search`` also the allocation
+    space, the routing statistics (cached in the run directory), the criterion's scores and the ranking.
+
+    ``expect`` holds a study's ``model_fingerprint``/``search_fingerprint``: a model or search set that differs is
+    refused (a worker on other weights would poison the study). ``exact`` keeps the full teacher distribution.
+    """
+    from allocopt.data import load_tokens
+    from allocopt.models import describe
+    from allocopt.runtime import load_model
+    from allocopt.objectives import Evaluator
+
+    model, tokenizer = load_model(config.model if source is None else source, config.load_options())
+    if tokenizer is None:
+        raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
+    info = describe(model)
+    if expect is not None and info.fingerprint != expect.get("model_fingerprint"):
+        from allocopt.models.adapter import legacy_fingerprint
+
+        if expect.get("model_fingerprint") == legacy_fingerprint(model):
+            raise AllocoptError("the study was made with allocopt's earlier model fingerprint (router weights only), "
+                                "which cannot tell whether its trials were scored on this model; start the search again "
+                                "with `allocopt run --name NEW`")
+        raise AllocoptError(f"model {config.model} here differs from the one the study was scored with; "
+                            "give the worker the same checkpoint")
+    prepared = Prepared(config, model, tokenizer, info, tokens=None, evaluator=None)
+    if search:
+        from allocopt.criteria import ranking_from_scores
+
+        prepared.space = space_for(config, info)
+        prepared.stats, prepared.calibration_reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
+        prepared.scores = config.criterion_function()(prepared.stats)
+        prepared.ranking = ranking_from_scores(prepared.scores, prepared.stats.layers,
+                                               {l.index: l.groups for l in info.layers}, config.criterion)
+    tokens = load_tokens(config.search_data, tokenizer, config.search_seq_len, config.search_num_seqs, split="search")
+    if expect is not None and tokens.fingerprint() != expect.get("search_fingerprint"):
+        raise AllocoptError(f"search data {config.search_data} here differs from the study's; give the worker the same data")
+    prepared.tokens = tokens
+    prepared.evaluator = Evaluator(model, tokens, objective=config.objective, tolerance=config.tolerance, exact=exact)
+    return prepared
+
+
+# ---- budget ----------------------------------------------------------------------------------------
+
+def space_for(config: RunConfig, info):
+    """The allocation space of ``config``'s budget on a model described by ``info`` (a ModelInfo): per-layer
+    floors from top-k and the router's needs, and the group-limited routing step."""
+    from allocopt.search.space import make_space
+
+    return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
+                      min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept,
+                      unit=info.unit)
+
+
+def peek_space(config: RunConfig, source):
+    """The space from the model's config alone (weights on the meta device), before loading anything; None for
+    pruned exports and remote-code models, which are checked right after loading instead."""
+    import torch
+
+    from allocopt.models import describe
+    from allocopt.runtime.loading import instantiate
+
+    if config.trust_remote_code or source.is_pruned_export:
+        return None
+    with torch.device("meta"):
+        skeleton = instantiate(source.config)
+    return space_for(config, describe(skeleton, fingerprint=False))
+
+
+def check_options(config: RunConfig, space) -> None:
+    """The optimizer's own check of ``--option`` values and the budget, before any weights load; ``space`` is in
+    experts (None: known only after loading)."""
+    from allocopt.search.optimizers import get_optimizer
+
+    get_optimizer(config.optimizer).check(None if space is None else space.lattice(), config.max_evals,
+                                          dict(config.options))
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+
+def calibration_stats(model, tokenizer, model_fp: str, config: RunConfig, progress: bool):
+    """Routing statistics for (model, calibration data): from a cache when the fingerprints match, else observed.
+
+    Returns ``(stats, reused)``. The cache is this run's ``calibration.safetensors`` or a sibling run's, so
+    trying another criterion or budget on the same model and data never observes again.
+    """
+    from allocopt.calibration import RoutingStats, observe
+    from allocopt.data import load_tokens
+
+    tokens = load_tokens(config.calib_data, tokenizer, config.calib_seq_len, config.calib_num_seqs, split="calibration")
+    data_fp = tokens.fingerprint()
+    target = config.run_dir / STATS_FILE
+    for candidate in [target, *sorted(config.run_dir.parent.glob(f"*/{STATS_FILE}"))]:
+        if _stats_fingerprints(candidate) == (model_fp, data_fp):
+            stats = RoutingStats.load(candidate)
+            if candidate != target:
+                stats.save(target)
+            return stats, True
+    found = _stats_fingerprints(target)
+    if found is not None and found[0] != model_fp:
+        log.warning(f"{target} holds statistics observed on another model (fingerprint {str(found[0])[:12]}, this one "
+                    f"{model_fp[:12]}; or with an earlier allocopt): observing again")
+    stats = observe(model, tokens, batch_size=config.calib_batch_size, progress=progress)
+    stats.save(target)
+    return stats, False
+
+
+def _stats_fingerprints(path: Path) -> tuple[str, str] | None:
+    """(model, data) fingerprints from a statistics file's header, without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("allocopt", "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return meta.get("model_fingerprint"), meta.get("data_fingerprint")
