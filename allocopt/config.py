@@ -60,7 +60,7 @@ class RunConfig:
     storage: str | None = None                       # Optuna storage URL; None: sqlite:///<studies dir>/<run name>.db
     out: str | None = None                           # run directory; None: studies/<run name>/
     run_name: str | None = None                      # None: derived from the options (see default_run_name)
-    workers: int = 1                                 # evaluating processes (this one included); see search/workers.py
+    workers: int = D.WORKERS                         # evaluating processes (this one included); see search/workers.py
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -113,7 +113,7 @@ class RunConfig:
                       force="--allow-long-context (allow_long_context = true in a problem file)")
 
     def load_options(self):
-        """How the model loads (``allocopt.models.LoadOptions``), the same object every command builds."""
+        """How the model loads (``allocopt.runtime.LoadOptions``), the same object every command builds."""
         from allocopt.runtime.loading import LoadOptions
 
         return LoadOptions(device=self.device, dtype=self.dtype, device_map=self.device_map,

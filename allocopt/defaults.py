@@ -120,3 +120,9 @@ DIGEST_CACHE_FORMAT = "allocopt.digests/1"
 DIGEST_CHUNK_BYTES = 16 << 20
 DIGEST_THREADS = 4
 DIGEST_CACHE_MAX_FILES = 128   # checkpoints remembered; the least recently used are forgotten (read again if needed)
+
+# ---- processes sharing a search (allocopt.search.workers) -------------------------------------------------------
+HOST_ENV = "ALLOCOPT_HOST"       # environment variable: this machine's name in worker ids and locks (default: hostname)
+WORKER_START_S = 300.0           # how long `run --workers N` waits for its workers to load before evaluating alone
+WORKER_POLL_S = 0.05             # how often an idle worker or the coordinator looks at the queue
+WORKERS = 1                      # evaluating processes of a run, the coordinator included

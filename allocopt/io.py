@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from allocopt import defaults
 from allocopt.errors import AllocoptError
 
 
@@ -52,15 +53,16 @@ LOCK_FILE = ".allocopt.lock"
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path, what: str, fix: str) -> Iterator[None]:
-    """Hold ``directory`` for this process alone while the block runs: a second process (or a second job in this
-    one) gets one AllocoptError naming the holder (its pid, host and start time), ``what`` it is and the ``fix``.
+def exclusive(path: Path, held: str, what: str, fix: str) -> Iterator[None]:
+    """Hold something (``held``: "run directory X", "study Y") for this process alone while the block runs: a second
+    process (or a second job in this one) gets one AllocoptError naming the holder (pid, host, start time), ``what``
+    it is doing and the ``fix``.
 
-    The lock is an advisory ``flock`` on ``directory/.allocopt.lock`` (released by the kernel if the holder dies,
-    so a killed run never leaves its directory locked); the file is removed when the block ends, and a lock taken
-    on a file that was removed meanwhile is taken again on the new one.
+    The lock is an advisory ``flock`` on the file ``path`` (e.g. ``run_dir/.allocopt.lock``), released by the kernel
+    if the holder dies, so a killed run never leaves anything locked; the file is removed when the block ends, and
+    a lock taken on a file that was removed meanwhile is taken again on the new one.
     """
-    path = Path(directory) / LOCK_FILE
+    path = Path(path)
     while True:
         fh = open(path, "a+")
         try:
@@ -69,13 +71,13 @@ def exclusive(directory: Path, what: str, fix: str) -> Iterator[None]:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise AllocoptError(f"{directory} is in use by {holder} ({what}); {fix}") from None
+            raise AllocoptError(f"{held} is in use by {holder} ({what}); {fix}") from None
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
             break
         fh.close()                                       # the holder removed the file as we opened it: again
     try:
         fh.seek(0), fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.write(f"pid {os.getpid()} on {host_name()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         fh.flush()
         yield
     finally:
@@ -84,11 +86,18 @@ def exclusive(directory: Path, what: str, fix: str) -> Iterator[None]:
         fh.close()
 
 
+def host_name() -> str:
+    """This machine's name in lock files, temp folders and worker ids: ``$ALLOCOPT_HOST`` (two machines that share a
+    name, or a test playing another host), else the host name."""
+    return os.environ.get(defaults.HOST_ENV) or socket.gethostname()
+
+
 def _host() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in host_name())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's process counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,7 +162,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     owner = f".{path.name}.{_host()}."
     for stale in path.parent.glob(f"{glob.escape(owner)}*.tmp"):
         pid = stale.name[len(owner):].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}.", suffix=".tmp", dir=path.parent))

@@ -1,7 +1,7 @@
 """Which transformers fused-experts kernel to use per device: forward time of each on the same batch.
 
 transformers 5 runs fused 3D experts through ``grouped_mm`` unless told otherwise; on CPU its fallback is
-several times slower than the ``eager`` per-expert loop. ``allocopt.models.load_model`` picks the kernel from
+several times slower than the ``eager`` per-expert loop. ``allocopt.runtime.load_model`` picks the kernel from
 ``defaults.EXPERTS_IMPLEMENTATION``; this script is the measurement behind that choice.
 
     python benchmarks/experts_kernel.py [--model testbed] [--device cpu] [--json]

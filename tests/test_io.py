@@ -30,16 +30,17 @@ def test_a_killed_writers_temp_directory_is_removed_by_the_next_write_a_live_one
 
 
 def test_a_directory_is_held_by_one_job_and_the_second_is_told_who_holds_it(tmp_path):
-    with exclusive(tmp_path, "a test job", "wait for it"):
-        assert f"pid {os.getpid()} on " in (tmp_path / LOCK_FILE).read_text()
+    lock = tmp_path / LOCK_FILE
+    with exclusive(lock, "folder F", "a test job", "wait for it"):
+        assert f"pid {os.getpid()} on " in lock.read_text()
         probe = subprocess.run([sys.executable, "-c",
                                 "import sys; from allocopt.io import exclusive; from pathlib import Path\n"
-                                "with exclusive(Path(sys.argv[1]), 'x', 'y'): pass", str(tmp_path)],
+                                "with exclusive(Path(sys.argv[1]), 'F', 'x', 'y'): pass", str(lock)],
                                capture_output=True, text=True)
-        assert probe.returncode != 0 and f"is in use by pid {os.getpid()} on" in probe.stderr
-        with pytest.raises(AllocoptError, match=r"in use by pid \d+ on .* \(a second job\); wait"):
-            with exclusive(tmp_path, "a second job", "wait"):
+        assert probe.returncode != 0 and f"F is in use by pid {os.getpid()} on" in probe.stderr
+        with pytest.raises(AllocoptError, match=r"^folder F is in use by pid \d+ on .* \(a second job\); wait$"):
+            with exclusive(lock, "folder F", "a second job", "wait"):
                 pass
-    assert not (tmp_path / LOCK_FILE).exists()
-    with exclusive(tmp_path, "again", "-"):                # free again once the holder is done
+    assert not lock.exists()
+    with exclusive(lock, "folder F", "again", "-"):        # free again once the holder is done
         pass

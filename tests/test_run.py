@@ -332,7 +332,35 @@ def test_a_second_run_on_the_same_run_directory_is_refused_naming_the_first(root
     assert first.returncode == 0, stderr[-2000:]
     lines = second.output.strip().splitlines()
     assert second.exit_code == 2 and len(lines) == 1 and f"pid {first.pid} on " in lines[0], second.output
-    assert "in use by" in lines[0] and "pass another --out or --name" in lines[0]
+    assert lines[0].startswith(f"error: run directory {out} is in use by") and "pass another --out" in lines[0]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["optimizer"] == "ga" and plan["criterion"] == "reap"            # the first run's result, intact
     assert not (out / LOCK_FILE).exists()                                        # released when the run ended
+
+
+def test_a_second_run_on_the_same_study_from_another_run_directory_is_refused(root):
+    """Another --out with the same --name searches the same study (the default database lives beside the run dirs):
+    held for the first run too, so the two cannot write one study at once."""
+    import subprocess
+    import sys
+    import time
+
+    from reliability_kit import ENV
+
+    db = root / "runs" / "shared.db"
+    first = subprocess.Popen([sys.executable, "-m", "allocopt.cli.main", *_args(root, "--optimizer", "ga", "--evals", "40",
+                                                                             name="shared")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lock = db.with_name("shared.db.shared.lock")
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    args = _args(root, "--optimizer", "random", name="shared")
+    args[args.index("--out") + 1] = str(root / "runs" / "shared-elsewhere" / "x")     # not the first one's run dir
+    second = CliRunner().invoke(cli, args + ["--storage", f"sqlite:///{db}"])
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    lines = second.output.strip().splitlines()
+    assert second.exit_code == 2 and len(lines) == 1, second.output
+    assert lines[0].startswith(f"error: study shared in {db.resolve()} is in use by pid {first.pid}")
+    assert "pass another --name" in lines[0] and not lock.exists()

@@ -110,7 +110,9 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_asked(root, monkeyp
         seen.clear()
         result = CliRunner().invoke(cli, list(args))
         assert result.exit_code == 2 and "is empty" in result.stderr, result.output
-        assert {name for name, _ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}, seen
+        # AutoConfig too where the config needs transformers' reader (remote code); a stock type's config is built
+        # from the config.json allocopt read
+        assert {"AutoModelForCausalLM", "AutoTokenizer"} <= {name for name, _ in seen}, seen
         return {flag for _, flag in seen}
 
     base = ["run", "--model", str(root / "model"), "--data", str(root / "empty.txt"), *SMALL, "--out", str(root / "runs" / "t")]

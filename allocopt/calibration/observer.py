@@ -130,7 +130,7 @@ class _LayerRecorder:
 
 @contextmanager
 def _sliced(blocks, slice_bytes: int) -> Iterator[None]:
-    """Offloaded experts run a slice of ``slice_bytes`` at a time (``models.expert_slices``); installed before the
+    """Offloaded experts run a slice of ``slice_bytes`` at a time (``runtime.expert_slices``); installed before the
     recorders so that their ``expert_fn`` calls the sliced forward."""
     with ExitStack() as stack:
         for b in blocks:
@@ -189,7 +189,7 @@ def observe(model: torch.nn.Module, tokens: TokenSet, batch_size: int = defaults
     ``layer_major`` (default: when accelerate offloaded some weights) streams the model instead: every row goes
     through decoder layer 0, then every row through layer 1, ..., each layer's weights read once and resident only
     while it runs, the rows' hidden states kept between layers; statistics equal the batch-by-batch pass. There an
-    offloaded experts module is read ``slice_bytes`` of experts at a time (``models.expert_slices``), so memory holds
+    offloaded experts module is read ``slice_bytes`` of experts at a time (``runtime.expert_slices``), so memory holds
     the layer's attention and one slice, not all its experts.
     """
     if batch_size < 1:

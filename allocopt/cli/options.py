@@ -24,7 +24,7 @@ trust_remote_code_option = click.option("--trust-remote-code", is_flag=True, def
                                         help="Allow the checkpoint's own Python code (off unless asked for).")
 seed_option = opt("--seed", type=int, default=D.SEED, help="Random seed.")
 
-# Where and how a model loads: the same options on every command that loads one (allocopt.models.LoadOptions).
+# Where and how a model loads: the same options on every command that loads one (allocopt.runtime.LoadOptions).
 _LOADING = (
     opt("--device", default=D.DEVICE, help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."),
     opt("--dtype", help="Load the weights in this dtype (default: the checkpoint's), e.g. bfloat16."),
@@ -57,7 +57,7 @@ def loading_overrides(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_options(given: dict[str, Any]):
-    """Pop the loading options from a command's keyword arguments -> ``allocopt.models.LoadOptions``."""
+    """Pop the loading options from a command's keyword arguments -> ``allocopt.runtime.LoadOptions``."""
     from allocopt.runtime.loading import LoadOptions
 
     return LoadOptions().with_(**{k: v for k, v in loading_overrides(given).items() if v not in (None, {})})

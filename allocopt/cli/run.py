@@ -40,7 +40,7 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--storage", metavar="URL", help="Optuna storage URL [default: sqlite:///<studies dir>/<name>.db].")
 @opt("--out", type=click.Path(file_okay=False), help=f"Run directory [default: {D.STUDIES_DIR}/<name>/].")
 @opt("--name", "run_name", help="Run and study name [default: from the options, e.g. testbed-reap-ga-s50-seed42].")
-@opt("--workers", type=int, default=1, help="Evaluating processes, this one included (more join with `allocopt worker`).")
+@opt("--workers", type=int, default=D.WORKERS, help="Evaluating processes, this one included (more join with `allocopt worker`).")
 @click.option("--resume", is_flag=True, help="Continue the existing study of this run name; fail if there is none.")
 @quiet_option
 @json_option

@@ -49,7 +49,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
                 plan.validate_for(describe(model))
             pad_model(model, kept)
     elif streamed:
-        checked_kept(model, plan)
+        kept = checked_kept(model, plan)
     elif any(current.get(l) != len(k) for l, k in kept.items()):
         prune_model(model, plan, progress=progress)
     out_dir = Path(out_dir)
@@ -62,8 +62,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
             model.save_pretrained(tmp)
         if self_contained:
             write_modeling_code(model, tmp)
-        if callable(card):                         # a streamed model's offloaded copy is the unpruned one: no fingerprint
-            card = card(describe(model, fingerprint=not streamed))
+        if callable(card):                         # the card names the unpruned model's fingerprint, not this one's
+            card = card(describe(model, fingerprint=False))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if isinstance(plan, Plan):

@@ -51,13 +51,12 @@ from torch import nn
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.models.checkpoint_files import weight_shards
 
 log = logging.getLogger(__name__)
 
 SCHEME = "allocopt.identity/2"           # hashed first, so a later scheme never collides with this one
 _ATTR = "_allocopt_checkpoint"           # set on a model by record_checkpoint (allocopt.runtime.load_model)
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
 # Config keys that say how a model is run or where it came from, not what it computes.
 _RUNTIME_KEYS = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
                            "output_attentions", "output_hidden_states", "return_dict", "output_router_logits",
@@ -162,17 +161,12 @@ def record_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files transformers reads: those the index names, else model.safetensors, else all."""
-    index = directory / _INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            return [directory / n for n in names]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
-    if (directory / _SINGLE).is_file():
-        return [directory / _SINGLE]
-    return sorted(directory.glob("*.safetensors"))
+    """The safetensors files transformers reads (``checkpoint_files.weight_shards``), else every one there."""
+    try:
+        _, shards = weight_shards(directory)
+    except ValueError:
+        shards = {}
+    return [directory / name for name in sorted(shards)] or sorted(directory.glob("*.safetensors"))
 
 
 def _stat_key(path: Path) -> tuple[int, ...] | None:

@@ -8,8 +8,10 @@ weights load. Every evaluated plan is an Optuna trial, so re-running the same co
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +20,9 @@ import numpy as np
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.io import atomic_write_json, exclusive, output_dir
+from allocopt.io import LOCK_FILE, atomic_write_json, exclusive, output_dir
 from allocopt.pipeline.prepare import check_request, prepare
+from allocopt.pipeline.worker import recorder_for, uses_queue, workers_for
 from allocopt.plan import PLAN_FILE, Plan
 
 FRONT_FILE = "front.json"
@@ -41,20 +44,25 @@ class RunResult:
 
 def run_search(config: RunConfig, progress: bool = True) -> RunResult:
     """Search the allocation described by ``config`` and write ``plan.json`` (and ``front.json``) to its run dir."""
-    from allocopt.search.study import check_storage
+    from allocopt.search.study import check_storage, sqlite_file
 
     start = time.perf_counter()
     source, _ = check_request(config)
-    with output_dir(config.run_dir) as run_dir, exclusive(run_dir, "an allocopt run writing there",
-                                                         "wait for it to finish, or pass another --out or --name"):
-        check_storage(config.storage_url)                # the default study database lives beside the run dir
+    with output_dir(config.run_dir) as run_dir, contextlib.ExitStack() as held:
+        held.enter_context(exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", "an allocopt run writing there",
+                                     "wait for it to finish, or pass another --out"))
+        database = sqlite_file(config.storage_url)       # the default study database lives beside the run dir
+        if database is not None:                         # a study of any run dir; servers serialise their own writes
+            held.enter_context(exclusive(database.with_name(f"{database.name}.{config.name}.lock"),
+                                         f"study {config.name} in {database}", "an allocopt run searching it",
+                                         "wait for it to finish, or pass another --name"))
+        check_storage(config.storage_url)
         return _search(config, source, run_dir, progress, start)
 
 
 def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: float) -> RunResult:
     from allocopt.models.adapter import legacy_fingerprint
     from allocopt.search.optimizers import SearchContext, get_optimizer
-    from allocopt.search.workers import recorder_for, uses_queue, workers_for
 
     prepared = prepare(config, progress=progress, source=source)
     info, space, evaluator, ranking = prepared.info, prepared.space, prepared.evaluator, prepared.ranking
@@ -90,6 +98,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
 
     clock = CallClock(recorder.study, start)
+    completed_before = len(recorder.completed())      # plans the study had scored before this call (resume)
 
     def evaluate(units: np.ndarray) -> np.ndarray:
         """Optimizers search ``search_space`` (counts in units); the study and the plans are in experts."""
@@ -141,7 +150,8 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "counts": [int(c) for c in best],
         "run_name": config.name,
         "storage": config.storage_url,
-        "new_evaluations": counter["plans"],                  # scored by this call; the others came from the study
+        # plans this call scored, in this process or its workers; the other evaluations came from the study
+        "new_evaluations": max(0, len(recorder.completed()) - completed_before),
         **clock.record(),
     }
     plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts)
@@ -213,7 +223,7 @@ class CallClock:
 
     def __init__(self, study, start: float):
         self.study, self.start = study, start
-        self.call = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}"
+        self.call = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
 
     def record(self) -> dict[str, float]:
         """Store this call's time so far; returns plan.json's ``wall_time_s`` (all calls) and ``wall_time_call_s``."""
@@ -247,19 +257,21 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[
 
 # Everything a stored trial's value depends on besides its allocation.
 _SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
-                    "tolerance", "layers")
+                    "tolerance", "layers", "budget")
 
 
 # ---- reporting -------------------------------------------------------------------------------------
 
 def _bound(values: dict[tuple[int, ...], Any], recorder, best: np.ndarray) -> list[float] | None:
     """[lo, hi] certified around the best plan's value: from this call, else from its stored trial."""
+    from allocopt.search.study import ALLOCATION, BOUND
+
     key = tuple(int(c) for c in best)
     if key in values:
         return [float(values[key].lo), float(values[key].hi)]
     for trial in recorder.study.get_trials(deepcopy=False):
-        if tuple(trial.user_attrs.get("allocation", ())) == key and "bound" in trial.user_attrs:
-            return [float(b) for b in trial.user_attrs["bound"]]
+        if tuple(trial.user_attrs.get(ALLOCATION, ())) == key and BOUND in trial.user_attrs:
+            return [float(b) for b in trial.user_attrs[BOUND]]
     return None
 
 

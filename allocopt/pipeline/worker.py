@@ -1,20 +1,29 @@
-"""A worker process of a multi-process search (``allocopt worker``): the evaluator rebuilt from the study's run
-configuration through :func:`~allocopt.pipeline.prepare`, then the search's queue (``allocopt.search.workers.work``).
+"""The processes of a multi-process search: a worker (``allocopt worker``, :func:`serve`) rebuilds the evaluator from
+the study's run configuration through :func:`~allocopt.pipeline.prepare`, then works the search's queue
+(``allocopt.search.workers.work``); the coordinator (``allocopt run --workers N``) records through the queue and
+starts N - 1 workers beside itself (:class:`WorkerPool`).
 
     allocopt run --storage postgresql://host/db --name big-run ...      # the coordinator
     allocopt worker --study big-run --storage postgresql://host/db      # as many of these as you like
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import subprocess
+import sys
 import time
-from typing import Any
+from typing import Any, Self
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
 from allocopt.pipeline.prepare import prepare
-from allocopt.search.study import KEPT
-from allocopt.search.workers import POLL_S, READY, RUN_CONFIG, join_study, owner_id, work
+from allocopt import defaults
+from allocopt.io import host_name
+from allocopt.search.study import KEPT, sqlite_file
+from allocopt.search.workers import (POLL_S, READY, RUN_CONFIG, OwnedRecorder, QueueRecorder, join_study, owner_id,
+                                     work)
 
 
 def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | None = None,
@@ -43,4 +52,59 @@ def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | N
     return work(queue, evaluate_trials, batch, idle_timeout, parent)
 
 
-__all__ = ["serve"]
+class WorkerPool:
+    """Starts ``extra`` `allocopt worker` processes on the recorder's study; the block's end marks the search
+    done (they exit once idle) and waits for them."""
+
+    def __init__(self, recorder: QueueRecorder, storage: str, study_name: str, extra: int):
+        self.args = [sys.executable, "-m", "allocopt.cli.main", "worker", "--study", study_name, "--storage", storage,
+                     "--batch", str(recorder.batch), "--exit-with-parent", str(os.getpid())]
+        self.recorder, self.extra, self.procs = recorder, extra, []
+
+    def __enter__(self) -> Self:
+        self.procs = [subprocess.Popen(self.args, stdin=subprocess.DEVNULL) for _ in range(self.extra)]
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        """Start the search once every worker has its model loaded (or died, or defaults.WORKER_START_S passed), so the
+        work is shared from the first generation instead of done here while the workers are still loading."""
+        host, deadline = host_name(), time.monotonic() + defaults.WORKER_START_S
+        waiting = {f"{READY}{host}:{p.pid}": p for p in self.procs}
+        while waiting and time.monotonic() < deadline:
+            attrs = self.recorder.study.user_attrs
+            waiting = {k: p for k, p in waiting.items() if k not in attrs and p.poll() is None}
+            time.sleep(POLL_S * 4)
+
+    def __exit__(self, *exc: object) -> None:
+        self.recorder.finish()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def uses_queue(config: RunConfig) -> bool:
+    """Queue mode when several processes evaluate, or when the storage is a server other workers can join."""
+    return config.workers > 1 or sqlite_file(config.storage_url) is None
+
+
+def recorder_for(config: RunConfig, directions: list[str], attrs: dict[str, Any], metric_names: list[str], *,
+                 space=None, ranking=None) -> OwnedRecorder:
+    """The recorder for a run: owner-tagged trials always; the WAITING-trial queue in multi-worker mode."""
+    if uses_queue(config):
+        return QueueRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space,
+                             ranking=ranking, run_config=config.to_json())
+    return OwnedRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space, ranking=ranking)
+
+
+def workers_for(config: RunConfig, recorder: OwnedRecorder):
+    """Context manager running ``config.workers - 1`` worker processes beside this one (a no-op otherwise)."""
+    if isinstance(recorder, QueueRecorder):
+        return WorkerPool(recorder, config.storage_url, config.name, extra=config.workers - 1)
+    return contextlib.nullcontext()
+
+
+__all__ = ["WorkerPool", "recorder_for", "serve", "uses_queue", "workers_for"]

@@ -113,9 +113,10 @@ class Source:
 
     @property
     def uniform_esap(self) -> float | None:
-        """ESAP of the uniform plan: from plan.json, else from a trial marked uniform."""
-        if self.plan is not None and self.plan.extra.get("uniform_esap") is not None:
-            return float(self.plan.extra["uniform_esap"])
+        """The uniform plan's value of the run's objective: from plan.json, else from a trial marked uniform."""
+        uniform = self.plan.objective_value()[2] if self.plan is not None else None
+        if uniform is not None:
+            return uniform
         if self.study is None:
             return None
         found = [e.esap for e in self.evaluations() if e.uniform and math.isfinite(e.esap)]

@@ -2,7 +2,7 @@
 
 A decoder layer of a large MoE is almost all experts (OLMoE-1B-7B: 805 of 838 MB; DeepSeek-V3: 22.5 of 22.9 GB).
 Streaming whole layers therefore costs one layer of memory; streaming expert slices costs one slice. For a block
-whose experts module accelerate offloaded to safetensors files (``models.offload.DirectReads``), :func:`sliced_experts`
+whose experts module accelerate offloaded to safetensors files (``runtime.offload.DirectReads``), :func:`sliced_experts`
 turns that module's accelerate loading off and makes its forward read experts ``e .. e + k`` of every fused tensor
 (the rows of a ``[E, ...]`` tensor are contiguous on disk), run the rows routed to them, and drop them. The result is
 the experts module's own forward on the same rows, so values are unchanged; each call re-reads the slices it needs.

@@ -10,7 +10,6 @@ spread over GPUs, the CPU and disk, so a model larger than one device, or than h
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,8 @@ from torch import nn
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.models.checkpoint_files import INDEX_FILE, weight_shards
+from allocopt.models.identity import record_checkpoint
 from allocopt.models.pruned import DAMAGED, LAYER_COUNTS_FIELD, load_pruned, strict_from_pretrained
 from allocopt.runtime.offload import install_direct_reads, read_header, reserve_streamed_layer
 
@@ -300,21 +301,10 @@ def check_checkpoint_files(path: Path) -> None:
     index names exists, every header reads, every file is as long as its header says (a cut-short copy is not), and
     every tensor the index places in a shard is in it. Each refusal names the file and says to copy the checkpoint
     again."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():                                  # transformers' order: the single file wins
-        shards: dict[str, list[str]] = {single.name: []}
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of file names")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AllocoptError(f"checkpoint file {index} is not a readable shard index ({exc}); {DAMAGED}") from exc
-        shards = {}
-        for tensor, shard in weight_map.items():
-            shards.setdefault(shard, []).append(tensor)
-    else:
-        return
+    try:                                                  # transformers' order: the single file wins
+        index, shards = weight_shards(path)
+    except ValueError as exc:
+        raise AllocoptError(f"checkpoint file {path / INDEX_FILE} is not a readable shard index ({exc}); {DAMAGED}") from exc
     for shard, tensors in shards.items():
         file = path / shard
         if not file.is_file():
@@ -391,7 +381,7 @@ def _dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
 
 
 def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
-    """The checkpoint loaded strictly (``export.strict_from_pretrained``) with the auto class, else the family's own
+    """The checkpoint loaded strictly (``models.pruned.strict_from_pretrained``) with the auto class, else the family's own
     class for types the causal-LM auto mapping leaves out (mistral4)."""
     load = transformers.AutoModelForCausalLM.from_pretrained
     if type(config) not in transformers.AutoModelForCausalLM._model_mapping and \
@@ -428,9 +418,8 @@ def load_model(spec: str | Path | ModelSource, options: LoadOptions | None = Non
     if placement:
         install_direct_reads(model)               # offloaded weights come back with one copy, no file mapping
     use_fast_experts(model, options.resolved_device())
-    from allocopt.models.identity import record_checkpoint
-
-    record_checkpoint(model, path)                # its fingerprint comes from these files (cached digests)
+    if _dtype(options.dtype, config) == _dtype(None, config):   # not cast: the files hold exactly these weights
+        record_checkpoint(model, path)            # so its fingerprint comes from them (cached digests)
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=config,      # config.json is read once

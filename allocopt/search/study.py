@@ -41,7 +41,9 @@ KEPT = "kept"                    # {layer: kept expert ids} (when the recorder k
 BOUND = "bound"                  # certified [lo, hi] around the value (ESAP's sparse teacher cache)
 FAIL_REASON = "fail_reason"      # why the evaluation failed (a FAIL trial that is a result, see workers.ORPHANED)
 UNIFORM = "uniform"              # True on the uniform plan, when a caller marks it (plots single it out)
-CONSTRAINTS = "constraints"      # Optuna's system attr of a constrained trial: feasible when every value is <= 0
+# Optuna's system attr of a constrained trial (feasible when every value is <= 0), which study.best_trial and
+# optuna-dashboard read; written directly because create_trial(constraints=...) exists only from Optuna 5.0 on.
+CONSTRAINTS = "constraints"
 ROW_SUMS = "row_sums"            # per-row sums of the objective over the rows scored
 ROW_TOKENS = "row_tokens"        # scored positions of each of those rows
 LAYER_TOKENS = "layer_tokens"    # decoder layer-tokens forwarded for the plan (its compute cost)
@@ -50,6 +52,20 @@ _OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 def param_name(layer: int) -> str:
     return f"layer_{layer:03d}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite storage URL (any driver spelling, query options ignored), resolved; None for a
+    server or an in-memory database. Locks that serialise SQLite users are taken on files beside it."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
 
 
 def check_storage(url: str) -> None:

@@ -28,9 +28,6 @@ import fcntl
 import logging
 import math
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -43,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.io import host_name, pid_alive
 from allocopt.search.study import (
     ALLOCATION,
     FAIL_REASON,
@@ -51,6 +49,7 @@ from allocopt.search.study import (
     check_storage,
     open_storage,
     outcome,
+    sqlite_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,15 +60,7 @@ RUN_CONFIG = "run_config"       # study user attr: the RunConfig a worker rebuil
 SEARCH_DONE = "search_done"     # study user attr: the coordinator finished; idle workers exit
 READY = "worker_ready:"         # study user attr prefix + owner: that worker's evaluator is built
 HEARTBEAT = "heartbeat"         # study user attr: {"interval_s", "grace_s"} the coordinator judges liveness by
-HOST_ENV = "ALLOCOPT_HOST"      # environment variable: this machine's name in owner ids (default: its host name)
-WORKER_START_S = 300.0          # how long a WorkerPool waits for its workers before evaluating alone
-POLL_S = 0.05
-
-
-def host_name() -> str:
-    """This machine's name in owner ids: ``$ALLOCOPT_HOST`` when set (machines that share a host name; a test
-    posing as another host), else ``socket.gethostname()``."""
-    return os.environ.get(HOST_ENV) or socket.gethostname()
+POLL_S = defaults.WORKER_POLL_S
 
 
 def owner_id() -> str:
@@ -84,13 +75,7 @@ def owner_alive(owner: str | None) -> bool | None:
     host, _, pid = owner.rpartition(":")
     if host != host_name():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
+    return pid_alive(int(pid)) if pid.isdigit() else True
 
 
 def interrupted(trial: FrozenTrial) -> bool:
@@ -348,10 +333,11 @@ def claim_lock(url: str):
     lock (``SELECT ... FOR UPDATE``), so two takers never both get a WAITING trial; SQLite ignores that lock, and two
     processes could both read WAITING and both claim (then one crashes on the other's finished trial). Every process
     on an SQLite study shares one machine, so there a claim holds an exclusive lock on a file beside the database."""
-    if not url.startswith("sqlite:///"):
+    database = sqlite_file(url)
+    if database is None:
         yield
         return
-    with open(url.removeprefix("sqlite:///") + ".claims.lock", "a") as fh:
+    with open(database.with_name(database.name + ".claims.lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -426,62 +412,3 @@ def work(queue: StudyQueue, evaluate_trials: Callable[[list[FrozenTrial]], Seque
             break
         time.sleep(POLL_S)
     return done
-
-
-class WorkerPool:
-    """Starts ``extra`` `allocopt worker` processes on the recorder's study; the block's end marks the search
-    done (they exit once idle) and waits for them."""
-
-    def __init__(self, recorder: QueueRecorder, storage: str, study_name: str, extra: int):
-        self.args = [sys.executable, "-m", "allocopt.cli.main", "worker", "--study", study_name, "--storage", storage,
-                     "--batch", str(recorder.batch), "--exit-with-parent", str(os.getpid())]
-        self.recorder, self.extra, self.procs = recorder, extra, []
-
-    def __enter__(self) -> Self:
-        self.procs = [subprocess.Popen(self.args, stdin=subprocess.DEVNULL) for _ in range(self.extra)]
-        self._wait_until_ready()
-        return self
-
-    def _wait_until_ready(self) -> None:
-        """Start the search once every worker has its model loaded (or died, or WORKER_START_S passed), so the
-        work is shared from the first generation instead of done here while the workers are still loading."""
-        host, deadline = host_name(), time.monotonic() + WORKER_START_S
-        waiting = {f"{READY}{host}:{p.pid}": p for p in self.procs}
-        while waiting and time.monotonic() < deadline:
-            attrs = self.recorder.study.user_attrs
-            waiting = {k: p for k, p in waiting.items() if k not in attrs and p.poll() is None}
-            time.sleep(POLL_S * 4)
-
-    def __exit__(self, *exc: object) -> None:
-        self.recorder.finish()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-# ---- what `allocopt run` uses ------------------------------------------------------------------------
-
-def uses_queue(config) -> bool:
-    """Queue mode when several processes evaluate, or when the storage is a server other workers can join."""
-    return config.workers > 1 or not config.storage_url.startswith("sqlite")
-
-
-def recorder_for(config, directions: list[str], attrs: dict[str, Any], metric_names: list[str], *,
-                 space=None, ranking=None) -> OwnedRecorder:
-    """The recorder for a run: owner-tagged trials always; the WAITING-trial queue in multi-worker mode."""
-    if uses_queue(config):
-        return QueueRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space,
-                             ranking=ranking, run_config=config.to_json())
-    return OwnedRecorder(config.storage_url, config.name, directions, attrs, metric_names, space=space, ranking=ranking)
-
-
-def workers_for(config, recorder: OwnedRecorder):
-    """Context manager running ``config.workers - 1`` worker processes beside this one (a no-op otherwise)."""
-    import contextlib
-
-    if isinstance(recorder, QueueRecorder):
-        return WorkerPool(recorder, config.storage_url, config.name, extra=config.workers - 1)
-    return contextlib.nullcontext()
