@@ -126,3 +126,8 @@ HOST_ENV = "ALLOCOPT_HOST"       # environment variable: this machine's name in 
 WORKER_START_S = 300.0           # how long `run --workers N` waits for its workers to load before evaluating alone
 WORKER_POLL_S = 0.05             # how often an idle worker or the coordinator looks at the queue
 WORKERS = 1                      # evaluating processes of a run, the coordinator included
+
+# ---- torch threads (allocopt.runtime.threads) -----------------------------------------------------------------------
+THREADS_ENV = "ALLOCOPT_THREADS"  # "auto" (default): the cores other processes leave free; N: exactly N threads
+THREADS_SAMPLE_S = 0.25           # how long the machine is watched before the first choice
+THREADS_RECHECK_S = 2.0           # the least time between two choices while a search runs

@@ -146,3 +146,21 @@ def test_a_type_without_a_row_gets_its_rule_inferred_by_running_its_router(monke
     assert all(b.info.router_rule.endswith("(inferred)") for b in blocks), [b.info.router_rule for b in blocks]
     assert all(verify(model, blocks).values())
     assert [(b.info.groups, b.info.min_kept) for b in blocks] == known       # the same pruning constraints
+
+
+def test_a_rule_that_cannot_apply_is_a_mismatch():
+    """`matches` used to turn five exception types into "rule does not match", hiding real faults; now only a rule
+    that cannot run on this router's output (RuleMismatch, a ValueError) counts as a mismatch."""
+    from allocopt.models.router_probe import matches, probe
+    from allocopt.models.routing import RouterRule, RoutingParams, RuleMismatch, route
+
+    model = build_tiny_model("olmoe", seed=2)
+    blocks = find_moe_blocks(model)
+    seen, ids = probe(model, blocks)
+    block = blocks[0]
+    groups = RouterRule("softmax", group="top2-sum")
+    params = RoutingParams("softmax", top_k=block.info.top_k, n_group=3, topk_group=1)   # 3 groups of 8 experts
+    with pytest.raises(RuleMismatch, match="do not form 3 equal groups"):
+        route(groups, params, seen[block.layer].logits[0], block.info.num_experts)
+    assert matches(groups, params, block, seen[block.layer], ids) is False
+    assert matches(block.family.rule, block.params, block, seen[block.layer], ids) is True

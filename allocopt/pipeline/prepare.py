@@ -35,6 +35,7 @@ class Prepared:
     calibration_reused: bool = False             # statistics came from a cache file
     scores: dict[int, Any] | None = None         # criterion scores per layer [E] (higher = keep)
     ranking: dict[int, list[int]] | None = None  # expert ids per layer, best first
+    threads: Any = None                          # runtime.threads.ThreadGovernor (None where the user fixed threads)
 
     def kept_for(self, counts: Sequence[int]) -> dict[int, list[int]]:
         """Expert counts in ``space.layers`` order -> each layer's kept ids: the first counts[l] of its ranking."""
@@ -68,7 +69,12 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
     from allocopt.runtime import load_model
     from allocopt.objectives import Evaluator
 
+    from allocopt.runtime.threads import ThreadGovernor
+
     model, tokenizer = load_model(config.model if source is None else source, config.load_options())
+    threads = ThreadGovernor.for_this_process()
+    if threads is not None:
+        threads.adjust(wait=True)                    # torch gets the cores other processes leave free
     if tokenizer is None:
         raise AllocoptError(f"model {config.model} has no tokenizer files; add tokenizer.json to the checkpoint directory")
     info = describe(model)
@@ -81,7 +87,7 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
                                 "with `allocopt run --name NEW`")
         raise AllocoptError(f"model {config.model} here differs from the one the study was scored with; "
                             "give the worker the same checkpoint")
-    prepared = Prepared(config, model, tokenizer, info, tokens=None, evaluator=None)
+    prepared = Prepared(config, model, tokenizer, info, tokens=None, evaluator=None, threads=threads)
     if search:
         from allocopt.criteria import ranking_from_scores
 

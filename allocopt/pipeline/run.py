@@ -104,6 +104,8 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         """Optimizers search ``search_space`` (counts in units); the study and the plans are in experts."""
         values = sign * recorded(space.expand(units))
         clock.record()
+        if prepared.threads is not None:
+            prepared.threads.adjust()                # follow the machine's load (at most every few seconds)
         return values
 
     # Racing scores plans on the first rows of the search set; the queue of a multi-process search (workers.py)
