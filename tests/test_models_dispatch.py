@@ -150,6 +150,10 @@ def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_pat
     with torch.no_grad():
         assert (b(ids, use_cache=False).logits - masked).abs().max().item() <= 1e-5
     assert (tmp_path / "disk" / "README.md").read_text() == (tmp_path / "mem" / "README.md").read_text()
+    side_files = {p.name for p in (tmp_path / "mem").iterdir() if not p.name.startswith("model")}
+    assert "generation_config.json" in side_files                # eos ids, sampling defaults: lost when streamed before
+    for name in side_files:
+        assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
 
 
 def test_shards_are_cut_and_indexed(tmp_path):

@@ -58,6 +58,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
             write_streamed(model, {l: list(k) for l, k in kept.items()}, tmp, progress=progress)
             record_counts(model)
             model.config.save_pretrained(tmp)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)      # eos ids and sampling defaults, as save_pretrained
         else:
             model.save_pretrained(tmp)
         if self_contained:
