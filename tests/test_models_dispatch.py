@@ -130,6 +130,21 @@ def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_pat
     """`allocopt prune` under a memory limit writes layer by layer, in shards, a checkpoint with the same tensors
     as the in-memory export; both load and give the masked model's logits."""
     root, plain, _, _, options = pair
+    _same_export_whatever_the_placement(root, plain, options.max_memory["cpu"], tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])     # per-expert tensors renamed on load; fused on disk
+def test_offloaded_and_in_memory_exports_are_the_same_files_in_each_expert_layout(family, tmp_path):
+    """An offloaded Mixtral export had the in-memory fused layout (`mlp.experts.gate_up_proj`, `mlp.gate`) where the
+    in-memory export has `block_sparse_moe.experts.E.w1/w2/w3`, which vLLM refused; both now go through
+    transformers' own reverse conversion."""
+    root = tmp_path / "src"
+    save_tiny_model(root / "model", family=family, seed=7)
+    plain, _ = load_model(root / "model", device="cpu")
+    _same_export_whatever_the_placement(root, plain, _budget(root / "model"), tmp_path)
+
+
+def _same_export_whatever_the_placement(root, plain, cpu_limit: str, tmp_path) -> None:
     info = describe(plain)
     kept = random_kept(info, (4, 6, 5), seed=3)
     plan = Plan.from_counts(info.fingerprint, kept, info.num_experts, {l: len(k) for l, k in kept.items()})
@@ -137,7 +152,7 @@ def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_pat
     plan.save(tmp_path / "plan.json")
     base = ["prune", "--plan", str(tmp_path / "plan.json"), "--quiet"]
     assert CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "mem"), "--device", "cpu"]).exit_code == 0
-    limited = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "disk"), "--max-memory", f"cpu={options.max_memory['cpu']}",
+    limited = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "disk"), "--max-memory", f"cpu={cpu_limit}",
                                        "--offload-dir", str(tmp_path / "off")])
     assert limited.exit_code == 0, limited.output
     a, b = load_pruned(tmp_path / "mem"), load_pruned(tmp_path / "disk")
@@ -149,11 +164,22 @@ def test_prune_streams_an_offloaded_model_into_the_same_checkpoint(pair, tmp_pat
         masked = plain(ids, use_cache=False).logits
     with torch.no_grad():
         assert (b(ids, use_cache=False).logits - masked).abs().max().item() <= 1e-5
-    assert (tmp_path / "disk" / "README.md").read_text() == (tmp_path / "mem" / "README.md").read_text()
+    assert _stored(tmp_path / "disk") == _stored(tmp_path / "mem")   # the published layout, whatever the placement
     side_files = {p.name for p in (tmp_path / "mem").iterdir() if not p.name.startswith("model")}
     assert "generation_config.json" in side_files                # eos ids, sampling defaults: lost when streamed before
-    for name in side_files:
+    for name in side_files:                                       # config, card, plan, tokenizer, modelling code
         assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "mem" / name).read_bytes(), name
+
+
+def _stored(directory) -> dict[str, tuple]:
+    """Tensor name -> (dtype, shape) as written in a checkpoint's safetensors files."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()})
+    return out
 
 
 def test_shards_are_cut_and_indexed(tmp_path):

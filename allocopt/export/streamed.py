@@ -3,8 +3,9 @@
 ``save_pruned`` of a model accelerate offloaded (to CPU or disk) comes here. Each decoder layer's weights are read
 once (``decoder.resident``), its MoE block pruned, its tensors written to the current safetensors shard, and the
 layer offloaded again before the next one, so memory holds about one layer; shards are cut at ``max_shard_bytes``
-and indexed in ``model.safetensors.index.json`` as transformers writes them. Tensors are written under the
-model's own (in-memory) names, which transformers loads as they are.
+and indexed in ``model.safetensors.index.json`` as transformers writes them. Tensors are written under the names
+``save_pretrained`` gives them (transformers' reverse of its load-time conversion, applied a decoder layer at a
+time), so the streamed export holds the same tensors under the same names as an in-memory one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import BinaryIO, Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.core_model_loading import revert_weight_conversion
 
 from allocopt import defaults
 from allocopt.models.adapter import decoder_layers, find_moe_blocks, invalidate
@@ -115,22 +117,25 @@ def write_streamed(model: nn.Module, kept: dict[int, list[int]], directory: Path
     writer = ShardWriter(directory, max_shard_bytes)
     tied = _tied_names(model)                                    # tied weights are written once, under one name
 
-    def write(prefix: str, module: nn.Module) -> None:
-        for name, tensor in _own_tensors(module):
-            if f"{prefix}{name}" not in tied:
-                writer.add(f"{prefix}{name}", tensor)
+    def write(group: dict[str, torch.Tensor]) -> None:
+        """Tensors under the names ``save_pretrained`` writes: transformers' own reverse of its load-time conversion
+        (per-expert tensors for most families) applied to the group, tied names left out."""
+        for name, tensor in revert_weight_conversion(model, {k: v for k, v in group.items() if k not in tied}).items():
+            writer.add(name, tensor)
 
-    for name, module in model.named_modules():                  # everything outside the decoder layers
+    for name, module in model.named_modules():                  # everything outside the decoder layers, module by module
         if name != list_name and not name.startswith(f"{list_name}.") and any(True for _ in _own_tensors(module)):
             with resident(module):
-                write(f"{name}." if name else "", module)
+                prefix = f"{name}." if name else ""
+                write({f"{prefix}{n}": t for n, t in _own_tensors(module)})
     for index, layer in enumerate(tqdm(layers, desc="pruning layers", unit="layer", disable=not progress)):
         with resident(layer):
             block = blocks.get(index)
             if block is not None and index in kept and len(kept[index]) < block.info.num_experts:
                 prune_block(block, kept[index])
-            for sub, module in layer.named_modules():
-                write(f"{list_name}.{index}.{sub}." if sub else f"{list_name}.{index}.", module)
+            prefix = f"{list_name}.{index}."                     # one decoder layer at a time, converted together
+            write({f"{prefix}{sub}.{n}" if sub else f"{prefix}{n}": t
+                   for sub, child in layer.named_modules() for n, t in _own_tensors(child)})
     writer.finish()
     invalidate(model)
 
