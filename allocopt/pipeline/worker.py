@@ -16,11 +16,11 @@ import sys
 import time
 from typing import Any, Self
 
+from allocopt import defaults
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.pipeline.prepare import prepare
-from allocopt import defaults
 from allocopt.io import host_name
+from allocopt.pipeline.prepare import prepare
 from allocopt.search.study import KEPT, sqlite_file
 from allocopt.search.workers import (POLL_S, READY, RUN_CONFIG, OwnedRecorder, QueueRecorder, join_study, owner_id,
                                      work)
