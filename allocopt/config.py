@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
-from allocopt.search.space import Budget
+from allocopt.search.space import Budget, check_density
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Range checks and registry look-ups; every failure names the option and the accepted values."""
         Budget(self.sparsity, self.keep)                  # the one check of sparsity/keep (search/space.py)
-        if not 0.0 <= self.min_density <= self.max_density <= 1.0:
-            raise AllocoptError(f"need 0 <= min_density <= max_density <= 1, got {self.min_density} and {self.max_density}; fix the density bounds")
+        check_density(self.min_density, self.max_density)
         for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
                          ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1),
                          ("workers", 1)):

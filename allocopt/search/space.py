@@ -99,6 +99,13 @@ class AllocationSpace:
         return {layer: int(k) for layer, k in zip(self.layers, np.asarray(x))}
 
 
+def check_density(min_density: float, max_density: float) -> None:
+    """The per-layer density bounds a run may ask for (the one check; RunConfig and make_space call it)."""
+    if not 0.0 <= min_density <= max_density <= 1.0:
+        raise AllocoptError(f"density bounds must satisfy 0 <= min_density ({min_density}) <= max_density "
+                            f"({max_density}) <= 1; fix the bounds")
+
+
 def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_per_expert: Mapping[int, int],
                sparsity: float | None = None, keep: int | None = None,
                min_density: float = 0.0, max_density: float = 1.0, min_kept: Mapping[int, int] | None = None,
@@ -112,9 +119,7 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     model work.
     """
     budget = Budget(sparsity, keep)
-    if not 0.0 <= min_density <= max_density <= 1.0:
-        raise AllocoptError(f"density bounds must satisfy 0 <= min_density ({min_density}) <= max_density "
-                            f"({max_density}) <= 1; fix the bounds")
+    check_density(min_density, max_density)
     layers = tuple(sorted(num_experts))
     if not layers:
         raise AllocoptError("the model has no MoE layers to allocate; use a Mixture-of-Experts model")
