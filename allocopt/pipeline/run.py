@@ -34,7 +34,7 @@ class RunResult:
     summary: dict[str, Any]          # plan.json's top-level fields (everything but "layers")
     plan_path: Path
     front_path: Path | None          # nsga2 only
-    new_evaluations: int             # plans evaluated by this call (0 when the study already had them all)
+    new_evaluations: int             # plans this call scored, its workers included (0 when the study had them all)
     calibration_reused: bool
     trace: list[dict[str, float]]    # after each batch the optimizer evaluated: budget spent, engine layer-tokens,
                                      # seconds since the evaluator was ready, best value (benchmarks/search_efficiency.py)
@@ -68,7 +68,6 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     info, space, evaluator, ranking = prepared.info, prepared.space, prepared.evaluator, prepared.ranking
     search_space = space.lattice()        # in units of group-count experts where routing is group-limited
     ready = time.perf_counter()
-    counter = {"plans": 0, "partial": 0}
     values: dict[tuple[int, ...], Any] = {}
 
     def evaluate_plans(counts: np.ndarray, rows: int | None = None) -> list[Any]:
@@ -77,10 +76,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         kept = [prepared.kept_for(row) for row in np.asarray(counts)]
         out = evaluator.evaluate(kept, rows=rows)
         if rows is None:
-            counter["plans"] += len(kept)
             values.update({tuple(int(c) for c in row): v for row, v in zip(np.asarray(counts), out)})
-        else:
-            counter["partial"] += len(kept)
         return out
 
     attrs = {"model": config.model, "model_fingerprint": info.fingerprint,
@@ -166,7 +162,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
             "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
                        for x, v, m in result.front]})
-    return RunResult(config, summary, plan_path, front_path, counter["plans"], prepared.calibration_reused, trace,
+    return RunResult(config, summary, plan_path, front_path, summary["new_evaluations"], prepared.calibration_reused, trace,
                      total_experts=total, fixed_allocation=optimizer.fixed_allocation)
 
 
