@@ -2,7 +2,9 @@
 
     python benchmarks/scale.py --layers 2 4 8 --out studies/reports/scale.md
 
-For each layer count it writes a random bf16 checkpoint with OLMoE-1B-7B's layer shapes (scale_model.py), then runs
+For each layer count and checkpoint layout (``--layouts``: ``per-expert``, the layout ``save_pretrained`` and the
+published checkpoints use, and ``fused``, transformers' in-memory one) it writes a random bf16 checkpoint with
+OLMoE-1B-7B's layer shapes (scale_model.py), then runs
 the real CLI in a fresh process per (stage, mode) and reads that process's peak RSS (``ru_maxrss`` of the child):
 ``allocopt observe`` (calibration), ``allocopt esap`` (teacher + one plan, prefix reuse on) and ``allocopt prune``,
 each in memory (``--device cpu``) and under ``--max-memory cpu=LIMIT --offload-dir DIR``. It checks that the limited
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_model import write_checkpoint  # noqa: E402
+from scale_model import LAYOUTS, write_checkpoint  # noqa: E402
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
@@ -44,6 +46,7 @@ def measure(args: list[str], python: list[str] | None = None) -> tuple[float, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--limit", default="600MiB", help="--max-memory cpu=LIMIT for the limited runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/allocopt-scale"))
     parser.add_argument("--calib-seqs", type=int, default=8)
@@ -59,17 +62,17 @@ def main() -> None:
     from allocopt.calibration import RoutingStats
 
     rows, pop_rows, results = [], [], {}
-    for layers in args.layers:
-        ckpt = args.work / f"olmoe-{layers}l"
+    for layout, layers in [(layout, layers) for layout in args.layouts for layers in args.layers]:
+        ckpt = args.work / f"olmoe-{layout}-{layers}l"
         if not (ckpt / "config.json").exists():
-            write_checkpoint(ckpt, layers)
+            write_checkpoint(ckpt, layers, layout=layout)
         weights = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
-        limit = ["--max-memory", f"cpu={args.limit}", "--offload-dir", str(args.work / f"offload-{layers}")]
-        plan_path = args.work / f"plan-{layers}.json"
+        limit = ["--max-memory", f"cpu={args.limit}", "--offload-dir", str(args.work / f"offload-{layout}-{layers}")]
+        plan_path = args.work / f"plan-{layout}-{layers}.json"
         result: dict[str, dict[str, float]] = {}
         for mode, extra in (("memory", ["--device", "cpu"]), ("limit", limit)):
-            shutil.rmtree(args.work / f"offload-{layers}", ignore_errors=True)
-            stats = args.work / f"stats-{layers}-{mode}.safetensors"
+            shutil.rmtree(args.work / f"offload-{layout}-{layers}", ignore_errors=True)
+            stats = args.work / f"stats-{layout}-{layers}-{mode}.safetensors"
             peak, sec, _ = measure(["observe", "--model", str(ckpt), "--data", "testbed:mix", "--seq-len", str(args.seq_len),
                                     "--num-seqs", str(args.calib_seqs), "--out", str(stats), "--no-progress", *extra])
             result[f"observe/{mode}"] = {"rss": peak, "s": sec, "tokens": args.calib_seqs * args.seq_len}
@@ -79,46 +82,48 @@ def main() -> None:
                                       "--seq-len", str(args.seq_len), "--num-seqs", str(args.search_seqs), "--json", *extra])
             result[f"esap/{mode}"] = {"rss": peak, "s": sec, "tokens": 2 * args.search_seqs * args.seq_len,
                                       "esap": json.loads(out.strip().splitlines()[-1])["esap"]}
-            export = args.work / f"pruned-{layers}-{mode}"
+            export = args.work / f"pruned-{layout}-{layers}-{mode}"
             shutil.rmtree(export, ignore_errors=True)
             peak, sec, _ = measure(["prune", "--plan", str(plan_path), "--model", str(ckpt), "--out", str(export), "--quiet",
                                     *extra])
             result[f"prune/{mode}"] = {"rss": peak, "s": sec, "tokens": 0}
         if args.population:
-            pop = population(ckpt, args.limit, args.work / f"offload-{layers}", args.work / f"stats-{layers}-memory.safetensors",
+            pop = population(ckpt, args.limit, args.work / f"offload-{layout}-{layers}", args.work / f"stats-{layout}-{layers}-memory.safetensors",
                              args.population, args.seq_len, args.search_seqs)
             diff = max(abs(a - b) for a, b in zip(pop["layerwise"]["values"], pop["per-plan"]["values"]))
             speed = pop["per-plan"]["seconds"] / pop["layerwise"]["seconds"]
-            pop_rows.append(f"| {layers} | {args.population} | {pop['per-plan']['seconds']:.1f} | {pop['per-plan']['rss']:.0f} "
+            pop_rows.append(f"| {layout} | {layers} | {args.population} | {pop['per-plan']['seconds']:.1f} | {pop['per-plan']['rss']:.0f} "
                             f"| {pop['layerwise']['seconds']:.1f} | {pop['layerwise']['rss']:.0f} | {speed:.2f}x | {diff:.1e} |")
-        a = RoutingStats.load(args.work / f"stats-{layers}-memory.safetensors")
-        b = RoutingStats.load(args.work / f"stats-{layers}-limit.safetensors")
+        a = RoutingStats.load(args.work / f"stats-{layout}-{layers}-memory.safetensors")
+        b = RoutingStats.load(args.work / f"stats-{layout}-{layers}-limit.safetensors")
         stats_rel = max(float(((a.gate_norm_sum[l] - b.gate_norm_sum[l]).abs() / a.gate_norm_sum[l].abs().clamp(min=1e-12)).max())
                         for l in a.layers)
         esap_diff = abs(result["esap/memory"]["esap"] - result["esap/limit"]["esap"])
-        ta = {k: v for f in (args.work / f"pruned-{layers}-memory").glob("*.safetensors") for k, v in load_file(f).items()}
-        tb = {k: v for f in (args.work / f"pruned-{layers}-limit").glob("*.safetensors") for k, v in load_file(f).items()}
+        ta = {k: v for f in (args.work / f"pruned-{layout}-{layers}-memory").glob("*.safetensors") for k, v in load_file(f).items()}
+        tb = {k: v for f in (args.work / f"pruned-{layout}-{layers}-limit").glob("*.safetensors") for k, v in load_file(f).items()}
         same_export = ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-        results[layers] = {"weights_mib": weights, "stages": result, "stats_max_rel_diff": stats_rel,
+        results[f"{layout}/{layers}"] = {"layout": layout, "layers": layers, "weights_mib": weights, "stages": result, "stats_max_rel_diff": stats_rel,
                            "esap_diff": esap_diff, "export_identical": same_export}
         for stage, r in result.items():
             per_k = r["s"] / r["tokens"] * 1000 if r["tokens"] else float("nan")
-            rows.append(f"| {layers} | {weights:.0f} | {stage} | {r['rss']:.0f} | {r['s']:.1f} | {per_k:.2f} |")
-        print(f"{layers} layers: stats max rel diff {stats_rel:.2e}, ESAP diff {esap_diff:.2e}, export identical {same_export}",
+            rows.append(f"| {layout} | {layers} | {weights:.0f} | {stage} | {r['rss']:.0f} | {r['s']:.1f} | {per_k:.2f} |")
+        print(f"{layout}, {layers} layers: stats max rel diff {stats_rel:.2e}, ESAP diff {esap_diff:.2e}, export identical {same_export}",
               flush=True)
-    lines = ["| layers | weights MiB | stage/mode | peak RSS MiB | seconds | s per 1k tokens |", "|---|---|---|---|---|---|", *rows]
+    lines = ["| layout | layers | weights MiB | stage/mode | peak RSS MiB | seconds | s per 1k tokens |",
+             "|---|---|---|---|---|---|---|", *rows]
     if len(args.layers) >= 2:
         lo, hi = min(args.layers), max(args.layers)
         lines += ["", "Growth per added layer (from the smallest to the largest model):", ""]
-        for stage in results[lo]["stages"]:
-            d_rss = (results[hi]["stages"][stage]["rss"] - results[lo]["stages"][stage]["rss"]) / (hi - lo)
-            d_s = (results[hi]["stages"][stage]["s"] - results[lo]["stages"][stage]["s"]) / (hi - lo)
-            lines.append(f"- {stage}: {d_rss:+.0f} MiB and {d_s:+.1f} s per layer")
+        for layout in args.layouts:
+            for stage in results[f"{layout}/{lo}"]["stages"]:
+                d_rss = (results[f"{layout}/{hi}"]["stages"][stage]["rss"] - results[f"{layout}/{lo}"]["stages"][stage]["rss"])
+                d_s = results[f"{layout}/{hi}"]["stages"][stage]["s"] - results[f"{layout}/{lo}"]["stages"][stage]["s"]
+                lines.append(f"- {layout} {stage}: {d_rss / (hi - lo):+.0f} MiB and {d_s / (hi - lo):+.1f} s per layer")
     if pop_rows:
         lines += ["", f"A generation scored under cpu={args.limit} (evaluate only, teacher excluded): plan by plan vs layer by "
                       "layer (objectives.layerwise)", "",
-                  "| layers | plans | per-plan s | per-plan peak RSS MiB | layerwise s | layerwise peak RSS MiB | speed-up | "
-                  "max ESAP diff |", "|---|---|---|---|---|---|---|---|", *pop_rows]
+                  "| layout | layers | plans | per-plan s | per-plan peak RSS MiB | layerwise s | layerwise peak RSS MiB | speed-up | "
+                  "max ESAP diff |", "|---|---|---|---|---|---|---|---|---|", *pop_rows]
     text = "\n".join(lines)
     print(text)
     if args.out:

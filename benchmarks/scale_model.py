@@ -1,10 +1,15 @@
-"""Random-weight MoE checkpoints with real layer shapes, written tensor by tensor (never the whole model in memory).
+"""Random-weight MoE checkpoints with real layer shapes, written one decoder layer at a time (never the whole model).
 
     python benchmarks/scale_model.py --layers 2 --out /tmp/olmoe-2l       # OLMoE-1B-7B shapes, bf16, 2 layers
 
 Shapes are OLMoE-1B-7B's (hidden 2048, 64 experts of 1024, top-8, vocab 50304, 16 heads); weights are N(0, 0.02)
 with N(0, 1) routers, so routing is spread over experts like a trained model's would be; the testbed tokenizer is
 saved beside them (its ids are below 50304).
+
+``--layout per-expert`` (the default) stores the tensors under the names ``save_pretrained`` and the published
+OLMoE checkpoints use (``mlp.experts.E.gate_proj.weight``: transformers' own reverse of its load-time conversion,
+applied a decoder layer at a time); ``--layout fused`` stores transformers' in-memory layout
+(``mlp.experts.gate_up_proj``), which loads without conversion.
 """
 from __future__ import annotations
 
@@ -23,10 +28,18 @@ OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, n
                    tie_word_embeddings=False, norm_topk_prob=False)
 
 
+LAYOUTS = ("per-expert", "fused")
+
+
 def write_checkpoint(out: Path, layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     shard_bytes: int = 1 << 30) -> Path:
-    """An OLMoE-shaped checkpoint with ``layers`` decoder layers in ``dtype`` at ``out``."""
+                     shard_bytes: int = 1 << 30, layout: str = "per-expert") -> Path:
+    """An OLMoE-shaped checkpoint with ``layers`` decoder layers in ``dtype`` at ``out``, tensors in ``layout``."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     from allocopt import testbed
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
     config = transformers.OlmoeConfig(**OLMOE_1B_7B, num_hidden_layers=layers, dtype=str(dtype).removeprefix("torch."),
                                       architectures=["OlmoeForCausalLM"])
@@ -35,11 +48,20 @@ def write_checkpoint(out: Path, layers: int, dtype: torch.dtype = torch.bfloat16
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, shard_bytes)
     g = torch.Generator().manual_seed(seed)
+    groups: dict[str, dict[str, torch.Tensor]] = {}                  # one group per decoder layer, one for the rest
     for name, p in skeleton.state_dict().items():
-        std = 1.0 if name.endswith("mlp.gate.weight") else 0.02
-        value = torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=g) * std
-        writer.add(name, value.to(dtype))
-        del value
+        groups.setdefault(".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "", {})[name] = p
+
+    for group in groups.values():
+        values = {}
+        for name, p in group.items():
+            std = 1.0 if name.endswith("mlp.gate.weight") else 0.02
+            values[name] = (torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=g) * std).to(dtype)
+        if layout == "per-expert":
+            values = revert_weight_conversion(skeleton, values)
+        for name, value in values.items():
+            writer.add(name, value)
+        del values
     writer.finish()
     config.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(testbed.path()).save_pretrained(out)
@@ -51,6 +73,7 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layout", choices=LAYOUTS, default="per-expert")
     args = parser.parse_args()
-    path = write_checkpoint(args.out, args.layers, getattr(torch, args.dtype))
+    path = write_checkpoint(args.out, args.layers, getattr(torch, args.dtype), layout=args.layout)
     print(f"wrote {path}: {sum(f.stat().st_size for f in path.glob('*.safetensors')) / 2**30:.2f} GiB of weights")

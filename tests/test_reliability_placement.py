@@ -35,6 +35,7 @@ import torch
 from click.testing import CliRunner
 
 from allocopt.cli.main import cli
+from allocopt.runtime.converted import VIEW_DIR
 from reliability_kit import ENV, TEXT, save_tokenizer
 
 DAMAGED = "the checkpoint is incomplete or damaged: copy it again from its source"
@@ -234,8 +235,10 @@ def test_good_placement_loads_and_leaves_only_the_offloaded_weights(root, tmp_pa
     folder = tmp_path / "new" / "offload"
     result = CliRunner().invoke(cli, info("model", *OFFLOAD, "--offload-dir", str(folder))(root))
     assert result.exit_code == 0, result.output
-    written = sorted(p.name for p in folder.iterdir())
-    assert written and all(name.endswith(".safetensors") and not name.startswith(".") for name in written), written
+    written = sorted(p.name for p in folder.iterdir())        # offloaded weights, and the converted copy they load from
+    assert written and all(name.endswith(".safetensors") and not name.startswith(".") or name == VIEW_DIR
+                           for name in written), written
+    assert not list(folder.rglob(".allocopt-offload-*")) and not list(folder.rglob("*.tmp"))
     scored = CliRunner().invoke(cli, esap("model", *OFFLOAD, "--offload-dir", str(folder), "--json")(root))
     assert scored.exit_code == 0, scored.output
     assert sorted(p.name for p in folder.iterdir()) == written
@@ -249,7 +252,7 @@ def test_a_shard_that_fails_inside_transformers_gets_the_same_line(root, tmp_pat
 
     monkeypatch.setattr(loading, "check_checkpoint_files", lambda path: None)
     for model, words in (("missing_shard", ("model-00003-of-00015.safetensors", "No such file")),
-                         ("truncated_shard", ("could not be read", "deserializing header")),
+                         ("truncated_shard", ("could not be read", "model-00004-of-00015.safetensors")),
                          ("header_only", ("could not be read", "header")),
                          ("index_missing_file", ("model-00099-of-00015.safetensors",))):
         for extra in ((), (*OFFLOAD, "--offload-dir", "late/off")):

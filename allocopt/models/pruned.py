@@ -86,7 +86,7 @@ def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) ->
         raise AllocoptError("--max-memory leaves some weights for the disk but no --offload-dir was given; pass "
                             "--offload-dir DIR (a folder with room for the weights that do not fit)") from exc
     except (OSError, SafetensorError) as exc:   # a shard missing or cut short, or the offload folder out of room
-        raise _read_error(exc, path, kwargs.get("offload_folder")) from exc
+        raise loading_error(exc, path, kwargs.get("offload_folder")) from exc
     problems = {k: sorted(v) for k, v in report.items() if v and k != "error_msgs"}
     if problems:
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
@@ -108,9 +108,10 @@ DAMAGED = "the checkpoint is incomplete or damaged: copy it again from its sourc
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def _read_error(exc: Exception, path: Path, offload_folder: str | None) -> AllocoptError:
-    """The one-line error for an OSError or SafetensorError raised while ``from_pretrained`` ran: writing an offloaded
-    weight (the --offload-dir is full or read-only), else reading the checkpoint (a shard missing or damaged)."""
+def loading_error(exc: Exception, path: Path, offload_folder: str | None) -> AllocoptError:
+    """The one-line error for an OSError, SafetensorError or ValueError (a header that is not one) raised while a
+    checkpoint loads: writing an offloaded weight (the --offload-dir is full or read-only), else reading the
+    checkpoint (a shard missing or damaged)."""
     reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     filename = getattr(exc, "filename", None)
     filename = str(filename) if isinstance(filename, (str, Path)) else None
@@ -119,7 +120,7 @@ def _read_error(exc: Exception, path: Path, offload_folder: str | None) -> Alloc
     elif filename is not None:
         writing = offload_folder is not None and Path(filename).resolve().is_relative_to(Path(offload_folder).resolve())
     else:
-        writing = exc.errno in _WRITE_ERRNOS
+        writing = getattr(exc, "errno", None) in _WRITE_ERRNOS
     if writing and offload_folder is not None:
         why = getattr(exc, "strerror", None) or reason.rpartition("I/O error: ")[2]
         return AllocoptError(f"--offload-dir {offload_folder} could not take the offloaded weights ({why}); free space "
@@ -129,4 +130,4 @@ def _read_error(exc: Exception, path: Path, offload_folder: str | None) -> Alloc
     return AllocoptError(f"{where} could not be read ({reason}); {DAMAGED}")
 
 
-__all__ = ["DAMAGED", "LAYER_COUNTS_FIELD", "load_pruned", "pruned_class", "strict_from_pretrained"]
+__all__ = ["DAMAGED", "LAYER_COUNTS_FIELD", "load_pruned", "loading_error", "pruned_class", "strict_from_pretrained"]

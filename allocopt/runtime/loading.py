@@ -26,6 +26,7 @@ from allocopt.errors import AllocoptError
 from allocopt.models.checkpoint_files import INDEX_FILE, weight_shards
 from allocopt.models.identity import record_checkpoint
 from allocopt.models.pruned import DAMAGED, LAYER_COUNTS_FIELD, load_pruned, strict_from_pretrained
+from allocopt.runtime.converted import Converted, converted_checkpoint
 from allocopt.runtime.offload import install_direct_reads, read_header, reserve_streamed_layer
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -390,6 +391,15 @@ def _from_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
     return strict_from_pretrained(load, path, config, **kwargs)
 
 
+def _weights_dir(path: Path, config: Any, options: LoadOptions, offload_folder: str | None) -> Converted:
+    """Where the weights load from: ``path``, or under disk offload a copy in transformers' in-memory layout made a
+    slice of experts at a time (``runtime.converted``), so its load-time conversion never holds a whole fused tensor.
+    Quantized checkpoints and remote code convert through transformers as they are."""
+    if offload_folder is None or options.trust_remote_code or getattr(config, "quantization_config", None):
+        return Converted(path, None)
+    return converted_checkpoint(path, _skeleton(config), Path(offload_folder))
+
+
 def load_model(spec: str | Path | ModelSource, options: LoadOptions | None = None, *, dtype: torch.dtype | str | None = None,
                device: str | None = None, trust_remote_code: bool | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` in eval mode; pruned allocopt exports go through ``load_pruned`` automatically.
@@ -409,12 +419,16 @@ def load_model(spec: str | Path | ModelSource, options: LoadOptions | None = Non
         placement["max_memory"] = reserve_streamed_layer(placement["max_memory"], _skeleton(config),
                                                          _dtype(options.dtype, config))
     with _offload_dir(placement.get("offload_folder")):
+        weights, transforms = _weights_dir(path, config, options, placement.get("offload_folder"))
         if getattr(config, LAYER_COUNTS_FIELD, None) is not None:
-            model = load_pruned(path, dtype=options.dtype, device=options.resolved_device(), config=config, **placement)
+            model = load_pruned(weights, dtype=options.dtype, device=options.resolved_device(), config=config, **placement)
         else:
-            model = _from_pretrained(path, config, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+            model = _from_pretrained(weights, config, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
                                      **placement)
             model = model.eval() if placement else model.to(options.resolved_device()).eval()
+        model.config._name_or_path = str(path)
+        if transforms is not None:          # loaded already converted: saving reverses what the original load used
+            model._weight_conversions = transforms
     if placement:
         install_direct_reads(model)               # offloaded weights come back with one copy, no file mapping
     use_fast_experts(model, options.resolved_device())
