@@ -5,6 +5,7 @@ time for an offloaded model, or the exact padded export; with its modelling code
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -13,12 +14,15 @@ from torch import nn
 from allocopt.errors import AllocoptError
 from allocopt.export.padded import pad_model
 from allocopt.export.remote_code import write_modeling_code
+from allocopt.export.source_format import keep_source_format, source_quantization
 from allocopt.export.streamed import write_streamed
 from allocopt.io import atomic_directory, atomic_write_text
 from allocopt.models.adapter import describe, find_moe_blocks
 from allocopt.models.surgery import checked_kept, prune_model, record_counts
 from allocopt.plan import PLAN_FILE, Plan
 from allocopt.runtime.offload import is_offloaded
+
+log = logging.getLogger(__name__)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Plan | Mapping[int, Sequence[int]],
@@ -62,6 +66,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
                 model.generation_config.save_pretrained(tmp)      # eos ids and sampling defaults, as save_pretrained
         else:
             model.save_pretrained(tmp)
+        _source_format(model, tmp, kept, pad)
         if self_contained:
             write_modeling_code(model, tmp)
         if callable(card):                         # the card names the unpruned model's fingerprint, not this one's
@@ -73,6 +78,23 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
     return out_dir
+
+
+def _source_format(model: nn.Module, out: Path, kept: Mapping[int, Sequence[int]], pad: bool) -> None:
+    """A pre-quantized source gets its format back (``export.source_format``), or a log line saying the export holds
+    its dequantized weights: never silently a different format."""
+    source = getattr(model, "name_or_path", None)
+    quantization = source_quantization(source)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method")
+    if not pad and keep_source_format(out, Path(source), kept):
+        log.info("kept the source's %s format: quantized tensors copied as stored, quantization_config kept", method)
+        return
+    why = "--pad writes new experts" if pad else f"allocopt cannot copy quant_method {method!r} expert by expert"
+    log.warning("the source checkpoint is quantized (quant_method %r) and %s: the export holds its dequantized "
+                "weights (%s); quantize it again (e.g. with llm-compressor) to serve it in that format",
+                method, why, str(model.dtype).removeprefix("torch."))
 
 
 __all__ = ["save_pruned"]
