@@ -30,9 +30,12 @@ from allocopt.errors import AllocoptError
               help="Engine: vllm runs the open-ended tasks (math and code exact match, or lm-eval's vllm model) "
                    "through vLLM, where it is installed (bash .ci/vllm-venv); it takes --dtype and --trust-remote-code, "
                    "not accelerate's --device-map, --max-memory or --offload-dir.")
+@click.option("--tasks-from", "corpus", type=click.Choice(["testbed", "deep"]), default=None,
+              help="Whose held-out split the testbed tasks use: the first testbed's corpus, or the deep testbed's "
+                   "(the default for --model testbed-deep).")
 @loading_options
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
-             lm_eval_include: str | None, allow_long_context: bool, backend: str, **loading) -> None:
+             lm_eval_include: str | None, allow_long_context: bool, backend: str, corpus: str | None, **loading) -> None:
     """Held-out perplexity per domain, math and code exact match, and multiple-choice accuracy, or lm-eval tasks."""
     from allocopt.io import atomic_write_json
 
@@ -44,6 +47,7 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     options = load_options(loading)
+    corpus = corpus or ("deep" if model_spec == "testbed-deep" else "testbed")
     if backend == "vllm":                   # an option vLLM cannot honour is refused before anything loads
         from allocopt.serving.vllm_engine import engine_kwargs
 
@@ -51,9 +55,9 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
     if lm_eval_tasks is not None:
         metrics = _lm_eval(model_spec, lm_eval_tasks, lm_eval_include, limit, backend, options)
     elif backend == "vllm":
-        metrics = _vllm_generation_tasks(model_spec, limit, options)
+        metrics = _vllm_generation_tasks(model_spec, limit, options, corpus)
     else:
-        metrics = _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options)
+        metrics = _testbed_tasks(model_spec, limit, plan_path, allow_long_context, options, corpus)
     if out:
         atomic_write_json(out, metrics)
     if as_json:
@@ -83,7 +87,7 @@ def _lm_eval(model_spec: str, tasks: str, include: str | None, limit: int | None
     return metrics
 
 
-def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None) -> dict:
+def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None, corpus: str = "testbed") -> dict:
     """Math and code exact match with vLLM generating (the checkpoint's own tokenizer tokenises, as in transformers)."""
     import transformers
 
@@ -96,7 +100,7 @@ def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None) -> 
     trust = bool(options is not None and options.trust_remote_code)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     generator = VllmGenerator(path, options)
-    metrics = generation_metrics(generator, tokenizer, limit)
+    metrics = generation_metrics(generator, tokenizer, limit, corpus)
     metrics.update(model=str(model_spec), backend="vllm")
     dtype = getattr(getattr(getattr(generator.llm, "llm_engine", None), "model_config", None), "dtype", None)
     if dtype is not None:                                   # what vLLM computes in (its model config)
@@ -111,7 +115,7 @@ def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None) -> 
 
 
 def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = None, allow_long_context: bool = False,
-                   options=None) -> dict:
+                   options=None, corpus: str = "testbed") -> dict:
     import contextlib
 
     from allocopt.runtime.context import check_context
@@ -131,7 +135,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
         plan = Plan.load(plan_path).validate_for(describe(model), source=f"plan file {plan_path}")
         masking = mask_experts(model, plan.kept)
     with masking:
-        metrics = run_evaluation(model, tokenizer, limit=limit)
+        metrics = run_evaluation(model, tokenizer, limit=limit, corpus=corpus)
     metrics["model"] = str(model_spec)
     metrics["model_dtype"] = _dtype_name(model.dtype)
     if plan_path is not None:

@@ -19,7 +19,6 @@ from allocopt.evaluation import tasks
 from allocopt.evaluation.generation import TokenGenerator, first_line, greedy_continuations
 from allocopt.evaluation.likelihood import multiple_choice_accuracy
 from allocopt.evaluation.perplexity import perplexity
-from allocopt.testbed import corpus
 
 # Items per task when no --limit is given; sized so the whole evaluation of the testbed stays under ~60 s on CPU.
 PPL_SEQS, PPL_SEQ_LEN = 32, 256
@@ -32,9 +31,10 @@ def _cap(default: int, limit: int | None) -> int:
     return default if limit is None else min(default, limit)
 
 
-def math_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> tuple[float, dict[str, float]]:
+def math_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None,
+            corpus: str = "testbed") -> tuple[float, dict[str, float]]:
     """Exact match of the greedy answer (cut at the newline) on held-out arithmetic, overall and per form."""
-    items = tasks.math_items()[:_cap(MATH_ITEMS, limit)]
+    items = tasks.math_items(tasks.corpus_named(corpus))[:_cap(MATH_ITEMS, limit)]
     outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], MATH_MAX_TOKENS)
     hits: dict[str, list[bool]] = defaultdict(list)
     for item, text in zip(items, outputs):
@@ -43,40 +43,44 @@ def math_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = No
     return sum(flat) / len(flat), {f: sum(v) / len(v) for f, v in sorted(hits.items())}
 
 
-def code_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> float:
+def code_em(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None, corpus: str = "testbed") -> float:
     """The continuation must be a newline followed by exactly the held-out line (trailing spaces ignored)."""
-    items = tasks.code_items()[:_cap(CODE_ITEMS, limit)]
+    items = tasks.code_items(tasks.corpus_named(corpus))[:_cap(CODE_ITEMS, limit)]
     outputs = greedy_continuations(model, tokenizer, [i["prompt"] for i in items], CODE_MAX_TOKENS)
     hits = [text.startswith("\n") and first_line(text[1:]).rstrip() == item["answer"]
             for item, text in zip(items, outputs)]
     return sum(hits) / len(hits)
 
 
-def generation_metrics(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None) -> dict:
+def generation_metrics(model: nn.Module | TokenGenerator, tokenizer, limit: int | None = None,
+                       corpus: str = "testbed") -> dict:
     """The open-ended tasks only (math and code exact match), for any engine: a model or a ``TokenGenerator``
     such as vLLM (``allocopt eval --backend vllm``)."""
     start = time.time()
-    math, math_by_form = math_em(model, tokenizer, limit)
-    return {"math_em": math, "code_em": code_em(model, tokenizer, limit), "math_em_by_form": math_by_form,
+    math, math_by_form = math_em(model, tokenizer, limit, corpus)
+    return {"math_em": math, "code_em": code_em(model, tokenizer, limit, corpus), "math_em_by_form": math_by_form,
             "seconds": round(time.time() - start, 1)}
 
 
-def evaluate(model: nn.Module, tokenizer, limit: int | None = None) -> dict:
-    """Held-out metrics: ``ppl`` (per domain), ``math_em``, ``code_em``, ``mc_acc`` (mean over domains), details."""
+def evaluate(model: nn.Module, tokenizer, limit: int | None = None, corpus: str = "testbed") -> dict:
+    """Held-out metrics: ``ppl`` (per domain), ``math_em``, ``code_em``, ``mc_acc`` (mean over domains), details.
+    ``corpus``: whose held-out split (``tasks.CORPORA``: the first testbed's, or ``deep``)."""
     start = time.time()
     model.eval()
+    source = tasks.corpus_named(corpus)
     ppl = {}
     for domain in PPL_DOMAINS:
-        tokens = documents_to_tokens(corpus.documents(domain, "heldout"), tokenizer, PPL_SEQ_LEN,
-                                     _cap(PPL_SEQS, limit), f"testbed:{domain}")
+        tokens = documents_to_tokens(source.documents(domain, "heldout"), tokenizer, PPL_SEQ_LEN,
+                                     _cap(PPL_SEQS, limit), f"{corpus}:{domain}")
         ppl[domain] = perplexity(model, tokens)
-    math, math_by_form = math_em(model, tokenizer, limit)
-    mc = {d: multiple_choice_accuracy(model, tokenizer, tasks.mc_items(d)[:_cap(MC_ITEMS, limit)])
+    math, math_by_form = math_em(model, tokenizer, limit, corpus)
+    mc = {d: multiple_choice_accuracy(model, tokenizer, tasks.mc_items(d, source)[:_cap(MC_ITEMS, limit)])
           for d in PPL_DOMAINS}
     return {
         "ppl": ppl,
         "math_em": math,
-        "code_em": code_em(model, tokenizer, limit),
+        "code_em": code_em(model, tokenizer, limit, corpus),
+        "corpus": corpus,
         "mc_acc": sum(mc.values()) / len(mc),
         "math_em_by_form": math_by_form,
         "mc_acc_by_domain": mc,

@@ -207,18 +207,30 @@ def _offload_dir(directory: str | None) -> Iterator[None]:
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+def _shipped_models() -> dict[str, Any]:
+    """``--model`` names of the shipped testbeds -> their checkpoint directory (imported lazily: heavy, optional)."""
+    def first() -> Path:
+        from allocopt import testbed
+
+        return Path(testbed.path())
+
+    def deep() -> Path:
+        from allocopt.testbed import deep
+
+        return deep.path()
+
+    return {"testbed": first, "testbed-deep": deep}
+
+
 def resolve(spec: str | Path) -> Path:
     """The checkpoint directory a model spec names, checked to hold a config.json."""
-    if str(spec) == "testbed":
-        from allocopt import testbed  # lazy: the testbed package is heavy and optional for other models
-
-        path = Path(testbed.path())
-    else:
-        path = Path(spec).expanduser()
-    if not path.exists() and str(spec) == "testbed":
-        raise AllocoptError(f"the testbed checkpoint {path} is missing; reinstall allocopt or pass --model PATH")
+    shipped = _shipped_models()
+    path = shipped[str(spec)]() if str(spec) in shipped else Path(spec).expanduser()
+    if not path.exists() and str(spec) in shipped:
+        raise AllocoptError(f"the {spec} checkpoint {path} is missing; reinstall allocopt or pass --model PATH")
     if not path.exists():
-        raise AllocoptError(f"model path {path} does not exist; pass a local checkpoint directory or `testbed` (no hub downloads)")
+        raise AllocoptError(f"model path {path} does not exist; pass a local checkpoint directory or one of "
+                            f"{', '.join(sorted(shipped))} (no hub downloads)")
     if not path.is_dir():
         raise AllocoptError(f"model path {path} is a file, not a directory; pass the checkpoint directory that holds config.json")
     if not (path / "config.json").is_file():

@@ -26,8 +26,9 @@ def _training_texts() -> Iterator[str]:
     yield from (corpus.math_worksheet(rng, "train").text for _ in range(200))
 
 
-def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """Deterministic for a fixed corpus (BPE merges are ranked by count, ties broken by the trainer's order)."""
+def train_tokenizer(vocab_size: int = VOCAB_SIZE, texts: Iterator[str] | None = None) -> PreTrainedTokenizerFast:
+    """Deterministic for a fixed corpus (BPE merges are ranked by count, ties broken by the trainer's order).
+    ``texts``: what to learn the merges from (default: the first testbed's training texts)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -36,7 +37,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_texts(), trainer=trainer)
+    tok.train_from_iterator(_training_texts() if texts is None else texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS,
                                    model_max_length=1024)
 

@@ -1,27 +1,35 @@
-"""Train the testbed MoE from scratch on the offline corpus (python -m allocopt.testbed.train).
+"""Train a testbed MoE from scratch on its offline corpus (python -m allocopt.testbed.train [--recipe deep]).
 
-Plain on purpose, in the spirit of nanoGPT's train.py: build the tokenizer, build an OLMoE config, then loop
+Plain on purpose, in the spirit of nanoGPT's train.py: build the tokenizer, build the recipe's model config, then loop
 over fixed-composition batches (some rows of every domain, so the loss curve is logged per domain) with AdamW and
 a cosine schedule. The router's load-balancing loss keeps every expert in use so experts can specialise.
 Everything is seeded, the schedule is defined in steps and training runs on one CPU thread (multi-threaded CPU
 reductions change the summation order, and the drift grows into a different model), so the same seed and torch
 build reproduce the same weights bit for bit; ``--minutes`` is only a safety cap (a capped run is logged as such).
+With ``--work DIR`` the run saves its whole state there every ``--save-every`` steps and a later call with the same
+arguments resumes from it, giving the weights an uninterrupted run gives.
+
+A :class:`Recipe` holds what differs between the testbeds (corpus, model config, batch composition, steps): ``first``
+is the default testbed (OLMoE, 6 x 16 experts), ``deep`` the deep one (``allocopt.testbed.deep``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers import OlmoeConfig, OlmoeForCausalLM, PretrainedConfig, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from allocopt.io import atomic_write_json
 from allocopt.testbed import corpus, path
-from allocopt.testbed.tokenizer import save_tokenizer, train_tokenizer
+from allocopt.testbed.tokenizer import VOCAB_SIZE, save_tokenizer, train_tokenizer
 
 SEQ_LEN = 256
 ROWS = {"math": 6, "code": 2, "prose": 1}    # rows of each domain in every batch; math weighted for its EM goal
@@ -41,6 +49,53 @@ def model_config(vocab_size: int, eos_id: int, pad_id: int) -> OlmoeConfig:
     )
 
 
+def deep_model_config(vocab_size: int, eos_id: int, pad_id: int) -> Qwen2MoeConfig:
+    """12 MoE layers of 64 routed experts of width 32 (hidden/4), top-8, one shared expert of width 128 with its
+    sigmoid gate: Qwen2-MoE's classes, which transformers and vLLM both have."""
+    return Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=12,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        num_experts=64, num_experts_per_tok=8, moe_intermediate_size=32, shared_expert_intermediate_size=128,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.01,
+        output_router_logits=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What one testbed is trained from: its corpus module (``documents(domain, "train")`` and a math generator),
+    model config, batch composition and schedule."""
+
+    name: str
+    corpus: Callable[[], ModuleType]
+    config: Callable[[int, int, int], PretrainedConfig]
+    model_class: Callable[[], type]
+    out: Callable[[], Path]
+    rows: dict[str, int]
+    steps: int
+    vocab_size: int = VOCAB_SIZE
+
+
+def _deep_corpus() -> ModuleType:
+    from allocopt.testbed.deep import corpus as deep_corpus
+
+    return deep_corpus
+
+
+def _deep_path() -> Path:
+    from allocopt.testbed import deep
+
+    return deep.path()
+
+
+RECIPES = {
+    "first": Recipe("first", lambda: corpus, model_config, lambda: OlmoeForCausalLM, path, ROWS, STEPS),
+    "deep": Recipe("deep", _deep_corpus, deep_model_config, lambda: Qwen2MoeForCausalLM,
+                   _deep_path, {"math": 4, "code": 3, "prose": 2}, 3000, vocab_size=4096),
+}
+
+
 class Stream:
     """Random fixed-length windows from one domain's training documents joined by EOS."""
 
@@ -56,15 +111,15 @@ class Stream:
 class MathStream:
     """Fresh training-split worksheets every batch: the problem space is small, so sample it, don't store it."""
 
-    def __init__(self, tokenizer, rng: random.Random):
-        self.tokenizer, self.rng = tokenizer, rng
+    def __init__(self, tokenizer, rng: random.Random, source: ModuleType = corpus):
+        self.tokenizer, self.rng, self.source = tokenizer, rng, source
 
     def rows(self, n: int) -> torch.Tensor:
         out = []
         for _ in range(n):
             ids: list[int] = []
             while len(ids) < SEQ_LEN + 1:
-                text = corpus.math_worksheet(self.rng, "train").text
+                text = self.source.math_worksheet(self.rng, "train").text
                 ids += [self.tokenizer.eos_token_id] + self.tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
             out.append(torch.tensor(ids[:SEQ_LEN + 1]))
         return torch.stack(out)
@@ -77,37 +132,51 @@ def lr_at(step: int, steps: int) -> float:
     return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
 
 
-def encode_domain(tokenizer, domain: str) -> list[int]:
+def encode_domain(tokenizer, domain: str, source: ModuleType = corpus) -> list[int]:
     ids: list[int] = []
-    for doc in corpus.documents(domain, "train"):
+    for doc in source.documents(domain, "train"):
         ids += [tokenizer.eos_token_id] + tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
     return ids
 
 
-def train(out: Path, steps: int, minutes: float, seed: int) -> dict:
+def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = RECIPES["first"],
+          work: Path | None = None, save_every: int = 250) -> dict:
     torch.set_num_threads(TRAIN_THREADS)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    tokenizer = train_tokenizer()
-    streams = {"math": MathStream(tokenizer, random.Random(seed)),
-               "code": Stream(encode_domain(tokenizer, "code"), generator),
-               "prose": Stream(encode_domain(tokenizer, "prose"), generator)}
+    source = recipe.corpus()
+    tokenizer = train_tokenizer(recipe.vocab_size, None if source is corpus else _texts(source))
+    streams = {"math": MathStream(tokenizer, random.Random(seed), source),
+               "code": Stream(encode_domain(tokenizer, "code", source), generator),
+               "prose": Stream(encode_domain(tokenizer, "prose", source), generator)}
 
-    config = model_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = OlmoeForCausalLM(config)
+    config = recipe.config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = recipe.model_class()(config)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params / 1e6:.2f}M, vocab {len(tokenizer)}, {steps} steps of {sum(ROWS.values())}x{SEQ_LEN}")
+    rows = recipe.rows
+    print(f"params {n_params / 1e6:.2f}M, vocab {len(tokenizer)}, {steps} steps of {sum(rows.values())}x{SEQ_LEN}")
 
-    log: dict = {"seed": seed, "steps": steps, "threads": TRAIN_THREADS, "torch": torch.__version__, "rows": ROWS,
-                 "seq_len": SEQ_LEN, "params": n_params, "curve": []}
-    t0 = time.time()
+    log: dict = {"recipe": recipe.name, "seed": seed, "steps": steps, "threads": TRAIN_THREADS,
+                 "torch": torch.__version__, "rows": rows, "seq_len": SEQ_LEN, "params": n_params, "curve": []}
+    first, spent = 0, 0.0
+    state_file = work / "state.pt" if work is not None else None
+    if state_file is not None and state_file.is_file():          # resume: every state the next step depends on
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        streams["math"].rng.setstate(state["math_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        first, spent, log = state["step"], state["spent"], state["log"]
+        print(f"resumed at step {first} from {state_file}", flush=True)
+    t0 = time.time() - spent
     model.train()
-    for step in range(steps):
-        batch = torch.cat([streams[d].rows(n) for d, n in ROWS.items()])
+    for step in range(first, steps):
+        batch = torch.cat([streams[d].rows(n) for d, n in rows.items()])
         x, y = batch[:, :-1], batch[:, 1:]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps)
@@ -122,13 +191,20 @@ def train(out: Path, steps: int, minutes: float, seed: int) -> dict:
         if step % LOG_EVERY == 0 or step == steps - 1:
             row_loss = token_loss.detach().mean(1)
             per_domain, i = {}, 0
-            for d, n in ROWS.items():
+            for d, n in rows.items():
                 per_domain[d] = round(float(row_loss[i:i + n].mean()), 4)
                 i += n
             elapsed = time.time() - t0
             log["curve"].append({"step": step, "lr": lr_at(step, steps), "loss": per_domain,
                                  "aux_loss": round(outputs.aux_loss.item(), 4), "elapsed_s": round(elapsed, 1)})
             print(f"step {step:5d} | {per_domain} | aux {outputs.aux_loss.item():.3f} | {elapsed:6.0f}s", flush=True)
+        if state_file is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "math_rng": streams["math"].rng.getstate(),
+                        "torch_rng": torch.get_rng_state(), "step": step + 1, "spent": time.time() - t0,
+                        "log": log}, work / "state.pt.tmp")
+            (work / "state.pt.tmp").replace(state_file)
         if time.time() - t0 > minutes * 60:
             log["capped_at_step"] = step + 1
             print(f"stopped by the --minutes {minutes} cap after {step + 1} steps", flush=True)
@@ -143,14 +219,27 @@ def train(out: Path, steps: int, minutes: float, seed: int) -> dict:
     return log
 
 
+def _texts(source: ModuleType) -> Any:
+    """Training texts of a corpus module for its tokenizer: code and prose documents and 200 math worksheets."""
+    yield from (d.text for d in source.documents("code", "train"))
+    yield from (d.text for d in source.documents("prose", "train"))
+    rng = random.Random("testbed-tokenizer")
+    yield from (source.math_worksheet(rng, "train").text for _ in range(200))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=path(), help="checkpoint directory (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="first")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint directory (default: the recipe's shipped one)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock safety cap")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", type=Path, default=None, help="save the run's state here and resume from it")
+    parser.add_argument("--save-every", type=int, default=250)
     args = parser.parse_args()
-    train(args.out, args.steps, args.minutes, args.seed)
+    recipe = RECIPES[args.recipe]
+    train(args.out or recipe.out(), args.steps or recipe.steps, args.minutes, args.seed, recipe, args.work,
+          args.save_every)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""The deep testbed's corpus and tasks (issue 22): shipped splits, word problems, the tasks built from them."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from allocopt.cli.main import cli
+from allocopt.evaluation import tasks
+from allocopt.testbed.corpus import split_of
+from allocopt.testbed.deep import corpus, problems
+
+
+@pytest.mark.parametrize("form", sorted(problems.FORMS))
+def test_every_word_problem_form_has_a_whole_non_negative_answer_and_is_recognised(form):
+    rng = random.Random(form)
+    make = problems.FORMS[form][0]
+    for _ in range(300):
+        question, answer = make(rng)
+        assert isinstance(answer, int) and answer >= 0 and "=" not in question
+        assert problems.form_of(question) == form
+
+
+def test_word_problems_compute_what_they_say():
+    rng = random.Random(0)
+    for _ in range(200):
+        question, answer = problems.FORMS["gain_loss"][0](rng)       # "X has a T, gets b more and gives away c."
+        words = question.replace(",", "").replace(".", "").split()
+        a, b, c = int(words[2]), int(words[5]), int(words[10])
+        assert answer == a + b - c
+        question, answer = problems.FORMS["packs"][0](rng)           # "X buys a packs of b T and finds c more."
+        words = question.split()
+        assert answer == int(words[2]) * int(words[5]) + int(words[9])
+
+
+def test_shipped_splits_are_the_held_out_text_and_never_training_text():
+    for split in ("calibration", "search", "heldout"):
+        docs = {d: corpus.documents(d, split) for d in ("code", "prose", "math")}
+        assert all(docs.values()), split
+        assert sum(len(x.text) for x in docs["code"]) <= corpus.SHIPPED_CHARS["code"]
+    for doc in corpus.documents("math", "heldout"):
+        for line in doc.text.split("\n"):
+            assert split_of("deep-math:" + line.rsplit("=", 1)[0]) == "heldout"
+    rng = random.Random(7)
+    train = {line.rsplit("=", 1)[0] for _ in range(50) for line in corpus.math_worksheet(rng, "train").text.split("\n")}
+    held = {item["prompt"].rsplit("\n", 1)[1][:-1] for item in tasks.math_items(corpus)}
+    assert train and held and not train & held
+
+
+def test_deep_tasks_have_items_of_every_kind():
+    math = tasks.math_items(corpus)
+    assert {m["form"] for m in math} == set(problems.FORMS)
+    assert len(tasks.code_items(corpus)) >= 100
+    for domain in ("code", "prose", "math"):
+        items = tasks.mc_items(domain, corpus)
+        assert len(items) >= 100 and all(len(i["choices"]) == tasks.MC_CHOICES for i in items)
+
+
+def test_eval_takes_the_deep_tasks_for_any_model(tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "--model", "testbed", "--tasks-from", "deep", "--limit", "2",
+                                      "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["corpus"] == "deep" and set(metrics["ppl"]) == {"code", "prose", "math"}
+    assert set(metrics["math_em_by_form"]) <= set(problems.FORMS)
+
+
+def test_the_data_source_reads_the_deep_corpus():
+    from allocopt.data import load_tokens
+    from allocopt.runtime import load_model
+
+    _, tokenizer = load_model("testbed")
+    tokens = load_tokens("deep:mix", tokenizer, 64, 4, split="calibration")
+    assert tokens.input_ids.shape == (4, 64)
