@@ -139,7 +139,7 @@ def test_every_problem_file_parses(path):
 
 def test_the_problem_set_is_complete():
     names = {p.stem for p in PROBLEMS}
-    for model in ("testbed", "olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"):
+    for model in ("testbed", "testbed-deep", "olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"):
         assert {f"{model}-25", f"{model}-50"} <= names
 
 
