@@ -69,22 +69,23 @@ def search(model: str, criterion: str, sparsity: float, optimizer: str, seed: in
 
 # ---- held-out evaluation, cached beside each run --------------------------------------------------------------
 
-def heldout(model, tokenizer, kept: dict[int, Sequence[int]] | None, limit: int | None, cache: Path) -> dict:
+def heldout(model, tokenizer, kept: dict[int, Sequence[int]] | None, limit: int | None, cache: Path,
+            corpus: str = "testbed") -> dict:
     """``evaluate`` under ``mask_experts`` (the full model when ``kept`` is None); reused when plan and limit match."""
     from allocopt.evaluation import evaluate
     from allocopt.models import mask_experts, model_fingerprint
 
-    key = {"model_fingerprint": model_fingerprint(model), "limit": limit,
+    key = {"model_fingerprint": model_fingerprint(model), "limit": limit, "corpus": corpus,
            "kept": None if kept is None else {str(l): sorted(int(e) for e in ids) for l, ids in sorted(kept.items())}}
     if cache.is_file():
         stored = json.loads(cache.read_text(encoding="utf-8"))
         if stored.get("key") == key:
             return stored["metrics"]
     if kept is None:
-        metrics = evaluate(model, tokenizer, limit=limit)
+        metrics = evaluate(model, tokenizer, limit=limit, corpus=corpus)
     else:
         with mask_experts(model, {int(l): list(ids) for l, ids in kept.items()}):
-            metrics = evaluate(model, tokenizer, limit=limit)
+            metrics = evaluate(model, tokenizer, limit=limit, corpus=corpus)
     atomic_write_json(cache, {"key": key, "metrics": metrics})
     return metrics
 
@@ -235,6 +236,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     "(use another --out: run names do not include the data)")
     ap.add_argument("--search-seqs", type=int, default=D.SEARCH_SEQS, help="rows of the search set (ESAP) of every "
                     "run [default: %(default)s] (use another --out: run names do not include it)")
+    ap.add_argument("--tasks-from", default=None, help="held-out tasks of the testbed or deep corpus [default: by --model]")
     ap.add_argument("--limit", type=int, default=None, help="held-out items per task [default: the task defaults]")
     ap.add_argument("--out", default=str(Path(D.STUDIES_DIR) / "reports"), help="report directory; runs go to OUT/allocation_matters/")
     args = ap.parse_args(argv)
@@ -276,7 +278,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer = load_model(args.model)
     t = time.perf_counter()
-    full = heldout(model, tokenizer, None, args.limit, runs_dir / "full-heldout.json")
+    corpus = args.tasks_from or ("deep" if args.model == "testbed-deep" else "testbed")
+    full = heldout(model, tokenizer, None, args.limit, runs_dir / "full-heldout.json", corpus)
     log(f"[full model] math EM {100 * full['math_em']:.1f}  MC {100 * full['mc_acc']:.1f}  ({time.perf_counter() - t:.0f} s)")
     runs = []
     for i, (criterion, sparsity, allocation, seed) in enumerate(plan_list, 1):
@@ -285,7 +288,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                           args.search_seqs)
         t_search = time.perf_counter() - t
         kept = {int(l): ids for l, ids in run_info["kept"].items()}
-        run_info["heldout"] = heldout(model, tokenizer, kept, args.limit, Path(run_info["run_dir"]) / "heldout.json")
+        run_info["heldout"] = heldout(model, tokenizer, kept, args.limit, Path(run_info["run_dir"]) / "heldout.json",
+                                      corpus)
         runs.append(run_info)
         h = run_info["heldout"]
         log(f"[{i}/{len(plan_list)}] {criterion} s{sparsity:g} {allocation} seed {seed}: ESAP {run_info['esap']:.4f} "
