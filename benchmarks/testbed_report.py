@@ -20,15 +20,16 @@ from allocopt.evaluation import evaluate
 from allocopt.models import describe, find_moe_blocks, mask_experts
 from allocopt.runtime import load_model
 from allocopt.runtime.loading import resolve
-from allocopt.testbed import corpus
+from allocopt.evaluation.tasks import corpus_named
 
 SEQS, SEQ_LEN = 32, 256
 
 
 @torch.inference_mode()
-def routing_counts(model, tokenizer, domain: str, split: str) -> torch.Tensor:
+def routing_counts(model, tokenizer, domain: str, split: str, corpus: str = "testbed") -> torch.Tensor:
     """[layers, experts] counts of top-k selections over real (non-padding) tokens."""
-    tokens = documents_to_tokens(corpus.documents(domain, split), tokenizer, SEQ_LEN, SEQS, f"testbed:{domain}")
+    tokens = documents_to_tokens(corpus_named(corpus).documents(domain, split), tokenizer, SEQ_LEN, SEQS,
+                                 f"{corpus}:{domain}")
     blocks = find_moe_blocks(model)
     counts = torch.zeros(len(blocks), blocks[0].info.num_experts)
     for batch in tokens.batches(8):
@@ -54,21 +55,24 @@ def main() -> None:
     parser.add_argument("--model", default="testbed", help="a testbed checkpoint, e.g. one retrained with "
                         "`python -m allocopt.testbed.train --out DIR` [default: the shipped one]")
     parser.add_argument("--limit", type=int, default=None, help="items per evaluation task")
+    parser.add_argument("--tasks-from", dest="corpus", default=None, help="testbed or deep [default: by --model]")
     args = parser.parse_args()
+    corpus = args.corpus or ("deep" if args.model == "testbed-deep" else "testbed")
     model, tokenizer = load_model(args.model)
     log_path = resolve(args.model) / "train_log.json"
     trained = json.loads(log_path.read_text()) if log_path.is_file() else {}
     print(f"model {args.model}: fingerprint {describe(model).fingerprint[:12]}, "
           + ", ".join(f"{k} {trained.get(k)}" for k in ("seed", "steps", "threads", "torch", "train_seconds")))
 
-    full = evaluate(model, tokenizer, limit=args.limit)
+    full = evaluate(model, tokenizer, limit=args.limit, corpus=corpus)
     print("held-out metrics:")
     print(f"  ppl  {json.dumps({d: round(v, 3) for d, v in full['ppl'].items()})}")
     print(f"  math_em {full['math_em']:.3f}  by form {json.dumps({f: round(v, 3) for f, v in full['math_em_by_form'].items()})}")
     print(f"  code_em {full['code_em']:.3f}  mc_acc {full['mc_acc']:.3f}  "
           f"by domain {json.dumps({d: round(v, 3) for d, v in full['mc_acc_by_domain'].items()})}")
 
-    tv = total_variation(routing_counts(model, tokenizer, "code", "heldout"), routing_counts(model, tokenizer, "math", "heldout"))
+    tv = total_variation(routing_counts(model, tokenizer, "code", "heldout", corpus),
+                         routing_counts(model, tokenizer, "math", "heldout", corpus))
     print("expert specialisation: TV distance between code and math routing histograms")
     print("  per layer " + " ".join(f"{v:.3f}" for v in tv.tolist()) + f"  mean {tv.mean():.3f}")
 
@@ -82,7 +86,7 @@ def main() -> None:
     # Frequency counted on the mixed calibration split, and on the math calibration split (calibrating on the
     # domain one evaluates is what a user would do; the mixed ranking drops experts math needs).
     for calibration in ("mix", "math"):
-        counts = routing_counts(model, tokenizer, calibration, "calibration")
+        counts = routing_counts(model, tokenizer, calibration, "calibration", corpus)
         print(f"allocation matters: 50% Frequency pruning ({total} of {len(layers) * n} experts kept), "
               f"Frequency counted on testbed:{calibration} calibration")
         print(f"  {'allocation':<12} {'kept per layer':<28} {'math_em':>8} {'mc_acc':>7} {'ppl math':>9} {'ppl code':>9} {'ppl prose':>9}")
@@ -90,7 +94,7 @@ def main() -> None:
               f"{full['ppl']['math']:>9.3f} {full['ppl']['code']:>9.3f} {full['ppl']['prose']:>9.3f}")
         for name, allocation in allocations.items():
             with mask_experts(model, keep_most_frequent(counts, layers, allocation)):
-                m = evaluate(model, tokenizer, limit=args.limit)
+                m = evaluate(model, tokenizer, limit=args.limit, corpus=corpus)
             print(f"  {name:<12} {str(allocation):<28} {m['math_em']:>8.3f} {m['mc_acc']:>7.3f} {m['ppl']['math']:>9.3f} "
                   f"{m['ppl']['code']:>9.3f} {m['ppl']['prose']:>9.3f}", flush=True)
 
