@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from allocopt.testbed.corpus import MATH_FORMS
+
 NAMES = ("Ann", "Ben", "Mia", "Leo", "Ada", "Sam", "Zoe", "Tom", "Eva", "Max", "Ivy", "Raj", "Lin", "Omar", "Nia")
 THINGS = ("apples", "books", "coins", "cards", "pens", "stamps", "shells", "marbles", "cups", "seeds")
 
@@ -56,27 +58,21 @@ def _difference(rng: random.Random) -> tuple[str, int]:
     return f"{n1} has {a} {thing} and {n2} has {b}. {n2} gets {c} more. {n1} has more by", a - b - c
 
 
-def _add(rng: random.Random) -> tuple[str, int]:
-    a, b = rng.randrange(100), rng.randrange(100)
-    return f"{a}+{b}", a + b
+def _arithmetic(form: str) -> Callable[[random.Random], tuple[str, int]]:
+    """The first testbed's arithmetic line of ``form`` (``testbed.corpus.MATH_FORMS``) without its ``=``."""
+    make = MATH_FORMS[form][0]
 
-
-def _sub(rng: random.Random) -> tuple[str, int]:
-    a = rng.randrange(100)
-    b = rng.randrange(a + 1)
-    return f"{a}-{b}", a - b
-
-
-def _muladd(rng: random.Random) -> tuple[str, int]:
-    a, b, c = rng.randrange(2, 10), rng.randrange(2, 10), rng.randrange(100)
-    return f"{a}*{b}+{c}", a * b + c
+    def draw(rng: random.Random) -> tuple[str, int]:
+        question, answer = make(rng)
+        return question.removesuffix("="), answer
+    return draw
 
 
 # form -> (generator, weight): word problems take most of the weight; the arithmetic lines teach the digits
 FORMS: dict[str, tuple[Callable[[random.Random], tuple[str, int]], int]] = {
     "gain_loss": (_gain_loss, 16), "packs": (_packs, 14), "rows_taken": (_rows_taken, 12),
     "three_days": (_three_days, 12), "shared": (_shared, 8), "difference": (_difference, 8),
-    "add": (_add, 12), "sub": (_sub, 10), "muladd": (_muladd, 8),
+    "add": (_arithmetic("add"), 12), "sub": (_arithmetic("sub"), 10), "muladd": (_arithmetic("muladd"), 8),
 }
 
 
