@@ -41,6 +41,7 @@ class RunConfig:
     keep: int | None = None                          # total routed experts kept (exclusive with sparsity)
     min_density: float = D.MIN_DENSITY
     max_density: float = D.MAX_DENSITY
+    count_multiple: int = D.COUNT_MULTIPLE           # every layer keeps a multiple of this (expert parallelism, kernels)
     # data
     calib_data: str = D.CALIBRATION_DATA
     calib_seq_len: int = D.CALIBRATION_SEQ_LEN
@@ -145,7 +146,7 @@ class RunConfig:
         check_density(self.min_density, self.max_density)
         for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
                          ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1),
-                         ("workers", 1)):
+                         ("workers", 1), ("count_multiple", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")

@@ -39,6 +39,8 @@ STUDIES_DIR = "studies"
 # Per-layer density bounds of the allocation space (fraction of a layer's experts kept; top-k is always a floor).
 MIN_DENSITY = 0.0
 MAX_DENSITY = 1.0
+# Every layer keeps a multiple of this many experts (1: any count); e.g. the expert-parallel size of the server.
+COUNT_MULTIPLE = 1
 
 # Where the model runs ("auto": CUDA when present, else CPU) and how many rows go through it at once. A device map
 # ("auto": accelerate spreads layers over GPUs, CPU and disk within --max-memory) is off unless asked for.

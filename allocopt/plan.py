@@ -140,6 +140,19 @@ class Plan:
         pruned layer exactly): what every command that applies a plan checks first."""
         return self._check_against(info.layers, info.fingerprint, source)
 
+    def check_count_multiple(self, multiple: int, source: str = "plan") -> "Plan":
+        """Every layer keeps a multiple of ``multiple`` experts (a serving constraint: the expert-parallel size, or
+        what an engine's kernel accepts; ``allocopt run --count-multiple`` searches only such plans). Raises one
+        AllocoptError naming the first layer that does not and the fix."""
+        if multiple < 1:
+            raise AllocoptError(f"--count-multiple must be >= 1, got {multiple}; raise it")
+        for lp in self.layers:
+            if len(lp.kept) % multiple:
+                raise AllocoptError(f"{source}: layer {lp.index} keeps {len(lp.kept)} experts, not a multiple of "
+                                    f"--count-multiple {multiple}; search with `allocopt run --count-multiple {multiple}` "
+                                    "or edit the plan")
+        return self
+
     def validate(self, num_experts: Mapping[int, int], top_k: Mapping[int, int], fingerprint: str | None = None,
                  source: str = "plan") -> "Plan":
         """:meth:`validate_for` from expert counts and top-k alone (a model description without router needs)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -74,3 +75,42 @@ def test_the_data_source_reads_the_deep_corpus():
     _, tokenizer = load_model("testbed")
     tokens = load_tokens("deep:mix", tokenizer, 64, 4, split="calibration")
     assert tokens.input_ids.shape == (4, 64)
+
+
+# ---- the shipped checkpoint ------------------------------------------------------------------------------------
+
+def test_the_shipped_deep_testbed_is_in_the_regime_the_issue_asks_for():
+    """At least 12 MoE layers of at least 64 routed experts with top-8, expert width between hidden/4 and hidden/2,
+    a shared expert, a family other than OLMoE with transformers and vLLM classes, a BPE vocabulary of at least 4096,
+    at most 25 MB on disk."""
+    from allocopt.models import describe
+    from allocopt.models.engines import VLLM_ARCHITECTURES
+    from allocopt.runtime import load_model
+    from allocopt.testbed import deep
+
+    files = list(deep.path().glob("*.safetensors"))
+    assert files and sum(f.stat().st_size for f in files) <= 25 * 10**6
+    model, tokenizer = load_model("testbed-deep")
+    info, config = describe(model), model.config
+    assert len(info.num_experts) >= 12 and set(info.num_experts.values()) == {64} and set(info.top_k.values()) == {8}
+    assert config.hidden_size / 4 <= config.moe_intermediate_size <= config.hidden_size / 2
+    assert config.shared_expert_intermediate_size > 0 and config.model_type != "olmoe"
+    assert config.architectures[0] in VLLM_ARCHITECTURES and len(tokenizer) >= 4096
+    log = json.loads((deep.path() / "train_log.json").read_text())
+    assert log["recipe"] == "deep" and "capped_at_step" not in log
+
+
+def test_the_deep_testbed_runs_the_main_job_end_to_end(tmp_path):
+    """observe, rank, a few plans searched and the plan exported, on the deep testbed and its own data."""
+    from allocopt.models import describe, load_pruned
+
+    out = tmp_path / "run"
+    problem = Path(__file__).resolve().parent.parent / "problems" / "testbed-deep-50.toml"
+    result = CliRunner().invoke(cli, ["run", "--problem", str(problem), "--evals", "6", "--calib-num-seqs", "4",
+                                      "--num-seqs", "2", "--out", str(out), "--optimizer", "uniform", "--quiet"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    exported = CliRunner().invoke(cli, ["prune", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "pruned")])
+    assert exported.exit_code == 0, exported.output
+    counts = describe(load_pruned(tmp_path / "pruned")).num_experts
+    assert sum(counts.values()) == sum(len(l["kept"]) for l in plan["layers"]) == 12 * 32

@@ -17,10 +17,13 @@ from allocopt.errors import AllocoptError
 @click.option("--pad", is_flag=True, help="Pad every layer to the widest kept count with experts that are never chosen, "
                                            "so stock transformers and vLLM load it (exact for routers with a per-expert "
                                            "bias: GPT-OSS, DeepSeek-V3, GLM4-MoE; refused elsewhere).")
+@click.option("--count-multiple", type=click.IntRange(min=1), default=None, metavar="M",
+              help="Refuse a plan in which a layer keeps a number of experts that is not a multiple of M (the "
+                   "server's expert-parallel size, or what its kernel accepts) [default: the plan's own].")
 @quiet_option
 @loading_options
 def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, pad: bool, quiet: bool,
-          **loading) -> None:
+          count_multiple: int | None, **loading) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
     from allocopt.models import describe
     from allocopt.runtime import load_model
@@ -31,6 +34,8 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     if quiet:
         silence_progress()
     plan = Plan.load(plan_path)
+    multiple = count_multiple or int(plan.extra.get("count_multiple", 1))
+    plan.check_count_multiple(multiple, source=f"plan file {plan_path}")      # before the model loads
     spec = model_spec or plan.extra.get("model")
     if not spec:
         raise AllocoptError(f"plan file {plan_path} names no model; pass --model PATH")

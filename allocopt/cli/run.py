@@ -21,6 +21,9 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
 @opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
+@opt("--count-multiple", type=int, default=D.COUNT_MULTIPLE, metavar="M",
+     help="Every layer keeps a multiple of M experts (the server's expert-parallel size, or what its kernel needs); "
+          "combined with group-limited routing's own step, every optimizer and baseline searches only such plans.")
 @opt("--data", metavar="SPEC", default=D.SEARCH_DATA,
      help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset dir.")
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")

@@ -83,7 +83,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
              "calibration_fingerprint": prepared.stats.data_fingerprint,
              "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
              "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
-             "budget": int(space.budget), "layers": list(space.layers)}
+             "budget": int(space.budget), "layers": list(space.layers), "count_multiple": config.count_multiple}
     check_resumable(config, attrs, legacy=lambda: legacy_fingerprint(prepared.model))
     optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
@@ -146,6 +146,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "model": config.model,
         "sparsity": 1.0 - int(best.sum()) / total,
         "counts": [int(c) for c in best],
+        "count_multiple": config.count_multiple,
         "run_name": config.name,
         "storage": config.storage_url,
         # plans this call scored, in this process or its workers; the other evaluations came from the study
@@ -255,7 +256,7 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[
 
 # Everything a stored trial's value depends on besides its allocation.
 _SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
-                    "tolerance", "layers", "budget")
+                    "tolerance", "layers", "budget", "count_multiple")
 
 
 # ---- reporting -------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class Recipe:
     rows: dict[str, int]
     steps: int
     vocab_size: int = VOCAB_SIZE
+    store_dtype: torch.dtype = torch.float32          # what the shipped checkpoint stores (training runs in float32)
 
 
 def _deep_corpus() -> ModuleType:
@@ -92,7 +93,7 @@ def _deep_path() -> Path:
 RECIPES = {
     "first": Recipe("first", lambda: corpus, model_config, lambda: OlmoeForCausalLM, path, ROWS, STEPS),
     "deep": Recipe("deep", _deep_corpus, deep_model_config, lambda: Qwen2MoeForCausalLM,
-                   _deep_path, {"math": 4, "code": 3, "prose": 2}, 3000, vocab_size=4096),
+                   _deep_path, {"math": 4, "code": 3, "prose": 2}, 3000, vocab_size=4096, store_dtype=torch.bfloat16),
 }
 
 
@@ -213,7 +214,7 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
     log["train_seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to(recipe.store_dtype).save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out)
     atomic_write_json(out / "train_log.json", log)
     return log
