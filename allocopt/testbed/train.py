@@ -163,6 +163,8 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
 
     log: dict = {"recipe": recipe.name, "seed": seed, "steps": steps, "threads": TRAIN_THREADS,
                  "torch": torch.__version__, "rows": rows, "seq_len": SEQ_LEN, "params": n_params, "curve": []}
+    if hasattr(source, "source_versions"):              # a corpus read from installed files: what it read
+        log["corpus_sources"] = source.source_versions()
     first, spent = 0, 0.0
     state_file = work / "state.pt" if work is not None else None
     if state_file is not None and state_file.is_file():          # resume: every state the next step depends on

@@ -137,6 +137,19 @@ def documents(domain: str, split: str) -> list[Document]:
     return list(_train(domain) if split == "train" else _shipped(split)[domain])
 
 
+def source_versions() -> dict[str, str]:
+    """Python and each installed package the training split reads (its text changes with them)."""
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version({"yaml": "PyYAML"}.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def source(name: str, split: str) -> list[Document]:
     """The ``deep:NAME`` data source (entry point ``deep`` of the group ``allocopt.data_sources``)."""
     return documents(name, split)
