@@ -90,24 +90,24 @@ class _Target:
 
 
 def _plan(path: Path, skeleton: nn.Module) -> tuple[dict[str, str], dict[str, _Target], list[WeightTransform]]:
-    """``(tensors kept as they are -> shard, converter targets, the transforms the checkpoint's names matched)`` for
+    """``(tensors loaded as stored -> shard, converter targets, the transforms the checkpoint's names matched)`` for
     the checkpoint in ``path`` loaded as ``skeleton``."""
     mapping = transformers.conversion_mapping.get_model_conversion_mapping(skeleton)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta = skeleton.state_dict()
-    kept: dict[str, str] = {}
+    as_stored: dict[str, str] = {}
     targets: dict[str, _Target] = {}
     tensors = checkpoint_tensors(path)
     for name in sorted(tensors, key=dot_natural_key):
         renamed, pattern = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, meta)
         if pattern is None or renamed not in meta:
-            kept[name] = tensors[name]                 # renamed (or refused) by transformers itself at load time
+            as_stored[name] = tensors[name]            # renamed (or refused) by transformers itself at load time
             continue
         target = targets.setdefault(renamed, _Target(renamed, by_pattern[pattern]))
         target.sources[pattern].append(name)
-    return kept, targets, [m for m in mapping if m.was_used()]
+    return as_stored, targets, [m for m in mapping if m.was_used()]
 
 
 def _stamp(path: Path, tensors: dict[str, str]) -> str:
@@ -147,10 +147,11 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, list[in
                 raise ValueError(f"{name}: wrote {written} bytes of {stop - start}")
 
 
-def _write_target(target: _Target, out: Path, read: "_Reader", skeleton: nn.Module, slice_bytes: int) -> dict[str, str]:
-    """Write what ``target``'s converter makes into one file in ``out``; returns ``{tensor name: file}``."""
+def _write_target(target: _Target, out: Path, read: "_Reader", skeleton: nn.Module, shape: torch.Size,
+                  slice_bytes: int) -> dict[str, str]:
+    """Write what ``target``'s converter makes into one file in ``out`` (``shape``: the target's in the model);
+    returns ``{tensor name: file}``."""
     file = f"{target.name}.safetensors"
-    meta = skeleton.state_dict()[target.name]
     n = target.experts()
     if n is None or len(target.converter.target_patterns) != 1 or not _row_separable(target.converter):
         made = {k: v[0] if isinstance(v, list) else v for k, v in target.convert(0, None, read, skeleton).items()}
@@ -169,22 +170,22 @@ def _write_target(target: _Target, out: Path, read: "_Reader", skeleton: nn.Modu
             (value,) = target.convert(e0, min(n, e0 + step), read, skeleton).values()
             if value.shape[0] != min(n, e0 + step) - e0:
                 raise ValueError(f"{target.name}: experts {e0}.. converted to shape {list(value.shape)}, "
-                                 f"not rows of {[n, *meta.shape[1:]]}")
+                                 f"not rows of {[n, *shape[1:]]}")
             yield value
 
-    _write_safetensors(out / file, [(target.name, dtypes.pop(), [n, *meta.shape[1:]], slices)])
+    _write_safetensors(out / file, [(target.name, dtypes.pop(), [n, *shape[1:]], slices)])
     return {target.name: file}
 
 
-def _write_kept(kept: dict[str, str], out: Path, read: "_Reader") -> dict[str, str]:
+def _write_as_stored(as_stored: dict[str, str], out: Path, read: "_Reader") -> dict[str, str]:
     """Tensors transformers loads without converting, copied one at a time into one file per source shard (the
     source shards cannot be linked: transformers loads every tensor a listed file holds, experts included)."""
     files: dict[str, str] = {}
     by_shard: dict[str, list[str]] = defaultdict(list)
-    for name, shard in kept.items():
+    for name, shard in as_stored.items():
         by_shard[shard].append(name)
     for shard, names in sorted(by_shard.items()):
-        file = f"kept-{shard}"
+        file = f"as-stored-{shard}"
         entries = [read.entry(n) for n in names]
         _write_safetensors(out / file, [(n, SAFETENSORS_DTYPES[e["dtype"]], e["shape"], lambda n=n: iter([read(n)]))
                                         for n, e in zip(names, entries)])
@@ -218,7 +219,7 @@ def converted_checkpoint(path: Path, skeleton: nn.Module, offload_dir: Path,
     nothing to convert for ``skeleton`` (a meta-device instance of the class that will load it), else a converted copy
     in ``offload_dir/.allocopt-converted`` (made once; rebuilt when the checkpoint's files change)."""
     try:
-        kept, targets, used = _plan(path, skeleton)
+        as_stored, targets, used = _plan(path, skeleton)
         if not targets:
             return Converted(path, None)
         view = Path(offload_dir) / VIEW_DIR
@@ -229,9 +230,10 @@ def converted_checkpoint(path: Path, skeleton: nn.Module, offload_dir: Path,
         read = _Reader(path, tensors)
         with atomic_directory(view, overwrite=True) as tmp:
             try:
-                weight_map = _write_kept(kept, tmp, read)
+                weight_map = _write_as_stored(as_stored, tmp, read)
+                shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
                 for target in targets.values():
-                    weight_map.update(_write_target(target, tmp, read, skeleton, slice_bytes))
+                    weight_map.update(_write_target(target, tmp, read, skeleton, shapes[target.name], slice_bytes))
                 for extra in ("config.json", "generation_config.json"):
                     if (path / extra).is_file():
                         os.symlink((path / extra).resolve(), tmp / extra)
