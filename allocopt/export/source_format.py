@@ -51,7 +51,8 @@ def _source_name(name: str, kept: Mapping[int, Sequence[int]]) -> str:
 def keep_source_format(out: Path, source: Path, kept: Mapping[int, Sequence[int]],
                        max_shard_bytes: int = defaults.EXPORT_SHARD_BYTES) -> bool:
     """Rewrite the export in ``out`` (written from ``source`` loaded dequantized, pruned to ``kept``) in the source's
-    quantized format. Returns False, changing nothing, when the source's format is not one of :data:`KEPT_FORMATS`."""
+    quantized format. Returns False, changing nothing, when the source's format is not one of :data:`KEPT_FORMATS`
+    or a quantized tensor cannot be copied whole (experts fused in one stored tensor)."""
     quantization = source_quantization(source)
     suffix = KEPT_FORMATS.get((quantization or {}).get("quant_method"))
     if suffix is None:
@@ -62,12 +63,16 @@ def keep_source_format(out: Path, source: Path, kept: Mapping[int, Sequence[int]
     def entry(directory: Path, files: dict[str, str], name: str) -> dict:
         return read_header(str(directory / files[name]), headers)[1][name]
 
+    quantized = {name: _source_name(name, kept) for name in exported}
+    quantized = {name: origin for name, origin in quantized.items() if origin in stored and origin + suffix in stored}
+    if any(entry(out, exported, n)["shape"] != entry(source, stored, o)["shape"] for n, o in quantized.items()):
+        return False            # e.g. experts fused on disk: a stored tensor holds dropped experts too, cannot be copied
     staging = out / ".source-format"
     staging.mkdir()
     writer = ShardWriter(staging, max_shard_bytes)
     for name in sorted(exported):
-        origin = _source_name(name, kept)
-        if origin in stored and origin + suffix in stored:          # stored quantized: copied as stored, with its scale
+        origin = quantized.get(name) or _source_name(name, kept)
+        if name in quantized:                                         # stored quantized: copied as stored, with its scale
             writer.add(name, read_tensor(str(source / stored[origin]), origin, headers))
             writer.add(name + suffix, read_tensor(str(source / stored[origin + suffix]), origin + suffix, headers))
             continue
