@@ -105,8 +105,13 @@ def _build(domain: str, split: str) -> tuple[Document, ...]:
     if domain == "math":
         rng = random.Random(f"deep-math-{split}")
         return tuple(math_worksheet(rng, split) for _ in range(MATH_DOCS.get(split, 0)))
-    items = [(k, _read(p)) for k, p in _code_sources()] if domain == "code" else _prose_sources()
-    return tuple(Document(text=t) for k, t in items if t and split_of(f"deep-{domain}:{k}") == split)
+    return tuple(Document(text=t) for k, t in _items(domain) if t and split_of(f"deep-{domain}:{k}") == split)
+
+
+@functools.lru_cache(maxsize=None)
+def _items(domain: str) -> tuple[tuple[str, str], ...]:
+    """``(identity, text)`` of every code or prose document on this machine, read once for all splits."""
+    return tuple((k, _read(p)) for k, p in _code_sources()) if domain == "code" else tuple(_prose_sources())
 
 
 @functools.lru_cache(maxsize=None)
