@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
+from allocopt.plan import check_allowed_counts
 from allocopt.search.space import Budget, check_density
 
 
@@ -42,6 +43,7 @@ class RunConfig:
     min_density: float = D.MIN_DENSITY
     max_density: float = D.MAX_DENSITY
     count_multiple: int = D.COUNT_MULTIPLE           # every layer keeps a multiple of this (expert parallelism, kernels)
+    allowed_counts: list[int] | None = None          # the only counts a layer may keep (what a serving kernel accepts)
     # data
     calib_data: str = D.CALIBRATION_DATA
     calib_seq_len: int = D.CALIBRATION_SEQ_LEN
@@ -150,6 +152,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and value < low:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
+        if self.allowed_counts is not None:
+            check_allowed_counts(self.allowed_counts)
         if self.dtype is not None:
             check_dtype(self.dtype)
         if self.tolerance < 0:

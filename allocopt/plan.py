@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
@@ -151,6 +152,17 @@ class Plan:
                 raise AllocoptError(f"{source}: layer {lp.index} keeps {len(lp.kept)} experts, not a multiple of "
                                     f"--count-multiple {multiple}; search with `allocopt run --count-multiple {multiple}` "
                                     "or edit the plan")
+        return self
+
+    def check_allowed_counts(self, counts, source: str = "plan") -> "Plan":
+        """Every layer keeps one of ``counts`` experts (what a serving kernel accepts; ``allocopt run
+        --allowed-counts`` searches only such plans). Raises one AllocoptError naming the first layer that does not."""
+        allowed = check_allowed_counts(counts)
+        shown = ",".join(map(str, allowed))
+        for lp in self.layers:
+            if len(lp.kept) not in allowed:
+                raise AllocoptError(f"{source}: layer {lp.index} keeps {len(lp.kept)} experts, not one of --allowed-counts "
+                                    f"{shown}; search with `allocopt run --allowed-counts {shown}` or edit the plan")
         return self
 
     def validate(self, num_experts: Mapping[int, int], top_k: Mapping[int, int], fingerprint: str | None = None,
@@ -298,3 +310,17 @@ def _shown(value: object) -> str:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_allowed_counts(counts) -> tuple[int, ...]:
+    """``--allowed-counts`` as a sorted tuple of distinct positive expert counts (the one check; RunConfig, the
+    search space and ``allocopt prune`` call it). Accepts a list of ints or text such as ``"64,96,128"``."""
+    if isinstance(counts, str):
+        try:
+            counts = [int(c) for c in counts.replace(" ", "").split(",") if c]
+        except ValueError:
+            raise AllocoptError(f"allowed counts {counts!r} are not whole numbers; give them as e.g. 64,96,128") from None
+    if not counts or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in counts):
+        raise AllocoptError(f"allowed counts must be positive expert counts, got {list(counts)}; give them as e.g. "
+                            "64,96,128")
+    return tuple(sorted({int(c) for c in counts}))

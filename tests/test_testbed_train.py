@@ -30,10 +30,14 @@ def _config(vocab: int, eos: int, pad: int) -> OlmoeConfig:
                        pad_token_id=pad, tie_word_embeddings=False, router_aux_loss_coef=0.01)
 
 
-def test_a_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
+def _recipe(tmp_path, phases) -> train.Recipe:
     corpus = _corpus()
-    recipe = train.Recipe("tiny", lambda: corpus, _config, lambda: OlmoeForCausalLM, lambda: tmp_path / "unused",
-                          {"math": 1, "code": 1, "prose": 1}, steps=6, vocab_size=300)
+    return train.Recipe("tiny", lambda: corpus, _config, lambda: OlmoeForCausalLM, lambda: tmp_path / "unused",
+                        phases, vocab_size=300)
+
+
+def test_a_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
+    recipe = _recipe(tmp_path, (train.Phase(6, {"math": 1, "code": 1, "prose": 1}),))
     random.seed(0)
     whole = train.train(tmp_path / "whole", 6, 60.0, 3, recipe)
     train.train(tmp_path / "first", 6, 0.0, 3, recipe, work=tmp_path / "state", save_every=1)   # capped after 1 step
@@ -42,3 +46,20 @@ def test_a_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in whole["curve"]] == [r["loss"] for r in resumed["curve"]]
     assert resumed["recipe"] == "tiny" and "capped_at_step" not in resumed
+
+
+def test_a_run_resumed_into_a_later_phase_equals_one_that_ran_both_phases(tmp_path):
+    """The deep recipe's annealing phase was added after its first phase had run: the state saved at the end of a
+    one-phase run, resumed under the two-phase recipe, gives the weights of a two-phase run from scratch."""
+    first = train.Phase(3, {"math": 1, "code": 1, "prose": 1}, warmup=1)
+    second = train.Phase(3, {"math": 2, "code": 1, "prose": 0}, lr=1e-3, min_lr=1e-4, warmup=2)
+    whole = train.train(tmp_path / "whole", 6, 60.0, 5, _recipe(tmp_path, (first, second)))
+    train.train(tmp_path / "one", 3, 60.0, 5, _recipe(tmp_path, (first,)), work=tmp_path / "state")
+    resumed = train.train(tmp_path / "resumed", 6, 60.0, 5, _recipe(tmp_path, (first, second)), work=tmp_path / "state")
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["curve"][-1] | {"elapsed_s": 0} == resumed["curve"][-1] | {"elapsed_s": 0}
+    assert resumed["steps"] == 6 and len(resumed["phases"]) == 2
+    assert set(whole["curve"][-1]["loss"]) == {"math", "code"}        # the second phase's domains
+    recipe = _recipe(tmp_path, (first, second))               # the second phase warms up again from its own start
+    assert [recipe.phase_at(s)[0].lr_at(recipe.phase_at(s)[1]) for s in (2, 3, 4)] == [first.lr_at(2), 1e-3 / 2, 1e-3]

@@ -20,10 +20,13 @@ from allocopt.errors import AllocoptError
 @click.option("--count-multiple", type=click.IntRange(min=1), default=None, metavar="M",
               help="Refuse a plan in which a layer keeps a number of experts that is not a multiple of M (the "
                    "server's expert-parallel size, or what its kernel accepts) [default: the plan's own].")
+@click.option("--allowed-counts", default=None, metavar="LIST",
+              help="Refuse a plan in which a layer keeps a number of experts not in LIST, e.g. 64,96,128 (what the "
+                   "server's kernel accepts) [default: the plan's own].")
 @quiet_option
 @loading_options
 def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: bool, pad: bool, quiet: bool,
-          count_multiple: int | None, **loading) -> None:
+          count_multiple: int | None, allowed_counts: str | None, **loading) -> None:
     """Remove the experts a plan prunes and write a loadable checkpoint, plan.json and a model card."""
     from allocopt.models import describe
     from allocopt.runtime import load_model
@@ -36,6 +39,9 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     plan = Plan.load(plan_path)
     multiple = count_multiple or int(plan.extra.get("count_multiple", 1))
     plan.check_count_multiple(multiple, source=f"plan file {plan_path}")      # before the model loads
+    allowed = allowed_counts or plan.extra.get("allowed_counts")
+    if allowed:
+        plan.check_allowed_counts(allowed, source=f"plan file {plan_path}")
     spec = model_spec or plan.extra.get("model")
     if not spec:
         raise AllocoptError(f"plan file {plan_path} names no model; pass --model PATH")

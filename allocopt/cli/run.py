@@ -24,6 +24,9 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--count-multiple", type=int, default=D.COUNT_MULTIPLE, metavar="M",
      help="Every layer keeps a multiple of M experts (the server's expert-parallel size, or what its kernel needs); "
           "combined with group-limited routing's own step, every optimizer and baseline searches only such plans.")
+@opt("--allowed-counts", metavar="LIST",
+     help="The only expert counts a layer may keep, e.g. 64,96,128 (what a serving kernel accepts); every optimizer "
+          "and baseline evaluates and returns only such plans, the budget being the nearest total they can reach.")
 @opt("--data", metavar="SPEC", default=D.SEARCH_DATA,
      help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset dir.")
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
@@ -55,6 +58,10 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
 
     if option_pairs:
         given["options"] = parse_key_values(option_pairs)
+    if given.get("allowed_counts") is not None:
+        from allocopt.plan import check_allowed_counts
+
+        given["allowed_counts"] = list(check_allowed_counts(given["allowed_counts"]))
     given.update(loading_overrides(given))
     config = RunConfig.from_sources(problem, given)
     if resume:

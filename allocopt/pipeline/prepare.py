@@ -110,12 +110,13 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
 def space_for(config: RunConfig, info):
     """The allocation space of ``config``'s budget on a model described by ``info`` (a ModelInfo): per-layer
     floors from top-k and the router's needs, and the step every count is a multiple of (group-limited routing's
-    group count and ``count_multiple``, their least common multiple)."""
+    group count and ``count_multiple``, their least common multiple) and the counts a layer may keep
+    (``allowed_counts``)."""
     from allocopt.search.space import make_space
 
     return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
                       min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept,
-                      unit=math.lcm(info.unit, config.count_multiple))
+                      unit=math.lcm(info.unit, config.count_multiple), allowed_counts=config.allowed_counts)
 
 
 def peek_space(config: RunConfig, source):

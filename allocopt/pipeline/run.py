@@ -83,7 +83,8 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
              "calibration_fingerprint": prepared.stats.data_fingerprint,
              "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
              "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
-             "budget": int(space.budget), "layers": list(space.layers), "count_multiple": config.count_multiple}
+             "budget": int(space.budget), "layers": list(space.layers), "count_multiple": config.count_multiple,
+             "allowed_counts": list(space.allowed) or None}
     check_resumable(config, attrs, legacy=lambda: legacy_fingerprint(prepared.model))
     optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
@@ -147,6 +148,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "sparsity": 1.0 - int(best.sum()) / total,
         "counts": [int(c) for c in best],
         "count_multiple": config.count_multiple,
+        "allowed_counts": list(space.allowed) or None,
         "run_name": config.name,
         "storage": config.storage_url,
         # plans this call scored, in this process or its workers; the other evaluations came from the study
@@ -161,8 +163,9 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     if result.front is not None:
         front_path = atomic_write_json(run_dir / FRONT_FILE, {
             "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(space.layers),
-            "points": [{"counts": [int(c) for c in space.expand(x)], "value": sign * float(v), "memory_bytes": int(m)}
-                       for x, v, m in result.front]})
+            "points": [{"counts": [int(c) for c in counts], "value": sign * float(v),
+                        "memory_bytes": int(space.memory_bytes(counts))}
+                       for counts, v in ((space.expand(x), v) for x, v, _ in result.front)]})
     return RunResult(config, summary, plan_path, front_path, summary["new_evaluations"], prepared.calibration_reused, trace,
                      total_experts=total, fixed_allocation=optimizer.fixed_allocation)
 
@@ -256,7 +259,7 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[
 
 # Everything a stored trial's value depends on besides its allocation.
 _SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
-                    "tolerance", "layers", "budget", "count_multiple")
+                    "tolerance", "layers", "budget", "count_multiple", "allowed_counts")
 
 
 # ---- reporting -------------------------------------------------------------------------------------

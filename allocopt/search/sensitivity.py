@@ -61,17 +61,25 @@ def probe_grid(space: AllocationSpace, base: np.ndarray, probes: int, radius: in
                             "raise dp_probes or --evals")
     moved = np.zeros(len(base), dtype=np.int64) if previous is None else np.sign(np.asarray(base) - previous)
     grid = []
-    for lo, hi, b, m in zip(space.lower, space.upper, np.asarray(base), moved):
+    for layer, (b, m) in enumerate(zip(np.asarray(base), moved)):
+        ladder = space.levels(layer)             # steps are along the counts a layer may keep (all, or the allowed)
+        b = _rung(ladder, b)
+        lo, hi = 0, len(ladder) - 1
         steps = [[b - 1, b + 1], *([[lo, hi]] if bounds else [])]
         steps += [[b + s * d for s in (-1, 1) if previous is None or s == m] for d in range(2, radius + 1)]
-        counts: list[int] = []
+        rungs: list[int] = []
         for step in steps:
-            new = [int(c) for c in step if lo <= c <= hi and c != b and c not in counts]
-            if len(counts) + len(new) > probes:
+            new = [int(c) for c in step if lo <= c <= hi and c != b and c not in rungs]
+            if len(rungs) + len(new) > probes:
                 break
-            counts += new
-        grid.append(np.array(sorted(counts), dtype=np.int64))
+            rungs += new
+        grid.append(ladder[sorted(rungs)].astype(np.int64))
     return grid
+
+
+def _rung(ladder: np.ndarray, count: int) -> int:
+    """Position on ``ladder`` (a layer's allowed counts, ascending) of the allowed count nearest ``count``."""
+    return int(np.argmin(np.abs(ladder - int(count))))
 
 
 def probe_plans(base: np.ndarray, grid: list[np.ndarray]) -> np.ndarray:
@@ -108,7 +116,7 @@ def layer_costs(space: AllocationSpace, base: np.ndarray, base_value: float, gri
         order = np.argsort(xs)
         span = np.arange(space.lower[layer], space.upper[layer] + 1)
         cost = np.interp(span, xs[order], ys[order])
-        cost[(span < xs.min()) | (span > xs.max())] = math.inf
+        cost[(span < xs.min()) | (span > xs.max()) | ~np.isin(span, space.levels(layer))] = math.inf
         costs.append(cost)
     return costs
 
@@ -157,13 +165,16 @@ def extend_grid(space: AllocationSpace, base: np.ndarray, grid: list[np.ndarray]
     probed range, so a plan at an edge is the one sign that the layer may want to move further; elsewhere the grid
     is enough. Shapes: ``base``, ``plan`` [L]; ``grid`` L arrays -> L arrays (empty where nothing is added)."""
     out = []
-    for lo, hi, b, counts, x in zip(space.lower, space.upper, np.asarray(base), grid, np.asarray(plan)):
-        probed = np.append(counts, b)
+    for layer, (b, counts, x) in enumerate(zip(np.asarray(base), grid, np.asarray(plan))):
+        ladder = space.levels(layer)                       # offsets count rungs of the layer's allowed counts
+        b, x = _rung(ladder, b), _rung(ladder, x)
+        probed = np.append([_rung(ladder, c) for c in counts], b)
+        lo, hi = 0, len(ladder) - 1
         new = []
         for edge, bound, sign in ((probed.max(), hi, 1), (probed.min(), lo, -1)):
             if x == edge and x != b and sign * (bound - edge) > 0:
                 new.append(int(np.clip(b + sign * next_fibonacci(int(abs(edge - b))), lo, hi)))
-        out.append(np.array(sorted(new), dtype=np.int64))
+        out.append(ladder[sorted(new)].astype(np.int64))
     return out
 
 

@@ -5,9 +5,18 @@ Some routers only route exactly when a layer keeps a multiple of some step: grou
 The space then counts in *units* of ``unit`` experts; :meth:`AllocationSpace.lattice` is that space with every
 count divided by the unit, which is what optimizers search, so no operator (repair, mutation, sampling) needs to
 know about groups. :meth:`expand` maps a lattice point back to expert counts.
+
+Some serving kernels accept only a list of expert counts (``--allowed-counts``: vLLM's fused DeepSeek-V4 router
+takes some counts and crashes on others). Such a list is not a lattice, so it enters the search as a *decoder*
+(the genotype-to-phenotype map of constrained evolutionary search): optimizers search the integer space as before
+and :meth:`expand` sends every point to the nearest allowed plan on the same budget (:meth:`snap`), so every plan
+evaluated, recorded and returned keeps allowed counts; the sensitivity DP probes and solves on the allowed counts
+themselves (:meth:`levels`).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -15,7 +24,10 @@ from typing import Mapping
 import numpy as np
 
 from allocopt.errors import AllocoptError
+from allocopt.plan import check_allowed_counts
 from allocopt.search.rounding import largest_remainder
+
+_log = logging.getLogger("allocopt")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class AllocationSpace:
     budget: int
     bytes_per_expert: np.ndarray
     unit: int = 1                 # every count is a multiple of this many experts (group-limited routing)
+    allowed: tuple[int, ...] = ()  # the only counts a layer may keep (``--allowed-counts``), in this space's units
 
     @property
     def size(self) -> int:
@@ -68,11 +81,56 @@ class AllocationSpace:
             return self
         u = self.unit
         return AllocationSpace(self.layers, self.num_experts // u, self.lower // u, self.upper // u, self.budget // u,
-                               self.bytes_per_expert * u)
+                               self.bytes_per_expert * u, allowed=tuple(a // u for a in self.allowed))
 
     def expand(self, x) -> np.ndarray:
-        """Expert counts of a lattice point (rows of ``x`` in units) -> the same shape in experts."""
-        return np.asarray(x, dtype=np.int64) * self.unit
+        """Expert counts of a lattice point (rows of ``x`` in units) -> the same shape in experts, sent to the
+        nearest allowed plan (:meth:`snap`) when only some counts are allowed."""
+        return self.snap(np.asarray(x, dtype=np.int64) * self.unit)
+
+    def levels(self, i: int) -> np.ndarray:
+        """The counts layer ``i`` may keep, ascending: every count within its bounds, or the allowed ones there."""
+        span = np.arange(self.lower[i], self.upper[i] + 1, dtype=np.int64)
+        return span if not self.allowed else span[np.isin(span, self.allowed)]
+
+    def snap(self, x) -> np.ndarray:
+        """Rows of ``x`` ([L] or [n, L], in this space's units) -> the nearest plans (least total |change|) whose
+        every count is allowed: on the budget exactly where a row sums to it (a DP over layers and partial sums),
+        else each count to its nearest allowed one (a probe off the budget stays off it). Identity without
+        ``allowed``."""
+        x = np.asarray(x, dtype=np.int64)
+        if not self.allowed:
+            return x
+        rows = np.atleast_2d(x)
+        out = np.array([self._snap_row(r) for r in rows], dtype=np.int64).reshape(rows.shape)
+        return out if x.ndim == 2 else out[0]
+
+    def _snap_row(self, x: np.ndarray) -> np.ndarray:
+        levels = [self.levels(i) for i in range(self.size)]
+        if int(x.sum()) != self.budget:
+            return np.array([lv[np.argmin(np.abs(lv - c))] for lv, c in zip(levels, x)], dtype=np.int64)
+        step = math.gcd(*(int(v) for lv in levels for v in lv), self.budget)
+        total = self.budget // step
+        best = np.full(total + 1, np.inf)
+        best[0] = 0.0
+        picks = []
+        for lv, c in zip(levels, x):
+            new, pick = np.full(total + 1, np.inf), np.zeros(total + 1, dtype=np.int64)
+            for v in lv:
+                t = int(v) // step
+                if t > total:
+                    break
+                cand = np.full(total + 1, np.inf)
+                cand[t:] = best[:total + 1 - t] + abs(int(c) - int(v))
+                better = cand < new
+                new[better], pick[better] = cand[better], v
+            best = new
+            picks.append(pick)
+        out, t = np.zeros(self.size, dtype=np.int64), total
+        for i in range(self.size - 1, -1, -1):
+            out[i] = picks[i][t]
+            t -= out[i] // step
+        return out
 
     def project(self, x) -> np.ndarray:
         """The lattice point (in units) nearest to expert counts ``x`` on the budget (largest remainder)."""
@@ -84,12 +142,13 @@ class AllocationSpace:
         lattice when ``unit`` > 1."""
         if self.unit > 1:
             return self.expand(self.lattice().uniform())
-        return largest_remainder(self.num_experts, self.budget, self.lower, self.upper)
+        return self.snap(largest_remainder(self.num_experts, self.budget, self.lower, self.upper))
 
     def contains(self, x) -> bool:
         x = np.asarray(x)
         return (x.shape == (self.size,) and bool(np.all(x == np.round(x))) and int(x.sum()) == self.budget
-                and bool(np.all(x >= self.lower)) and bool(np.all(x <= self.upper)) and bool(np.all(x % self.unit == 0)))
+                and bool(np.all(x >= self.lower)) and bool(np.all(x <= self.upper)) and bool(np.all(x % self.unit == 0))
+                and (not self.allowed or bool(np.all(np.isin(x, self.allowed)))))
 
     def memory_bytes(self, x) -> np.ndarray:
         """Bytes of the kept routed experts, per row of ``x`` ([n, L] -> [n], or [L] -> scalar array)."""
@@ -109,14 +168,15 @@ def check_density(min_density: float, max_density: float) -> None:
 def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_per_expert: Mapping[int, int],
                sparsity: float | None = None, keep: int | None = None,
                min_density: float = 0.0, max_density: float = 1.0, min_kept: Mapping[int, int] | None = None,
-               unit: int = 1) -> AllocationSpace:
+               unit: int = 1, allowed_counts: tuple[int, ...] | list[int] | None = None) -> AllocationSpace:
     """Build the space for a global ``sparsity`` (fraction of routed experts removed) or a total ``keep``.
 
     Every layer keeps at least its top-k and ``min_kept[layer]`` (what its router needs to route exactly, e.g.
     two experts per group for DeepSeek-V3's group score; a hash-routed layer needs all of them) and
     ``ceil(min_density * E)``, at most ``floor(max_density * E)``; with ``unit`` > 1 every count is a multiple of
-    ``unit`` and the total is rounded to the nearest multiple. Impossible requests raise AllocoptError before any
-    model work.
+    ``unit`` and the total is rounded to the nearest multiple. With ``allowed_counts`` a layer keeps only those
+    counts (those that are multiples of ``unit``) and the total is the reachable sum nearest the requested one (a
+    note says so when they differ). Impossible requests raise AllocoptError before any model work.
     """
     budget = Budget(sparsity, keep)
     check_density(min_density, max_density)
@@ -141,7 +201,34 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
             f"{int(lower.sum())}..{int(upper.sum())} (top-k, what each router needs and density bounds); choose a sparsity/keep in that range "
             f"or relax min_density/max_density")
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
-    return AllocationSpace(layers, e, lower, upper, keep, bpe, unit)
+    allowed: tuple[int, ...] = ()
+    if allowed_counts is not None:
+        allowed, lower, upper, keep = _allowed(allowed_counts, layers, lower, upper, keep, unit)
+    return AllocationSpace(layers, e, lower, upper, keep, bpe, unit, allowed)
+
+
+def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarray, keep: int, unit: int):
+    """``--allowed-counts``: the counts kept, the bounds tightened to each layer's lowest and highest allowed count,
+    and the reachable total nearest ``keep`` (ties to fewer experts)."""
+    counts = check_allowed_counts(counts)
+    allowed = tuple(c for c in counts if c % unit == 0)
+    levels = [[a for a in allowed if lo <= a <= hi] for lo, hi in zip(lower, upper)]
+    for layer, lo, hi, lv in zip(layers, lower, upper, levels):
+        if not lv:
+            within = f" that are multiples of {unit} (routing groups / --count-multiple)" if unit > 1 else ""
+            raise AllocoptError(f"layer {layer} keeps {lo}..{hi} experts (top-k, what its router needs, density bounds) "
+                                f"but no allowed count{within} lies there ({', '.join(map(str, counts))}); add one")
+    reach = 1                                         # bit t set: t experts reachable over the layers so far
+    for lv in levels:
+        reach = functools.reduce(lambda acc, v: acc | (reach << v), lv, 0)
+    sums = [t for t in range(reach.bit_length()) if reach >> t & 1]
+    total = min(sums, key=lambda t: (abs(t - keep), t))
+    if total != keep:
+        _log.info("keeping %d experts is not a sum of allowed counts (%s); the budget is %d, the nearest that is",
+                  keep, ", ".join(map(str, allowed)), total)
+    lower = np.array([lv[0] for lv in levels], dtype=np.int64)
+    upper = np.array([lv[-1] for lv in levels], dtype=np.int64)
+    return allowed, lower, upper, total
 
 
 def experts_removed(sparsity: float, total: int, unit: int = 1) -> int:

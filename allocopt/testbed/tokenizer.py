@@ -38,6 +38,16 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE, texts: Iterator[str] | None = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_training_texts() if texts is None else texts, trainer=trainer)
+    return _wrap(tok)
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """The tokenizer a training state saved (``Tokenizer.to_str()``): a resumed run keeps the vocabulary its weights
+    were trained with even where this machine's texts would train different merges."""
+    return _wrap(Tokenizer.from_str(text))
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS,
                                    model_max_length=1024)
 

@@ -9,12 +9,15 @@ build reproduce the same weights bit for bit; ``--minutes`` is only a safety cap
 With ``--work DIR`` the run saves its whole state there every ``--save-every`` steps and a later call with the same
 arguments resumes from it, giving the weights an uninterrupted run gives.
 
-A :class:`Recipe` holds what differs between the testbeds (corpus, model config, batch composition, steps): ``first``
-is the default testbed (OLMoE, 6 x 16 experts), ``deep`` the deep one (``allocopt.testbed.deep``).
+A :class:`Recipe` holds what differs between the testbeds (corpus, model config, and its :class:`Phase` list: batch
+composition and learning-rate schedule per phase): ``first`` is the default testbed (OLMoE, 6 x 16 experts, one phase),
+``deep`` the deep one (``allocopt.testbed.deep``): a pretraining phase, then a math-heavy annealing phase with a fresh
+warm-up and cosine at a lower peak, in the manner of OLMo 2's mid-training (Team OLMo, "2 OLMo 2 Furious", 2024).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import math
 import random
@@ -29,7 +32,7 @@ from transformers import OlmoeConfig, OlmoeForCausalLM, PretrainedConfig, Qwen2M
 
 from allocopt.io import atomic_write_json
 from allocopt.testbed import corpus, path
-from allocopt.testbed.tokenizer import VOCAB_SIZE, save_tokenizer, train_tokenizer
+from allocopt.testbed.tokenizer import VOCAB_SIZE, save_tokenizer, tokenizer_from_json, train_tokenizer
 
 SEQ_LEN = 256
 ROWS = {"math": 6, "code": 2, "prose": 1}    # rows of each domain in every batch; math weighted for its EM goal
@@ -63,19 +66,56 @@ def deep_model_config(vocab_size: int, eos_id: int, pad_id: int) -> Qwen2MoeConf
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one batch composition (rows of each domain per batch) and one schedule: linear
+    warm-up to ``lr`` over ``warmup`` steps, then cosine down to ``min_lr`` at the phase's last step."""
+
+    steps: int
+    rows: dict[str, int]
+    lr: float = LR
+    min_lr: float = MIN_LR
+    warmup: int = WARMUP
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step`` counted from the phase's start."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """What one testbed is trained from: its corpus module (``documents(domain, "train")`` and a math generator),
-    model config, batch composition and schedule."""
+    model config and phases (run one after another, the optimizer state carried across)."""
 
     name: str
     corpus: Callable[[], ModuleType]
     config: Callable[[int, int, int], PretrainedConfig]
     model_class: Callable[[], type]
     out: Callable[[], Path]
-    rows: dict[str, int]
-    steps: int
+    phases: tuple[Phase, ...]
     vocab_size: int = VOCAB_SIZE
     store_dtype: torch.dtype = torch.float32          # what the shipped checkpoint stores (training runs in float32)
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def with_steps(self, steps: int) -> "Recipe":
+        """The recipe cut or stretched to ``steps`` in all by changing its last phase's length (``--steps``)."""
+        head = sum(p.steps for p in self.phases[:-1])
+        if steps <= head:
+            raise ValueError(f"--steps {steps} leaves nothing of the last phase; the earlier phases take {head} steps")
+        return dataclasses.replace(self, phases=self.phases[:-1] + (dataclasses.replace(self.phases[-1], steps=steps - head),))
+
+    def phase_at(self, step: int) -> tuple[Phase, int]:
+        """The phase that ``step`` (counted from the run's start) belongs to, and the step within it."""
+        for phase in self.phases:
+            if step < phase.steps:
+                return phase, step
+            step -= phase.steps
+        raise IndexError(step)
 
 
 def _deep_corpus() -> ModuleType:
@@ -90,10 +130,16 @@ def _deep_path() -> Path:
     return deep.path()
 
 
+DEEP_PHASES = (
+    Phase(3000, {"math": 4, "code": 3, "prose": 2}),
+    # annealing: the word problems are what the held-out EM measures and what 3000 steps left undertrained
+    Phase(4000, {"math": 6, "code": 2, "prose": 1}, lr=1e-3, min_lr=5e-5, warmup=100),
+)
+
 RECIPES = {
-    "first": Recipe("first", lambda: corpus, model_config, lambda: OlmoeForCausalLM, path, ROWS, STEPS),
+    "first": Recipe("first", lambda: corpus, model_config, lambda: OlmoeForCausalLM, path, (Phase(STEPS, ROWS),)),
     "deep": Recipe("deep", _deep_corpus, deep_model_config, lambda: Qwen2MoeForCausalLM,
-                   _deep_path, {"math": 4, "code": 3, "prose": 2}, 3000, vocab_size=4096, store_dtype=torch.bfloat16),
+                   _deep_path, DEEP_PHASES, vocab_size=4096, store_dtype=torch.bfloat16),
 }
 
 
@@ -126,13 +172,6 @@ class MathStream:
         return torch.stack(out)
 
 
-def lr_at(step: int, steps: int) -> float:
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
-    return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
-
-
 def encode_domain(tokenizer, domain: str, source: ModuleType = corpus) -> list[int]:
     ids: list[int] = []
     for doc in source.documents(domain, "train"):
@@ -142,11 +181,20 @@ def encode_domain(tokenizer, domain: str, source: ModuleType = corpus) -> list[i
 
 def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = RECIPES["first"],
           work: Path | None = None, save_every: int = 250) -> dict:
+    """Train ``recipe`` for ``steps`` in all (its own total, or its last phase cut/stretched to that) and save the
+    model to ``out`` in the recipe's stored dtype with its tokenizer and ``train_log.json``; returns the log."""
+    if steps != recipe.steps:
+        recipe = recipe.with_steps(steps)
     torch.set_num_threads(TRAIN_THREADS)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     source = recipe.corpus()
-    tokenizer = train_tokenizer(recipe.vocab_size, None if source is corpus else _texts(source))
+    state_file = work / "state.pt" if work is not None else None
+    state = torch.load(state_file, weights_only=False) if state_file is not None and state_file.is_file() else None
+    if state is not None and "tokenizer" in state:
+        tokenizer = tokenizer_from_json(state["tokenizer"])
+    else:
+        tokenizer = train_tokenizer(recipe.vocab_size, None if source is corpus else _texts(source))
     streams = {"math": MathStream(tokenizer, random.Random(seed), source),
                "code": Stream(encode_domain(tokenizer, "code", source), generator),
                "prose": Stream(encode_domain(tokenizer, "prose", source), generator)}
@@ -158,31 +206,44 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
-    rows = recipe.rows
-    print(f"params {n_params / 1e6:.2f}M, vocab {len(tokenizer)}, {steps} steps of {sum(rows.values())}x{SEQ_LEN}")
+    phases = [dataclasses.asdict(p) for p in recipe.phases]
+    print(f"params {n_params / 1e6:.2f}M, vocab {len(tokenizer)}, {steps} steps of "
+          + " then ".join(f"{p.steps} x {sum(p.rows.values())}x{SEQ_LEN}" for p in recipe.phases))
 
     log: dict = {"recipe": recipe.name, "seed": seed, "steps": steps, "threads": TRAIN_THREADS,
-                 "torch": torch.__version__, "rows": rows, "seq_len": SEQ_LEN, "params": n_params, "curve": []}
+                 "torch": torch.__version__, "phases": phases, "seq_len": SEQ_LEN, "params": n_params, "curve": []}
     if hasattr(source, "source_versions"):              # a corpus read from installed files: what it read
         log["corpus_sources"] = source.source_versions()
+    text_digest = _digest(streams)
+    log["train_text_sha256"] = {"0": text_digest}
     first, spent = 0, 0.0
-    state_file = work / "state.pt" if work is not None else None
-    if state_file is not None and state_file.is_file():          # resume: every state the next step depends on
-        state = torch.load(state_file, weights_only=False)
+    if state is not None:                                        # resume: every state the next step depends on
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         streams["math"].rng.setstate(state["math_rng"])
         torch.set_rng_state(state["torch_rng"])
         first, spent, log = state["step"], state["spent"], state["log"]
+        log.pop("rows", None)                  # a state saved before phases existed: one phase, which it recorded
+        log.update(steps=steps, phases=phases)  # a run resumed into later phases (or longer) records what it became
+        digests = log.setdefault("train_text_sha256", {})
+        if text_digest not in digests.values():  # the machine's files changed under the run: say so and from when
+            print(f"warning: this machine's training text differs from the one the run started on "
+                  f"(sha256 {text_digest[:12]} vs {', '.join(d[:12] for d in digests.values()) or 'unrecorded'}); "
+                  f"resuming on it from step {first}", flush=True)
+            digests[str(first)] = text_digest
+        if "corpus_sources" in log and hasattr(source, "source_versions"):
+            log.setdefault("corpus_sources_by_step", {})[str(first)] = source.source_versions()
         print(f"resumed at step {first} from {state_file}", flush=True)
     t0 = time.time() - spent
     model.train()
     for step in range(first, steps):
+        phase, phase_step = recipe.phase_at(step)
+        rows, lr = {d: n for d, n in phase.rows.items() if n}, phase.lr_at(phase_step)
         batch = torch.cat([streams[d].rows(n) for d, n in rows.items()])
         x, y = batch[:, :-1], batch[:, 1:]
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps)
+            group["lr"] = lr
         outputs = model(input_ids=x, output_router_logits=True)
         token_loss = F.cross_entropy(outputs.logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         loss = token_loss.mean() + config.router_aux_loss_coef * outputs.aux_loss
@@ -198,14 +259,15 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
                 per_domain[d] = round(float(row_loss[i:i + n].mean()), 4)
                 i += n
             elapsed = time.time() - t0
-            log["curve"].append({"step": step, "lr": lr_at(step, steps), "loss": per_domain,
+            log["curve"].append({"step": step, "lr": lr, "loss": per_domain,
                                  "aux_loss": round(outputs.aux_loss.item(), 4), "elapsed_s": round(elapsed, 1)})
             print(f"step {step:5d} | {per_domain} | aux {outputs.aux_loss.item():.3f} | {elapsed:6.0f}s", flush=True)
         if state_file is not None and ((step + 1) % save_every == 0 or step == steps - 1):
             work.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "math_rng": streams["math"].rng.getstate(),
-                        "torch_rng": torch.get_rng_state(), "step": step + 1, "spent": time.time() - t0,
+                        "torch_rng": torch.get_rng_state(), "tokenizer": tokenizer.backend_tokenizer.to_str(),
+                        "step": step + 1, "spent": time.time() - t0,
                         "log": log}, work / "state.pt.tmp")
             (work / "state.pt.tmp").replace(state_file)
         if time.time() - t0 > minutes * 60:
@@ -220,6 +282,14 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
     save_tokenizer(tokenizer, out)
     atomic_write_json(out / "train_log.json", log)
     return log
+
+
+def _digest(streams: dict) -> str:
+    """sha256 of the code and prose token streams: what the run trains on beside the generated math."""
+    h = hashlib.sha256()
+    for name in ("code", "prose"):
+        h.update(name.encode() + streams[name].ids.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _texts(source: ModuleType) -> Any:
