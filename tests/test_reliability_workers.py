@@ -169,12 +169,15 @@ def _run_with_a_killed_worker(url: str, name: str, tmp_path, heartbeat: tuple[in
     recorder = _coordinator(url, name, heartbeat)
     logs = {"killed": tmp_path / f"{name}-killed.log", "slow": tmp_path / f"{name}-slow.log"}
     killed = _worker(url, name, logs["killed"], 3600, host)
-    slow = _worker(url, name, logs["slow"], slow_hold, host)
-    evaluated, kill = [], {}
+    evaluated, kill, procs = [], {}, [killed]
 
     def evaluate_plans(counts):
         if not kill:                                    # both workers hold a trial: kill one mid-evaluation
-            _wait_for_files(logs["killed"], logs["slow"], procs=(killed, slow))
+            # the live worker starts once the doomed one holds its trial: started together, a worker that happens to
+            # start first on a busy machine (hold 0) could take every waiting plan before the other one asks
+            _wait_for_files(logs["killed"], procs=procs)
+            procs.append(_worker(url, name, logs["slow"], slow_hold, host))
+            _wait_for_files(logs["slow"], procs=procs)
             killed.send_signal(signal.SIGKILL)
             killed.wait()
             kill["at"] = datetime.datetime.now()
@@ -184,9 +187,10 @@ def _run_with_a_killed_worker(url: str, name: str, tmp_path, heartbeat: tuple[in
     try:
         values = recorder.wrap(evaluate_plans, "toy")(np.array(PLANS))
         recorder.finish()
+        slow = procs[1]
         assert slow.wait(timeout=60) == 0, slow.stderr.read()
     finally:
-        for proc in (killed, slow):
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
