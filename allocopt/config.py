@@ -40,6 +40,8 @@ class RunConfig:
     tolerance: float = D.ESAP_TOLERANCE
     sparsity: float | None = D.SPARSITY              # fraction of routed experts removed (exclusive with keep)
     keep: int | None = None                          # total routed experts kept (exclusive with sparsity)
+    memory: str | None = None                        # the export's tensor bytes at most, e.g. "12GiB" (a budget in bytes)
+    memory_ratio: float | None = None                # the same as a fraction of the unpruned export's bytes
     min_density: float = D.MIN_DENSITY
     max_density: float = D.MAX_DENSITY
     count_multiple: int = D.COUNT_MULTIPLE           # every layer keeps a multiple of this (expert parallelism, kernels)
@@ -89,7 +91,8 @@ class RunConfig:
     def default_run_name(self) -> str:
         """Readable and stable, e.g. ``testbed-reap-ga-s50-seed42``: the same options resume the same study."""
         model = self.model if self.model == "testbed" else Path(self.model).name or "model"
-        budget = f"k{self.keep}" if self.keep is not None else f"s{self.sparsity * 100:g}"
+        budget = (f"k{self.keep}" if self.keep is not None else f"m{self.memory}" if self.memory is not None
+                  else f"r{self.memory_ratio * 100:g}" if self.memory_ratio is not None else f"s{self.sparsity * 100:g}")
         parts = [model.lower(), _slug(self.criterion), self.optimizer]
         if self.objective != D.OBJECTIVE:
             parts.append(self.objective)
@@ -141,10 +144,36 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def memory_bytes(self) -> int | None:
+        """``memory`` in bytes (accelerate's sizes: "12GiB", "800MB", or a number of bytes); None when not set."""
+        if self.memory is None:
+            return None
+        from accelerate.utils import convert_file_size_to_int
+
+        text = str(self.memory).strip()
+        try:
+            value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise AllocoptError(f"memory {self.memory!r} is not a size; write e.g. 12GiB or 800MB")
+        return int(value)
+
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
         """Range checks and registry look-ups; every failure names the option and the accepted values."""
-        Budget(self.sparsity, self.keep)                  # the one check of sparsity/keep (search/space.py)
+        if self.memory is None and self.memory_ratio is None:
+            Budget(self.sparsity, self.keep)              # the one check of sparsity/keep (search/space.py)
+        else:
+            given = [k for k in BUDGET_KEYS if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise AllocoptError(f"both {given[0]} and {given[1]} are set; give only one budget (sparsity, keep, "
+                                    "memory or memory_ratio)")
+            if self.memory is not None:
+                self.memory_bytes()
+            elif not 0.0 < self.memory_ratio < 1.0:
+                raise AllocoptError(f"memory_ratio must lie strictly between 0 and 1, got {self.memory_ratio:g}; e.g. "
+                                    "0.5 keeps an export half the size of the unpruned one")
         check_density(self.min_density, self.max_density)
         for key, low in (("calib_seq_len", 2), ("search_seq_len", 2), ("calib_num_seqs", 1), ("search_num_seqs", 1),
                          ("calib_batch_size", 1), ("evals", 1), ("population", 2), ("generations", 1),
@@ -163,6 +192,9 @@ class RunConfig:
         _check_names(self)
         return self
 
+
+# The ways to give the budget of a search: exactly one of them is set.
+BUDGET_KEYS = ("sparsity", "keep", "memory", "memory_ratio")
 
 # Shorthand keys of a problem file / the CLI that set several fields at once (a specific key wins).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -198,7 +230,8 @@ def check_dtype(name: str) -> str:
 
 
 def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Resolve aliases, reject unknown keys and wrong types; sparsity or keep given here clears the other one."""
+    """Resolve aliases, reject unknown keys and wrong types; a budget given here (sparsity, keep, memory or
+    memory_ratio) clears the others."""
     unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
     if unknown:
         valid = ", ".join(sorted([*FIELDS, *ALIASES]))
@@ -212,10 +245,9 @@ def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         if key in FIELDS:
             _check_type(key, value, source)
             out[key] = value
-    if "keep" in out and "sparsity" not in out:          # both in one source: Budget refuses them together
-        out["sparsity"] = None
-    elif "sparsity" in out and "keep" not in out:
-        out["keep"] = None
+    given = [k for k in BUDGET_KEYS if k in out]
+    if given:                                             # one budget here replaces another source's; two are refused
+        out.update({k: None for k in BUDGET_KEYS if k not in given})
     return out
 
 

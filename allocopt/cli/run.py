@@ -19,6 +19,10 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--sparsity", type=float, default=D.SPARSITY,
      help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
+@opt("--memory", metavar="SIZE",
+     help="Budget in bytes instead: the pruned export's tensors take at most SIZE (e.g. 12GiB, 800MB), counted by the "
+          "code that writes the export (plan.json records the export's bytes).")
+@opt("--memory-ratio", type=float, metavar="R", help="The same as a fraction of the unpruned export's bytes (e.g. 0.6).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")
 @opt("--max-density", type=float, default=D.MAX_DENSITY, help="Most experts a layer keeps, as a fraction.")
 @opt("--count-multiple", type=int, default=D.COUNT_MULTIPLE, metavar="M",
@@ -89,6 +93,9 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
         total = result.total_experts
         click.echo(f"sparsity {s['sparsity']:.4f}  (requested {config.sparsity:g}; {total - sum(s['counts'])} of {total} "
                    "routed experts removed)")
+    if "export_bytes" in s:                            # a budget in bytes: what the export will weigh
+        click.echo(f"memory   {s['export_bytes'] / 2**20:.2f} MiB of export, budget {s['memory_budget_bytes'] / 2**20:.2f} "
+                   f"MiB (unpruned {s['full_export_bytes'] / 2**20:.2f} MiB; sparsity {s['sparsity']:.4f})")
     click.echo(f"plan     {result.plan_path}")
     if as_json:
         click.echo(json.dumps(s))

@@ -32,6 +32,7 @@ class Prepared:
     tokens: Any                                  # the search TokenSet
     evaluator: Any                               # allocopt.objectives.Evaluator
     space: Any = None                            # AllocationSpace in experts (group-limited routing: see lattice())
+    size: Any = None                             # allocopt.export.size.ExportSize where the budget is in bytes
     stats: Any = None                            # RoutingStats
     calibration_reused: bool = False             # statistics came from a cache file
     scores: dict[int, Any] | None = None         # criterion scores per layer [E] (higher = keep)
@@ -92,7 +93,7 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
     if search:
         from allocopt.criteria import ranking_from_scores
 
-        prepared.space = space_for(config, info)
+        prepared.space, prepared.size = space_for(config, info, model)
         prepared.stats, prepared.calibration_reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
         prepared.scores = config.criterion_function()(prepared.stats)
         prepared.ranking = ranking_from_scores(prepared.scores, prepared.stats.layers,
@@ -107,16 +108,36 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
 
 # ---- budget ----------------------------------------------------------------------------------------
 
-def space_for(config: RunConfig, info):
+def space_for(config: RunConfig, info, model):
     """The allocation space of ``config``'s budget on a model described by ``info`` (a ModelInfo): per-layer
-    floors from top-k and the router's needs, and the step every count is a multiple of (group-limited routing's
+    floors from top-k and the router's needs, the step every count is a multiple of (group-limited routing's
     group count and ``count_multiple``, their least common multiple) and the counts a layer may keep
-    (``allowed_counts``)."""
+    (``allowed_counts``). A budget in bytes (``memory``/``memory_ratio``) becomes the most routed experts whose export
+    fits (``allocopt.export.size``, measured on ``model``, which may be a meta skeleton). Returns ``(space, size)``,
+    ``size`` the ExportSize of a budget in bytes, else None."""
     from allocopt.search.space import make_space
 
-    return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity, keep=config.keep,
-                      min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept,
-                      unit=math.lcm(info.unit, config.count_multiple), allowed_counts=config.allowed_counts)
+    unit = math.lcm(info.unit, config.count_multiple)
+    bounds = dict(min_density=config.min_density, max_density=config.max_density, min_kept=info.min_kept, unit=unit,
+                  allowed_counts=config.allowed_counts)
+    if config.memory is None and config.memory_ratio is None:
+        return make_space(info.num_experts, info.top_k, info.bytes_per_expert, sparsity=config.sparsity,
+                          keep=config.keep, **bounds), None
+    from allocopt.export.size import export_size
+
+    size = export_size(model)
+    memory = config.memory_bytes() or int(config.memory_ratio * size.full)
+    shown = f"memory {config.memory}" if config.memory is not None else f"memory_ratio {config.memory_ratio:g}"
+    prunable = {l.index: l.min_kept < l.num_experts for l in info.layers}
+    keep = size.kept_for(memory, unit, prunable)
+    try:
+        if keep < 1:
+            raise AllocoptError(f"{memory} bytes do not hold even the parts no plan removes ({size.base} bytes)")
+        space = make_space(info.num_experts, info.top_k, info.bytes_per_expert, keep=keep, at_most=True, **bounds)
+    except AllocoptError as exc:
+        raise AllocoptError(f"{shown} ({memory} bytes of export; the unpruned one is {size.full}) holds {max(keep, 0)} "
+                            f"routed experts: {exc}") from None
+    return space, size
 
 
 def peek_space(config: RunConfig, source):
@@ -131,7 +152,7 @@ def peek_space(config: RunConfig, source):
         return None
     with torch.device("meta"):
         skeleton = instantiate(source.config)
-    return space_for(config, describe(skeleton, fingerprint=False))
+    return space_for(config, describe(skeleton, fingerprint=False), skeleton)[0]
 
 
 def check_options(config: RunConfig, space) -> None:

@@ -149,6 +149,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "counts": [int(c) for c in best],
         "count_multiple": config.count_multiple,
         "allowed_counts": list(space.allowed) or None,
+        **_memory_fields(config, prepared.size, counts),
         "run_name": config.name,
         "storage": config.storage_url,
         # plans this call scored, in this process or its workers; the other evaluations came from the study
@@ -168,6 +169,14 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
                        for counts, v in ((space.expand(x), v) for x, v, _ in result.front)]})
     return RunResult(config, summary, plan_path, front_path, summary["new_evaluations"], prepared.calibration_reused, trace,
                      total_experts=total, fixed_allocation=optimizer.fixed_allocation)
+
+
+def _memory_fields(config: RunConfig, size, counts: dict[int, int]) -> dict[str, Any]:
+    """A budget in bytes: what it was and what the plan's export weighs (its tensors' bytes, as written)."""
+    if size is None:
+        return {}
+    budget = config.memory_bytes() or int(config.memory_ratio * size.full)
+    return {"memory_budget_bytes": budget, "export_bytes": size.bytes(counts), "full_export_bytes": size.full}
 
 
 def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:

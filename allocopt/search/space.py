@@ -52,10 +52,10 @@ class Budget:
         if self.keep is not None and self.keep < 1:
             raise AllocoptError(f"keep must be a positive number of experts, got {self.keep}; raise it")
 
-    def kept(self, total: int, unit: int = 1) -> int:
-        """Experts kept out of ``total`` routed experts, a multiple of ``unit`` (rounded half up)."""
+    def kept(self, total: int, unit: int = 1, at_most: bool = False) -> int:
+        """Experts kept out of ``total`` routed experts, a multiple of ``unit`` (rounded half up; down ``at_most``)."""
         keep = total - experts_removed(self.sparsity, total, unit) if self.sparsity is not None else self.keep
-        return unit * int(math.floor(int(keep) / unit + 0.5))
+        return unit * int(math.floor(int(keep) / unit + (0.0 if at_most else 0.5)))
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,8 @@ def check_density(min_density: float, max_density: float) -> None:
 def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_per_expert: Mapping[int, int],
                sparsity: float | None = None, keep: int | None = None,
                min_density: float = 0.0, max_density: float = 1.0, min_kept: Mapping[int, int] | None = None,
-               unit: int = 1, allowed_counts: tuple[int, ...] | list[int] | None = None) -> AllocationSpace:
+               unit: int = 1, allowed_counts: tuple[int, ...] | list[int] | None = None,
+               at_most: bool = False) -> AllocationSpace:
     """Build the space for a global ``sparsity`` (fraction of routed experts removed) or a total ``keep``.
 
     Every layer keeps at least its top-k and ``min_kept[layer]`` (what its router needs to route exactly, e.g.
@@ -176,7 +177,8 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     ``ceil(min_density * E)``, at most ``floor(max_density * E)``; with ``unit`` > 1 every count is a multiple of
     ``unit`` and the total is rounded to the nearest multiple. With ``allowed_counts`` a layer keeps only those
     counts (those that are multiples of ``unit``) and the total is the reachable sum nearest the requested one (a
-    note says so when they differ). Impossible requests raise AllocoptError before any model work.
+    note says so when they differ). ``at_most``: the total never exceeds the one asked for (rounded down, the
+    largest reachable sum below it): a budget in bytes. Impossible requests raise AllocoptError before any model work.
     """
     budget = Budget(sparsity, keep)
     check_density(min_density, max_density)
@@ -194,7 +196,7 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
         raise AllocoptError(f"layers {bad} cannot satisfy top-k/min_density {min_density} <= kept <= "
                             f"max_density {max_density}; widen the density bounds")
     total = int(e.sum())
-    keep = budget.kept(total, unit)
+    keep = budget.kept(total, unit, at_most)
     if not int(lower.sum()) <= keep <= int(upper.sum()):
         raise AllocoptError(
             f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "
@@ -203,13 +205,14 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
     allowed: tuple[int, ...] = ()
     if allowed_counts is not None:
-        allowed, lower, upper, keep = _allowed(allowed_counts, layers, lower, upper, keep, unit)
+        allowed, lower, upper, keep = _allowed(allowed_counts, layers, lower, upper, keep, unit, at_most)
     return AllocationSpace(layers, e, lower, upper, keep, bpe, unit, allowed)
 
 
-def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarray, keep: int, unit: int):
+def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarray, keep: int, unit: int,
+             at_most: bool = False):
     """``--allowed-counts``: the counts kept, the bounds tightened to each layer's lowest and highest allowed count,
-    and the reachable total nearest ``keep`` (ties to fewer experts)."""
+    and the reachable total nearest ``keep`` (ties to fewer experts; ``at_most``: the largest not above it)."""
     counts = check_allowed_counts(counts)
     allowed = tuple(c for c in counts if c % unit == 0)
     levels = [[a for a in allowed if lo <= a <= hi] for lo, hi in zip(lower, upper)]
@@ -222,7 +225,11 @@ def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarr
     for lv in levels:
         reach = functools.reduce(lambda acc, v: acc | (reach << v), lv, 0)
     sums = [t for t in range(reach.bit_length()) if reach >> t & 1]
-    total = min(sums, key=lambda t: (abs(t - keep), t))
+    below = [t for t in sums if t <= keep]
+    if at_most and not below:
+        raise AllocoptError(f"no plan of allowed counts ({', '.join(map(str, allowed))}) keeps {keep} experts or fewer; "
+                            f"the smallest keeps {sums[0]}: raise the budget")
+    total = max(below) if at_most else min(sums, key=lambda t: (abs(t - keep), t))
     if total != keep:
         _log.info("keeping %d experts is not a sum of allowed counts (%s); the budget is %d, the nearest that is",
                   keep, ", ".join(map(str, allowed)), total)

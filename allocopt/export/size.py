@@ -1,0 +1,136 @@
+"""What a pruned export weighs, computed by the code that writes it: a budget in bytes (``--memory``) is a budget on this.
+
+The export of a plan is the model pruned by ``prune_model`` and saved; its tensors are the pruned model's persistent
+state (tied weights once). :func:`export_size` prunes a twin of the model on the meta device (no weights, the
+model's own dtypes) twice and reads off, per MoE layer, the bytes one kept routed expert adds (its weights, its
+router row, its selection-bias entry) and the bytes no plan changes (embeddings, attention, shared experts, norms).
+Both are checked to be linear in the kept count, so :meth:`ExportSize.bytes` of any plan is the byte count of its
+export's tensors (safetensors headers aside).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from allocopt.errors import AllocoptError
+from allocopt.models import find_moe_blocks, prune_model
+from allocopt.models.adapter import decoder_layers
+
+
+@dataclass(frozen=True)
+class ExportSize:
+    """``bytes(counts) = base + sum_l counts[l] * per_expert[l]``: the export's tensor bytes for per-layer kept counts
+    (layers absent from ``counts`` keep all their experts)."""
+
+    base: int
+    per_expert: Mapping[int, int]        # MoE layer index -> bytes one kept routed expert adds to the export
+    num_experts: Mapping[int, int]
+
+    @property
+    def full(self) -> int:
+        """The unpruned export's tensor bytes."""
+        return self.bytes({})
+
+    def bytes(self, counts: Mapping[int, int]) -> int:
+        return self.base + sum(int(counts.get(l, n)) * self.per_expert[l] for l, n in self.num_experts.items())
+
+    def kept_for(self, memory: int, unit: int = 1, prunable: Mapping[int, bool] | None = None) -> int:
+        """The most routed experts kept in all (a multiple of ``unit``) whose export fits in ``memory`` bytes.
+        Needs one expert size over the layers a plan can change (``prunable``, default all); AllocoptError otherwise."""
+        sizes = {self.per_expert[l] for l in self.num_experts if prunable is None or prunable[l]}
+        if len(sizes) != 1:
+            raise AllocoptError(f"this model's MoE layers have experts of different sizes ({sorted(sizes)} bytes), so a "
+                                "byte budget is not an expert count; give --sparsity or --keep instead")
+        fixed = self.base + sum(n * self.per_expert[l] for l, n in self.num_experts.items()
+                                if prunable is not None and not prunable[l])
+        movable = sum(n for l, n in self.num_experts.items() if prunable is None or prunable[l])
+        per = sizes.pop()
+        return min(movable, unit * math.floor((memory - fixed) / (per * unit))) if memory >= fixed else -1
+
+
+def export_size(model: nn.Module) -> ExportSize:
+    """The export size model of ``model`` (loaded, offloaded or a meta skeleton); nothing is allocated."""
+    blocks = find_moe_blocks(model)
+    full, full_layers = _state_bytes(_twin(model))
+    cut = {b.layer: _step(b) for b in blocks}           # experts removed per layer in the first prune (one per group)
+    per_expert: dict[int, int] = {}
+    probes = [{l: s for l, s in cut.items() if s}, {b.layer: b.info.num_experts - _floor(b) for b in blocks}]
+    measured = []
+    for removed in probes:
+        twin = _twin(model)
+        kept = {b.layer: _kept_ids(b, b.info.num_experts - removed.get(b.layer, 0)) for b in blocks}
+        prune_model(twin, kept)
+        measured.append(_state_bytes(twin)[1])
+    for b in blocks:
+        removed = cut[b.layer]
+        per = (full_layers[b.layer] - measured[0][b.layer]) // removed if removed else 0
+        if removed and per * removed != full_layers[b.layer] - measured[0][b.layer]:
+            raise AllocoptError(f"layer {b.layer}'s export size is not a whole number of bytes per expert; a byte budget "
+                                "cannot be used with this model (use --sparsity or --keep)")
+        far = probes[1][b.layer]
+        if full_layers[b.layer] - measured[1][b.layer] != far * per:
+            raise AllocoptError(f"layer {b.layer}'s export size is not linear in its expert count; a byte budget cannot "
+                                "be used with this model (use --sparsity or --keep)")
+        per_expert[b.layer] = per
+    num_experts = {b.layer: b.info.num_experts for b in blocks}
+    base = full - sum(n * per_expert[l] for l, n in num_experts.items())
+    return ExportSize(base, per_expert, num_experts)
+
+
+def _twin(model: nn.Module) -> nn.Module:
+    """``model``'s architecture on the meta device with each tensor in the model's dtype."""
+    from allocopt.runtime.loading import instantiate
+
+    with torch.device("meta"):
+        twin = instantiate(copy.deepcopy(model.config))
+    dtypes = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()}
+    for name, tensor in twin.state_dict(keep_vars=True).items():
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
+    return twin
+
+
+def _state_bytes(model: nn.Module) -> tuple[int, dict[int, int]]:
+    """Bytes of the persistent tensors (each object once: tied weights are written once) and per decoder layer."""
+    list_name, layers = decoder_layers(model)
+    seen: set[int] = set()
+    total, per_layer = 0, {i: 0 for i in range(len(layers))}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        n = tensor.numel() * tensor.element_size()
+        total += n
+        prefix = f"{list_name}."
+        if name.startswith(prefix):
+            index = name[len(prefix):].split(".", 1)[0]
+            if index.isdigit():
+                per_layer[int(index)] += n
+    return total, per_layer
+
+
+def _groups(block) -> int:
+    return max(1, int(block.info.groups or 1))
+
+
+def _step(block) -> int:
+    """Experts the first measuring prune removes from a layer: one per routing group, none where it cannot prune."""
+    g = _groups(block)
+    return g if block.info.num_experts - g >= block.info.min_kept else 0
+
+
+def _floor(block) -> int:
+    """The fewest experts a layer can keep, in whole routing groups."""
+    g = _groups(block)
+    return min(block.info.num_experts, g * math.ceil(block.info.min_kept / g))
+
+
+def _kept_ids(block, count: int) -> list[int]:
+    """``count`` expert ids spread evenly over the routing groups (what group-limited routing needs)."""
+    g, n = _groups(block), block.info.num_experts
+    return sorted(grp * (n // g) + j for grp in range(g) for j in range(count // g))
