@@ -133,7 +133,7 @@ def space_for(config: RunConfig, info, model):
     try:
         if keep < 1:
             raise AllocoptError(f"{memory} bytes do not hold even the parts no plan removes ({size.base} bytes)")
-        space = make_space(info.num_experts, info.top_k, info.bytes_per_expert, keep=keep, at_most=True, **bounds)
+        space = make_space(info.num_experts, info.top_k, size.per_expert, keep=keep, at_most=True, **bounds)
     except AllocoptError as exc:
         raise AllocoptError(f"{shown} ({memory} bytes of export; the unpruned one is {size.full}) holds {max(keep, 0)} "
                             f"routed experts: {exc}") from None
