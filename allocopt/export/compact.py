@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from allocopt.errors import AllocoptError
+from allocopt.export.mtp import drop_mtp
 from allocopt.export.padded import pad_model
 from allocopt.export.remote_code import write_modeling_code
 from allocopt.export.source_format import keep_source_format, source_quantization
@@ -56,6 +57,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         kept = checked_kept(model, plan)
     elif any(current.get(l) != len(k) for l, k in kept.items()):
         prune_model(model, plan, progress=progress)
+    drop_mtp(model)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if streamed:
