@@ -139,6 +139,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "evaluations": int(result.evaluations),
         "evaluation_equivalents": round(float(result.spent), 4),
         "pruned": int(result.pruned),
+        "search_phases": result.phases or None,
         "racing": racing_note(optimizer, ctx),
         "optimizer": config.optimizer,
         "criterion": config.criterion,

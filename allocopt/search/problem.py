@@ -2,6 +2,8 @@
 vectorised pymoo Problem on top of it (one ``evaluate`` call per population = one batched forward pass)."""
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Callable
 
 import numpy as np
@@ -35,6 +37,20 @@ class EvaluationCache:
         self.pruned: dict[tuple[int, ...], None] = {}         # raced out, in order (a dict as an ordered set)
         self.spent = 0.0                                      # full-fidelity evaluation equivalents
         self.exhausted = False
+        self.phases: dict[str, dict[str, float]] = {}         # what each part of a search cost (``phase``)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Charge what is evaluated inside to ``name`` in ``phases`` (equivalents, plans at full fidelity, seconds),
+        so a search reports what each of its parts cost (the DP warm start against the generations)."""
+        spent, plans, start = self.spent, self.evaluations, time.perf_counter()
+        try:
+            yield
+        finally:
+            row = self.phases.setdefault(name, {"equivalents": 0.0, "evaluations": 0, "seconds": 0.0})
+            row["equivalents"] += self.spent - spent
+            row["evaluations"] += self.evaluations - plans
+            row["seconds"] += time.perf_counter() - start
 
     @property
     def evaluations(self) -> int:

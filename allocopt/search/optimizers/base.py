@@ -60,6 +60,7 @@ class SearchResult:
     front: list[tuple[np.ndarray, float, int]] | None = None
     spent: float = 0.0                               # full-fidelity evaluation equivalents (partial rows included)
     pruned: int = 0                                  # plans that lost a race (PRUNED trials)
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)   # cost of each part (EvaluationCache.phase)
 
 
 class Optimizer(ABC):
@@ -129,4 +130,5 @@ def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int
     if not np.isfinite(value):
         raise AllocoptError(f"all {cache.evaluations} evaluated plans failed (NaN objective); check the objective "
                             "log above and the model/data settings")
-    return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned))
+    return SearchResult(best, value, cache.evaluations, list(cache.history), front, cache.spent, len(cache.pruned),
+                        {k: {m: round(v, 4) for m, v in row.items()} for k, row in cache.phases.items()})

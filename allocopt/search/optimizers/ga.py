@@ -81,9 +81,11 @@ class GeneticSearch(Optimizer):
         step = dmax = opts.mutation_max_delta or default_step(space)
         cache = ctx.cache(probes=True)
         uniform = space.uniform()
-        cache(uniform[None])
+        with cache.phase("uniform"):
+            cache(uniform[None])
         centres = [uniform]
-        warm = self._warm_start(ctx, opts, cache, uniform)
+        with cache.phase("dp warm start"):
+            warm = self._warm_start(ctx, opts, cache, uniform)
         if warm is not None and tuple(warm) != tuple(uniform):
             centres.append(warm)
         evaluate = (lambda X: race(cache, X, schedule, opts.race_z)) if schedule else cache
@@ -98,14 +100,16 @@ class GeneticSearch(Optimizer):
                            mutation=LevelSwitchMutation(tmax=opts.mutation_max_moves, dmax=step),
                            repair=BudgetRepair(space.budget), eliminate_duplicates=True)
             spent = cache.spent
-            drive(algorithm, problem, ctx.seed + restart, stop=watch)
+            with cache.phase("ga generations"):
+                drive(algorithm, problem, ctx.seed + restart, stop=watch)
             if cache.spent == spent:                     # nothing new around this centre at any step: converged
                 break
             best, after = cache.best(space.budget)
             step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
             centres, restart = [best], restart + 1
             if opts.restart == "dp" and after <= before:
-                relinearised = self._relinearise(ctx, opts, cache, best)    # the additive model around the best
+                with cache.phase("dp restarts"):
+                    relinearised = self._relinearise(ctx, opts, cache, best)    # the additive model around the best
                 if relinearised is not None and tuple(relinearised) != tuple(best):
                     centres.append(relinearised)
         return result_from(cache, budget=space.budget)
