@@ -73,6 +73,7 @@ def run_allocopt(problem: dict, row: str, seed: int, evals: int, work: Path) -> 
         elif stale.exists():
             stale.unlink()
     config = RunConfig.from_sources(None, {"criterion": problem["criterion"], "sparsity": problem["sparsity"],
+                                           "model": problem["model"], "data": problem["data"],
                                            "optimizer": optimizer, "seed": seed, "evals": evals, "options": options,
                                            "out": str(runs / name), "run_name": name})
     result = run_search(config, progress=False)
@@ -83,12 +84,13 @@ def run_allocopt(problem: dict, row: str, seed: int, evals: int, work: Path) -> 
 
 
 def _prepared(problem: dict, work: Path):
-    """``allocopt.pipeline.prepare`` for the problem on the default model and data, its statistics read from the
+    """``allocopt.pipeline.prepare`` for the problem on its model and data, its statistics read from the
     calibration file of the problem's first run (a sibling run directory), as every allocopt row saw them."""
     from allocopt.config import RunConfig
     from allocopt.pipeline import prepare
 
     config = RunConfig.from_sources(None, {"criterion": problem["criterion"], "sparsity": problem["sparsity"],
+                                           "model": problem["model"], "data": problem["data"],
                                            "out": str(work / problem["name"] / "reference"), "run_name": "reference"})
     prepared = prepare(config, progress=False)
     if not prepared.calibration_reused:
@@ -242,14 +244,14 @@ def _f(v: float | None, digits: int = 5) -> str:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    out = ["# Search time-to-quality on the testbed (benchmarks/search_efficiency.py)", "",
+    out = [f"# Search time-to-quality on {report['config'].get('model', 'testbed')} (benchmarks/search_efficiency.py)", "",
            f"`{cfg['command']}`", "",
            f"OMP_NUM_THREADS={cfg['omp_threads']}, torch threads {cfg['torch_threads']}, {cfg['cpus']} CPUs shared with "
            f"other developers; {cfg['date']}. Seeds {', '.join(map(str, cfg['seeds']))}; every row but `ga` (the default, "
            f"{cfg['default_evals']} equivalents) ran {cfg['evals']} evaluation equivalents. Costs count from the moment "
            "the evaluator is ready; tokens are decoder layer-tokens forwarded for candidates, in units of one full "
            "forward of the search set (\"full\"). W = the reference's wall-clock, T = its tokens (per seed). "
-           "Curves: `search_efficiency.png`.", ""]
+           f"Curves: `{report['config'].get('stem', 'search_efficiency')}.png`.", ""]
     for p in report["problems"]:
         prob = p["problem"]
         out += [f"## {prob['criterion']}, {prob['sparsity'] * 100:g}% sparsity", "",
@@ -328,13 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--best-known-evals", type=int, default=1500)
     ap.add_argument("--out", default=str(Path(D.STUDIES_DIR) / "reports"))
     ap.add_argument("--fresh", action="store_true", help="measure again even where a cached result exists")
+    ap.add_argument("--model", default=D.MODEL, help="model spec [default: the testbed], e.g. testbed-deep")
+    ap.add_argument("--data", default=None, help="calibration and search data [default: testbed:mix, deep:mix for "
+                                                 "testbed-deep]")
     args = ap.parse_args(argv)
+    data = args.data or ("deep:mix" if args.model == "testbed-deep" else D.SEARCH_DATA)
+    stem = "search_efficiency" if args.model == D.MODEL else f"search_efficiency_{Path(args.model).name}"
     args.methods = [m for m in args.methods.split(",") if m]
     problems = []
     for item in args.problems.split(","):
         criterion, _, sparsity = item.partition(":")
-        problems.append({"criterion": criterion, "sparsity": float(sparsity),
-                         "name": f"{criterion}-s{float(sparsity) * 100:g}"})
+        prefix = "" if args.model == D.MODEL else f"{Path(args.model).name}-"
+        problems.append({"criterion": criterion, "sparsity": float(sparsity), "model": args.model, "data": data,
+                         "name": f"{prefix}{criterion}-s{float(sparsity) * 100:g}"})
     out = Path(args.out)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
@@ -343,14 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                          "omp_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
                          "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                          "seeds": [D.SEED + i for i in range(args.seeds)], "evals": args.evals,
-                         "default_evals": args.default_evals, "best_known_evals": args.best_known_evals},
+                         "default_evals": args.default_evals, "best_known_evals": args.best_known_evals,
+                         "model": args.model, "data": data, "stem": stem},
               "problems": [measure(p, args, work) for p in problems]}
-    report["figure"] = figure(report, out / "search_efficiency.png")
+    report["figure"] = figure(report, out / f"{stem}.png")
     for p in report["problems"]:
         p.pop("traces")                          # the cached per-run results keep them; the report stays small
-    atomic_write_json(out / "search_efficiency.json", report)
-    atomic_write_text(out / "search_efficiency.md", markdown(report))
-    log(f"wrote {out / 'search_efficiency.md'}, .json and .png")
+    atomic_write_json(out / f"{stem}.json", report)
+    atomic_write_text(out / f"{stem}.md", markdown(report))
+    log(f"wrote {out / stem}.md, .json and .png")
     return 0
 
 
