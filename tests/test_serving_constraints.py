@@ -101,6 +101,7 @@ def test_allowed_counts_combine_with_group_limited_routing(tmp_path):
 @pytest.mark.parametrize("counts, message", [
     ([0, 8], "allowed counts must be positive expert counts"),
     ([1], "no allowed count lies there"),                      # top-2 needs at least 2 in every layer
+    ([16], "pruning nothing"),                                 # the only reachable total is the unpruned model
 ])
 def test_impossible_allowed_counts_are_refused_in_one_line(root, tmp_path, counts, message):
     with pytest.raises(AllocoptError, match=message):

@@ -206,6 +206,9 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     allowed: tuple[int, ...] = ()
     if allowed_counts is not None:
         allowed, lower, upper, keep = _allowed(allowed_counts, layers, lower, upper, keep, unit, at_most)
+        if keep == total:
+            raise AllocoptError(f"with allowed counts {', '.join(map(str, allowed))} the total nearest the budget keeps all "
+                                f"{total} routed experts, pruning nothing; allow smaller counts or prune more")
     return AllocationSpace(layers, e, lower, upper, keep, bpe, unit, allowed)
 
 
