@@ -28,6 +28,7 @@ from allocopt.plan import check_allowed_counts
 from allocopt.search.rounding import largest_remainder
 
 _log = logging.getLogger("allocopt")
+_NOTED: set[tuple] = set()
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,8 @@ def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarr
         raise AllocoptError(f"no plan of allowed counts ({', '.join(map(str, allowed))}) keeps {keep} experts or fewer; "
                             f"the smallest keeps {sums[0]}: raise the budget")
     total = max(below) if at_most else min(sums, key=lambda t: (abs(t - keep), t))
-    if total != keep:
+    if total != keep and (keep, allowed, total) not in _NOTED:
+        _NOTED.add((keep, allowed, total))          # once per process: the space is built before and after loading
         _log.info("keeping %d experts is not a sum of allowed counts (%s); the budget is %d, the nearest that is",
                   keep, ", ".join(map(str, allowed)), total)
     lower = np.array([lv[0] for lv in levels], dtype=np.int64)
