@@ -34,6 +34,7 @@ import numpy as np
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.search.rounding import dp_allocate
 from allocopt.search.space import AllocationSpace
 
 
@@ -119,38 +120,6 @@ def layer_costs(space: AllocationSpace, base: np.ndarray, base_value: float, gri
         cost[(span < xs.min()) | (span > xs.max()) | ~np.isin(span, space.levels(layer))] = math.inf
         costs.append(cost)
     return costs
-
-
-def dp_allocate(costs: list[np.ndarray], lower: np.ndarray, upper: np.ndarray, budget: int) -> np.ndarray:
-    """Exact minimum of ``sum_l costs[l][x_l - lower_l]`` subject to ``sum_l x_l == budget`` and the bounds.
-
-    Dynamic programming over layers and partial sums (a multiple-choice knapsack), O(L * budget * counts) with
-    numpy over the budget axis. Ties go to the smaller count in earlier layers. Raises AllocoptError when the budget
-    is infeasible.
-    """
-    lower, upper = np.asarray(lower, dtype=np.int64), np.asarray(upper, dtype=np.int64)
-    if not int(lower.sum()) <= budget <= int(upper.sum()):
-        raise AllocoptError(f"budget {budget} is outside {int(lower.sum())}..{int(upper.sum())}; fix the sparsity")
-    best = np.full(budget + 1, math.inf)
-    best[0] = 0.0
-    choice = []
-    for layer, cost in enumerate(costs):
-        new = np.full(budget + 1, math.inf)
-        pick = np.zeros(budget + 1, dtype=np.int64)
-        for c in range(int(lower[layer]), int(upper[layer]) + 1):
-            if c > budget:
-                break
-            cand = np.full(budget + 1, math.inf)
-            cand[c:] = best[: budget + 1 - c] + cost[c - lower[layer]]
-            better = cand < new
-            new[better], pick[better] = cand[better], c
-        best = new
-        choice.append(pick)
-    x, s = np.zeros(len(costs), dtype=np.int64), budget
-    for layer in range(len(costs) - 1, -1, -1):
-        x[layer] = choice[layer][s]
-        s -= x[layer]
-    return x
 
 
 def dp_plan(space: AllocationSpace, base: np.ndarray, base_value: float, grid: list[np.ndarray],

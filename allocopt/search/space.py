@@ -25,7 +25,7 @@ import numpy as np
 
 from allocopt.errors import AllocoptError
 from allocopt.plan import check_allowed_counts
-from allocopt.search.rounding import largest_remainder
+from allocopt.search.rounding import dp_allocate, largest_remainder
 
 _log = logging.getLogger("allocopt")
 _NOTED: set[tuple] = set()
@@ -91,14 +91,18 @@ class AllocationSpace:
 
     def levels(self, i: int) -> np.ndarray:
         """The counts layer ``i`` may keep, ascending: every count within its bounds, or the allowed ones there."""
-        span = np.arange(self.lower[i], self.upper[i] + 1, dtype=np.int64)
-        return span if not self.allowed else span[np.isin(span, self.allowed)]
+        return self._levels[i]
+
+    @functools.cached_property
+    def _levels(self) -> tuple[np.ndarray, ...]:
+        spans = [np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in zip(self.lower, self.upper)]
+        return tuple(span if not self.allowed else span[np.isin(span, self.allowed)] for span in spans)
 
     def snap(self, x) -> np.ndarray:
         """Rows of ``x`` ([L] or [n, L], in this space's units) -> the nearest plans (least total |change|) whose
-        every count is allowed: on the budget exactly where a row sums to it (a DP over layers and partial sums),
-        else each count to its nearest allowed one (a probe off the budget stays off it). Identity without
-        ``allowed``."""
+        every count is allowed: on the budget exactly where a row sums to it (``dp_allocate`` with cost |change| on
+        the allowed counts), else each count to its nearest allowed one (a probe off the budget stays off it).
+        Identity without ``allowed``."""
         x = np.asarray(x, dtype=np.int64)
         if not self.allowed:
             return x
@@ -107,31 +111,14 @@ class AllocationSpace:
         return out if x.ndim == 2 else out[0]
 
     def _snap_row(self, x: np.ndarray) -> np.ndarray:
-        levels = [self.levels(i) for i in range(self.size)]
         if int(x.sum()) != self.budget:
-            return np.array([lv[np.argmin(np.abs(lv - c))] for lv, c in zip(levels, x)], dtype=np.int64)
-        step = math.gcd(*(int(v) for lv in levels for v in lv), self.budget)
-        total = self.budget // step
-        best = np.full(total + 1, np.inf)
-        best[0] = 0.0
-        picks = []
-        for lv, c in zip(levels, x):
-            new, pick = np.full(total + 1, np.inf), np.zeros(total + 1, dtype=np.int64)
-            for v in lv:
-                t = int(v) // step
-                if t > total:
-                    break
-                cand = np.full(total + 1, np.inf)
-                cand[t:] = best[:total + 1 - t] + abs(int(c) - int(v))
-                better = cand < new
-                new[better], pick[better] = cand[better], v
-            best = new
-            picks.append(pick)
-        out, t = np.zeros(self.size, dtype=np.int64), total
-        for i in range(self.size - 1, -1, -1):
-            out[i] = picks[i][t]
-            t -= out[i] // step
-        return out
+            return np.array([lv[np.argmin(np.abs(lv - c))] for lv, c in zip(self._levels, x)], dtype=np.int64)
+        costs = []
+        for lo, hi, lv, c in zip(self.lower, self.upper, self._levels, x):
+            cost = np.full(int(hi - lo) + 1, np.inf)
+            cost[lv - lo] = np.abs(lv - int(c))
+            costs.append(cost)
+        return dp_allocate(costs, self.lower, self.upper, self.budget)
 
     def project(self, x) -> np.ndarray:
         """The lattice point (in units) nearest to expert counts ``x`` on the budget (largest remainder)."""
