@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 import transformers
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (Concatenate, MergeModulelist, Transpose, WeightConverter,
                                              WeightRenaming, WeightTransform, dot_natural_key, rename_source_key)
 
@@ -92,7 +93,7 @@ class _Target:
 def _plan(path: Path, skeleton: nn.Module) -> tuple[dict[str, str], dict[str, _Target], list[WeightTransform]]:
     """``(tensors loaded as stored -> shard, converter targets, the transforms the checkpoint's names matched)`` for
     the checkpoint in ``path`` loaded as ``skeleton``."""
-    mapping = transformers.conversion_mapping.get_model_conversion_mapping(skeleton)
+    mapping = get_model_conversion_mapping(skeleton)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
