@@ -15,10 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from allocopt.models.adapter import text_config
-from allocopt.models.checkpoint_files import weight_shards
+from allocopt.runtime.converted import checkpoint_tensors
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +26,10 @@ def mtp_weights_in(source: Any, first_extra_layer: int) -> int:
     ``first_extra_layer``); 0 for a source that is not a directory of safetensors files."""
     if not source or not Path(str(source)).is_dir():
         return 0
-    directory = Path(str(source))
     try:
-        _, shards = weight_shards(directory)
-    except ValueError:
+        names = checkpoint_tensors(Path(str(source)))
+    except (OSError, ValueError, KeyError):
         return 0
-    names: list[str] = []
-    for shard, listed in shards.items():
-        if listed:
-            names += listed
-        elif (directory / shard).is_file():
-            with safe_open(str(directory / shard), "pt") as fh:
-                names += list(fh.keys())
     found = {int(m.group(1)) for m in (re.search(r"layers\.(\d+)\.", n) for n in names) if m}
     return len({i for i in found if i >= first_extra_layer})
 

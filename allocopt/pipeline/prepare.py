@@ -126,7 +126,7 @@ def space_for(config: RunConfig, info, model):
     from allocopt.export.size import export_size
 
     size = export_size(model)
-    memory = config.memory_bytes() or int(config.memory_ratio * size.full)
+    memory = memory_budget(config, size)
     shown = f"memory {config.memory}" if config.memory is not None else f"memory_ratio {config.memory_ratio:g}"
     prunable = {l.index: l.min_kept < l.num_experts for l in info.layers}
     keep = size.kept_for(memory, unit, prunable)
@@ -138,6 +138,11 @@ def space_for(config: RunConfig, info, model):
         raise AllocoptError(f"{shown} ({memory} bytes of export; the unpruned one is {size.full}) holds {max(keep, 0)} "
                             f"routed experts: {exc}") from None
     return space, size
+
+
+def memory_budget(config: RunConfig, size) -> int:
+    """A budget in bytes: ``memory``, or ``memory_ratio`` of the unpruned export (``size``: its ExportSize)."""
+    return config.memory_bytes() or int(config.memory_ratio * size.full)
 
 
 def peek_space(config: RunConfig, source):

@@ -21,7 +21,7 @@ import numpy as np
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
 from allocopt.io import LOCK_FILE, atomic_write_json, exclusive, output_dir
-from allocopt.pipeline.prepare import check_request, prepare
+from allocopt.pipeline.prepare import check_request, memory_budget, prepare
 from allocopt.pipeline.worker import recorder_for, uses_queue, workers_for
 from allocopt.plan import PLAN_FILE, Plan
 
@@ -176,8 +176,7 @@ def _memory_fields(config: RunConfig, size, counts: dict[int, int]) -> dict[str,
     """A budget in bytes: what it was and what the plan's export weighs (its tensors' bytes, as written)."""
     if size is None:
         return {}
-    budget = config.memory_bytes() or int(config.memory_ratio * size.full)
-    return {"memory_budget_bytes": budget, "export_bytes": size.bytes(counts), "full_export_bytes": size.full}
+    return {"memory_budget_bytes": memory_budget(config, size), "export_bytes": size.bytes(counts), "full_export_bytes": size.full}
 
 
 def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:

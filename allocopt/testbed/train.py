@@ -17,8 +17,8 @@ warm-up and cosine at a lower peak, in the manner of OLMo 2's mid-training (Team
 from __future__ import annotations
 
 import argparse
-import hashlib
 import dataclasses
+import hashlib
 import math
 import random
 import time
