@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from allocopt.cli.main import cli
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
-from allocopt.export.size import export_size
+from allocopt.export.size import ExportSize, export_size
 from allocopt.models import describe
 from allocopt.pipeline import run_search
 from allocopt.plan import Plan
@@ -105,3 +105,14 @@ def test_a_budget_in_bytes_is_one_of_the_budgets_and_bad_ones_are_refused(tmp_pa
     lines = [l for l in result.output.splitlines() if l.startswith("error:")]
     assert result.exit_code == 2 and len(lines) == 1 and "memory 10KB" in lines[0], result.output
     assert not (tmp_path / "small").exists()
+
+
+def test_layers_no_plan_changes_count_in_the_experts_a_byte_budget_keeps():
+    """A hash-routed layer keeps all its experts whatever the plan: its bytes are fixed and its experts are part of
+    the total kept that the budget becomes."""
+    size = ExportSize(base=100, per_expert={0: 10, 1: 10}, num_experts={0: 4, 1: 8})
+    prunable = {0: False, 1: True}
+    assert size.kept_for(100 + 40 + 55, prunable=prunable) == 4 + 5           # room for 5 of layer 1's experts
+    assert size.kept_for(100 + 40 + 55, unit=2, prunable=prunable) == 4 + 4
+    assert size.bytes({0: 4, 1: 5}) <= 195 < size.bytes({0: 4, 1: 6})
+    assert size.kept_for(120, prunable=prunable) == -1                         # not even the fixed part fits

@@ -40,17 +40,22 @@ class ExportSize:
         return self.base + sum(int(counts.get(l, n)) * self.per_expert[l] for l, n in self.num_experts.items())
 
     def kept_for(self, memory: int, unit: int = 1, prunable: Mapping[int, bool] | None = None) -> int:
-        """The most routed experts kept in all (a multiple of ``unit``) whose export fits in ``memory`` bytes.
-        Needs one expert size over the layers a plan can change (``prunable``, default all); AllocoptError otherwise."""
+        """The most routed experts kept in all, layers no plan can change (``prunable`` False: hash-routed ones)
+        included, whose export fits in ``memory`` bytes, the prunable layers' share a multiple of ``unit``; -1 when
+        not even the parts no plan changes fit. Needs one expert size over the prunable layers (default all);
+        AllocoptError otherwise."""
         sizes = {self.per_expert[l] for l in self.num_experts if prunable is None or prunable[l]}
         if len(sizes) != 1:
             raise AllocoptError(f"this model's MoE layers have experts of different sizes ({sorted(sizes)} bytes), so a "
                                 "byte budget is not an expert count; give --sparsity or --keep instead")
-        fixed = self.base + sum(n * self.per_expert[l] for l, n in self.num_experts.items()
-                                if prunable is not None and not prunable[l])
-        movable = sum(n for l, n in self.num_experts.items() if prunable is None or prunable[l])
+        whole = [l for l in self.num_experts if prunable is not None and not prunable[l]]
+        fixed = self.base + sum(self.num_experts[l] * self.per_expert[l] for l in whole)
+        if memory < fixed:
+            return -1
+        movable = sum(self.num_experts.values()) - sum(self.num_experts[l] for l in whole)
         per = sizes.pop()
-        return min(movable, unit * math.floor((memory - fixed) / (per * unit))) if memory >= fixed else -1
+        kept = min(movable, unit * math.floor((memory - fixed) / (per * unit)))
+        return kept + sum(self.num_experts[l] for l in whole)
 
 
 def export_size(model: nn.Module) -> ExportSize:
