@@ -61,7 +61,7 @@ class ExportSize:
 def export_size(model: nn.Module) -> ExportSize:
     """The export size model of ``model`` (loaded, offloaded or a meta skeleton); nothing is allocated."""
     blocks = find_moe_blocks(model)
-    full, full_layers = _state_bytes(_twin(model))
+    full, full_layers = _state_bytes(model)              # the unpruned export: the model's own tensors
     cut = {b.layer: _step(b) for b in blocks}           # experts removed per layer in the first prune (one per group)
     per_expert: dict[int, int] = {}
     probes = [{l: s for l, s in cut.items() if s}, {b.layer: b.info.num_experts - _floor(b) for b in blocks}]
@@ -105,13 +105,13 @@ def _state_bytes(model: nn.Module) -> tuple[int, dict[int, int]]:
     list_name, layers = decoder_layers(model)
     seen: set[int] = set()
     total, per_layer = 0, {i: 0 for i in range(len(layers))}
+    prefix = f"{list_name}."
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
         n = tensor.numel() * tensor.element_size()
         total += n
-        prefix = f"{list_name}."
         if name.startswith(prefix):
             index = name[len(prefix):].split(".", 1)[0]
             if index.isdigit():
