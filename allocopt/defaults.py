@@ -64,6 +64,10 @@ STREAM_SLICE_BYTES = 64 * 2**20
 PREFIX_CACHE_BYTES = 1 << 30
 ESAP_BATCH_SIZE = 4
 
+# Quantized experts (--bits): input columns that share one scale (compressed-tensors group strategy; W4A16 kernels
+# are built for 128). A model whose expert widths it does not divide uses the largest power of two that does.
+QUANT_GROUP_SIZE = 128
+
 # Default `ga` search (tuned in benchmarks/search_efficiency.py: a small elitist population with big steps is a
 # fast local search around uniform). Mutation step defaults to max(MUTATION_MAX_DELTA, mean experts / 8).
 GA_OFFSPRING = 8

@@ -38,9 +38,13 @@ class LayerPlan:
     index: int                 # decoder-layer index (dense layers never appear)
     num_experts: int           # routed experts in the unpruned layer
     kept: tuple[int, ...]      # sorted expert ids that survive
+    bits: int | None = None    # bit-width of the kept routed experts' weights (None: the checkpoint's precision)
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "num_experts": self.num_experts, "kept": list(self.kept)}
+        out: dict[str, Any] = {"index": self.index, "num_experts": self.num_experts, "kept": list(self.kept)}
+        if self.bits is not None:
+            out["bits"] = self.bits
+        return out
 
 
 @dataclass
@@ -52,9 +56,13 @@ class Plan:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_counts(cls, model_fingerprint: str, ranking: Mapping[int, Sequence[int]],
-                    num_experts: Mapping[int, int], counts: Mapping[int, int], **extra: Any) -> "Plan":
-        """Keep the ``counts[l]`` highest-ranked experts of every layer (``ranking[l]`` is best-first)."""
-        layers = [LayerPlan(l, int(num_experts[l]), tuple(sorted(int(e) for e in ranking[l][: int(counts[l])])))
+                    num_experts: Mapping[int, int], counts: Mapping[int, int], bits: Mapping[int, int | None] | None = None,
+                    **extra: Any) -> "Plan":
+        """Keep the ``counts[l]`` highest-ranked experts of every layer (``ranking[l]`` is best-first), their weights
+        at ``bits[l]`` where given (None or absent: the checkpoint's precision)."""
+        bits = bits or {}
+        layers = [LayerPlan(l, int(num_experts[l]), tuple(sorted(int(e) for e in ranking[l][: int(counts[l])])),
+                            None if bits.get(l) is None else int(bits[l]))
                   for l in sorted(counts)]
         return cls(model_fingerprint, layers, dict(extra))
 
@@ -70,6 +78,11 @@ class Plan:
     @property
     def counts(self) -> list[int]:
         return [len(lp.kept) for lp in self.layers]
+
+    @property
+    def bits(self) -> dict[int, int]:
+        """Bit-width of each quantized layer (layers at the checkpoint's precision are absent)."""
+        return {lp.index: lp.bits for lp in self.layers if lp.bits is not None}
 
     def objective_value(self) -> tuple[str, float | None, float | None]:
         """``(objective, value, uniform value)`` recorded by ``allocopt run`` (None where not recorded). Plans written
@@ -132,6 +145,8 @@ class Plan:
             problem = _ids_problem(lp.num_experts, lp.kept)
             if problem:
                 raise AllocoptError(f"{source}: layer {lp.index} {problem}")
+            if lp.bits is not None:
+                check_bits([lp.bits], f"{source}: layer {lp.index}")
             if list(lp.kept) != sorted(lp.kept):
                 object.__setattr__(lp, "kept", tuple(sorted(lp.kept)))
 
@@ -300,7 +315,11 @@ def _layer_from_json(d: object, position: int, source: str) -> LayerPlan:
     for e in d["kept"]:
         if not _is_int(e):
             raise AllocoptError(f'{source}: {name} "kept" holds {_shown(e)}, not an expert id; list integer expert ids only')
-    return LayerPlan(d["index"], d["num_experts"], tuple(d["kept"]))
+    bits = d.get("bits")
+    if bits is not None and not _is_int(bits):
+        raise AllocoptError(f'{source}: {name} "bits" is {_shown(bits)}, not an integer; write one of '
+                            f'{", ".join(map(str, SUPPORTED_BITS))}, or leave it out for the checkpoint\'s precision')
+    return LayerPlan(d["index"], d["num_experts"], tuple(d["kept"]), bits)
 
 
 def _shown(value: object) -> str:
@@ -310,6 +329,22 @@ def _shown(value: object) -> str:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+SUPPORTED_BITS = (4, 8)       # int weight-only levels vLLM serves from compressed-tensors checkpoints (W4A16, W8A16)
+
+
+def check_bits(bits, source: str = "--bits") -> tuple[int, ...]:
+    """The one rule for the bit-widths of routed experts: each one of :data:`SUPPORTED_BITS`. Returns them sorted,
+    distinct; raises one AllocoptError naming the bad value and the fix."""
+    out = []
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) not in SUPPORTED_BITS:
+            raise AllocoptError(f"{source}: bit-width {b!r} is not one allocopt quantizes experts to; use "
+                                f"{' or '.join(map(str, SUPPORTED_BITS))} (int weight-only, group-wise), or leave the "
+                                "layer at the checkpoint's precision")
+        out.append(int(b))
+    return tuple(sorted(set(out)))
 
 
 def check_allowed_counts(counts) -> tuple[int, ...]:

@@ -5,13 +5,14 @@ state (tied weights once). :func:`export_size` prunes a twin of the model on the
 model's own dtypes) twice and reads off, per MoE layer, the bytes one kept routed expert adds (its weights, its
 router row, its selection-bias entry) and the bytes no plan changes (embeddings, attention, shared experts, norms).
 Both are checked to be linear in the kept count, so :meth:`ExportSize.bytes` of any plan is the byte count of its
-export's tensors (safetensors headers aside).
+export's tensors (safetensors headers aside). With bit-widths (``--bits``) it also holds, per layer and bit-width,
+what one kept expert's matrices weigh packed (``export.quantized``: the compressor the export runs, on meta tensors).
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -24,20 +25,34 @@ from allocopt.models.adapter import decoder_layers
 
 @dataclass(frozen=True)
 class ExportSize:
-    """``bytes(counts) = base + sum_l counts[l] * per_expert[l]``: the export's tensor bytes for per-layer kept counts
-    (layers absent from ``counts`` keep all their experts)."""
+    """``bytes(counts, bits) = base + sum_l counts[l] * (per_expert[l] + quantized[l][bits[l]])``: the export's tensor
+    bytes for per-layer kept counts (layers absent from ``counts`` keep all their experts) and bit-widths (layers
+    absent from ``bits`` stay at the checkpoint's precision)."""
 
     base: int
     per_expert: Mapping[int, int]        # MoE layer index -> bytes one kept routed expert adds to the export
     num_experts: Mapping[int, int]
+    quantized: Mapping[int, Mapping[int, int]] = field(default_factory=dict)   # layer -> bits -> bytes per expert
+                                                                               # packed minus unpacked (< 0)
 
     @property
     def full(self) -> int:
         """The unpruned export's tensor bytes."""
         return self.bytes({})
 
-    def bytes(self, counts: Mapping[int, int]) -> int:
-        return self.base + sum(int(counts.get(l, n)) * self.per_expert[l] for l, n in self.num_experts.items())
+    def bytes(self, counts: Mapping[int, int], bits: Mapping[int, int] | None = None) -> int:
+        bits = bits or {}
+        return self.base + sum(int(counts.get(l, n)) * self.expert_bytes(l, bits.get(l))
+                               for l, n in self.num_experts.items())
+
+    def expert_bytes(self, layer: int, bits: int | None = None) -> int:
+        """Bytes one kept routed expert of ``layer`` adds to the export at ``bits`` (None: the checkpoint's precision)."""
+        if bits is None:
+            return self.per_expert[layer]
+        if bits not in self.quantized.get(layer, {}):
+            raise AllocoptError(f"layer {layer} was not sized at {bits} bits; size the export with those bits "
+                                "(export_size(model, bits=...))")
+        return self.per_expert[layer] + self.quantized[layer][bits]
 
     def kept_for(self, memory: int, unit: int = 1, prunable: Mapping[int, bool] | None = None) -> int:
         """The most routed experts kept in all, layers no plan can change (``prunable`` False: hash-routed ones)
@@ -58,8 +73,9 @@ class ExportSize:
         return kept + sum(self.num_experts[l] for l in whole)
 
 
-def export_size(model: nn.Module) -> ExportSize:
-    """The export size model of ``model`` (loaded, offloaded or a meta skeleton); nothing is allocated."""
+def export_size(model: nn.Module, bits: tuple[int, ...] = (), scheme=None) -> ExportSize:
+    """The export size model of ``model`` (loaded, offloaded or a meta skeleton), also at each of ``bits`` for the
+    routed experts (``scheme``: their groups, default ``WeightScheme.for_model``); nothing is allocated."""
     blocks = find_moe_blocks(model)
     full, full_layers = _state_bytes(model)              # the unpruned export: the model's own tensors
     cut = {b.layer: _step(b) for b in blocks}           # experts removed per layer in the first prune (one per group)
@@ -84,7 +100,15 @@ def export_size(model: nn.Module) -> ExportSize:
         per_expert[b.layer] = per
     num_experts = {b.layer: b.info.num_experts for b in blocks}
     base = full - sum(n * per_expert[l] for l, n in num_experts.items())
-    return ExportSize(base, per_expert, num_experts)
+    quantized = {}
+    if bits:
+        from allocopt.export.quantized import quantized_expert_bytes
+        from allocopt.models.quantization import WeightScheme
+
+        list_name, _ = decoder_layers(model)
+        quantized = quantized_expert_bytes(_twin(model), {l: f"{list_name}.{l}." for l in num_experts}, tuple(bits),
+                                           scheme or WeightScheme.for_model(model))
+    return ExportSize(base, per_expert, num_experts, quantized)
 
 
 def _twin(model: nn.Module) -> nn.Module:

@@ -39,17 +39,19 @@ from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
 from allocopt.models.hooks import input_device
+from allocopt.models.quantization import WeightScheme, quantize_experts
 from allocopt.runtime.offload import is_offloaded
 from allocopt.objectives.layerwise import Job, run_layerwise
 from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
-from allocopt.plan import check_kept
+from allocopt.plan import check_bits, check_kept
 
 log = logging.getLogger(__name__)
 
-Key = tuple[tuple[int, ...], ...]          # kept expert ids per MoE layer, in layer order
+LayerKey = tuple[tuple[int, ...], int]     # (kept expert ids, bit-width of their weights; 0: the checkpoint's precision)
+Key = tuple[LayerKey, ...]                 # per MoE layer, in layer order
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ class Evaluator:
         self.info = {l.index: l for l in info.layers}
         self.layers = sorted(info.num_experts)
         self.num_experts, self.top_k = info.num_experts, info.top_k
-        self.full: Key = tuple(tuple(range(self.num_experts[l])) for l in self.layers)
+        self.full: Key = tuple((tuple(range(self.num_experts[l])), 0) for l in self.layers)
+        self._scheme: WeightScheme | None = None           # quantized experts' groups, chosen on the first plan with bits
         device = input_device(model)
         bs = batch_size or len(tokens)
         self.batches = [b.to(device) for b in tokens.batches(bs)]
@@ -188,13 +191,34 @@ class Evaluator:
 
     # ---- plans -----------------------------------------------------------------------------------
     def key(self, plan: Mapping[int, Sequence[int]] | Any) -> Key:
-        """Canonical key of a plan (a mapping or an ``allocopt.plan.Plan``); validates ids and top-k."""
-        kept = plan.kept if hasattr(plan, "kept") and not isinstance(plan, Mapping) else plan
-        kept = check_kept(self.info.values(), kept, "the plan")
-        return tuple(tuple(kept.get(l, range(self.num_experts[l]))) for l in self.layers)
+        """Canonical key of a plan (a mapping of kept ids, or an ``allocopt.plan.Plan``, whose layers may carry a
+        bit-width); validates ids, top-k and bit-widths."""
+        is_plan = hasattr(plan, "kept") and not isinstance(plan, Mapping)
+        kept = check_kept(self.info.values(), plan.kept if is_plan else plan, "the plan")
+        bits = plan.bits if is_plan else {}
+        if bits:
+            check_bits(bits.values(), "the plan")
+            if self.layerwise:
+                raise AllocoptError("plans with quantized experts (--bits) are scored on a model held in memory; this one "
+                                    "is offloaded: load it on devices that hold it, or drop --bits")
+            unknown = sorted(set(bits) - set(self.layers))
+            if unknown:
+                raise AllocoptError(f"the plan quantizes layers {unknown}, which are not MoE layers of the model; "
+                                    "quantize MoE layers only")
+        return tuple((tuple(kept.get(l, range(self.num_experts[l]))), int(bits.get(l, 0))) for l in self.layers)
 
     def _kept(self, key: Key) -> dict[int, list[int]]:
-        return {l: list(k) for l, k, full in zip(self.layers, key, self.full) if k != full}
+        return {l: list(k[0]) for l, k, full in zip(self.layers, key, self.full) if k[0] != full[0]}
+
+    def _bits(self, key: Key) -> dict[int, int]:
+        return {l: k[1] for l, k in zip(self.layers, key) if k[1]}
+
+    @property
+    def scheme(self) -> WeightScheme:
+        """The group-wise scheme quantized experts are scored with (the export's: ``WeightScheme.for_model``)."""
+        if self._scheme is None:
+            self._scheme = WeightScheme.for_model(self.model)
+        return self._scheme
 
     # ---- evaluation --------------------------------------------------------------------------------
     def evaluate(self, plans: Sequence[Mapping[int, Sequence[int]] | Any], rows: int | None = None) -> list[ObjectiveValue]:
@@ -236,7 +260,8 @@ class Evaluator:
                 start, hidden = self._start(c, k)
                 capture = [self.layers[i] for i in range(start + 1, n)] if self.prefix_reuse else []
                 positions = self.teacher.chunks[c].positions if self.head_rows else None
-                with mask_experts(self.model, self._kept(k)):
+                bits = self._bits(k)
+                with mask_experts(self.model, self._kept(k)), quantize_experts(self.model, bits, self.scheme if bits else None):
                     logits, states = self.runner.run(batch.input_ids, batch.attention_mask, self.layers[start] if start >= 0 else 0,
                                                      hidden, capture, positions)
                 run = len(self.runner.layers) - (self.layers[start] if start >= 0 else 0)

@@ -25,12 +25,12 @@ from torch import nn
 from allocopt.models import mask_experts
 from allocopt.runtime.decoder import DecoderRunner, State, resident
 
-Key = tuple[tuple[int, ...], ...]
+Key = tuple[tuple[tuple[int, ...], int], ...]      # (kept ids, bits; 0: unquantized) per MoE layer (engine.Key)
 
 
 @dataclass
 class Job:
-    """One plan on one micro-batch: ``key`` (kept ids per MoE layer), where it starts (MoE position ``start`` with the
+    """One plan on one micro-batch: ``key`` ((kept ids, bits) per MoE layer), where it starts (MoE position ``start`` with the
     input state ``state``; -1 and None: from the embedding)."""
 
     batch: int
@@ -46,7 +46,8 @@ def run_layerwise(model: nn.Module, runner: DecoderRunner, moe_layers: Sequence[
                   on_logits: Callable[[Job, torch.Tensor, int], None]) -> None:
     """Forward every job layer by layer; ``on_state(batch, moe_pos, prefix, state)`` receives each state at the input of
     an MoE layer (for the engine's prefix cache), ``on_logits(job, logits [B, T, V], layer_tokens)`` each job's logits
-    and its share of the layer-tokens run (a shared prefix's cost is split between the plans that share it)."""
+    and its share of the layer-tokens run (a shared prefix's cost is split between the plans that share it). Plans with
+    quantized layers are not scored here (the engine refuses them on an offloaded model)."""
     n_layers = len(runner.layers)
     before = lambda d: bisect.bisect_left(moe_layers, d)           # noqa: E731  MoE layers strictly before layer d
     start_layer = {id(j): moe_layers[j.start] if j.start >= 0 else 0 for j in jobs}
@@ -72,7 +73,7 @@ def run_layerwise(model: nn.Module, runner: DecoderRunner, moe_layers: Sequence[
                 for (c, prefix), members in groups.items():
                     batch = batches[c]
                     state = states.get((c, prefix[:before(d)])) if d else None
-                    kept = {d: list(prefix[-1])} if d in moe_layers and prefix[-1] != full[moe_layers.index(d)] else {}
+                    kept = {d: list(prefix[-1][0])} if d in moe_layers and prefix[-1] != full[moe_layers.index(d)] else {}
                     with mask_experts(model, kept):
                         out[(c, prefix)], emb = runner.run_layer(batch.input_ids, batch.attention_mask, d, state,
                                                                  embeddings.get(c))

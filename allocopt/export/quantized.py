@@ -1,0 +1,83 @@
+"""Quantized routed experts in the export: compressed-tensors' pack-quantized format, per-layer bit-widths.
+
+A plan with bits (``LayerPlan.bits``) is exported with each kept expert's weight matrices of a quantized layer stored
+as compressed-tensors stores a W4A16/W8A16 ``Linear``: ``weight_packed`` (int32, 32 / bits values per word),
+``weight_scale`` (one per group of input columns, in the weight's dtype) and ``weight_shape``; every other tensor
+(routers, attention, shared experts, embeddings, experts of unquantized layers) is written as before. The values are
+``models.quantization.quantize_matrix``'s, the ones ESAP scored, packed by compressed-tensors'
+``PackedQuantizationCompressor``.
+
+The same functions size the export: :func:`expert_matrices` names one kept expert's matrices as ``save_pretrained``
+writes them (transformers' ``revert_weight_conversion`` on a meta twin) and :func:`compressed_bytes` runs the
+compressor on meta tensors of their shapes, so a byte budget (``export.size``) counts exactly the tensors written.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from allocopt.models.quantization import WeightScheme, quantize_matrix
+
+_EXPERT_WEIGHT = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)\.(?P<proj>.+)\.weight$")
+FORMAT = "pack-quantized"
+
+
+def quantization_scheme(bits: int, scheme: WeightScheme, targets: list[str]):
+    """compressed-tensors ``QuantizationScheme`` of the experts at ``bits`` (weight-only: W4A16 / W8A16)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme(targets=targets, weights=scheme.args(bits))
+
+
+def compress_weight(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> dict[str, torch.Tensor]:
+    """One expert matrix ``weight`` ([out, in]) -> the tensors its module stores (``weight_packed``,
+    ``weight_scale``, ``weight_shape``). On the meta device only their shapes and dtypes (for sizing)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    if weight.device.type == "meta":
+        groups = weight.shape[-1] // scheme.group_size
+        scale = torch.empty((*weight.shape[:-1], groups), dtype=weight.dtype, device="meta")
+    else:
+        scale = quantize_matrix(weight, bits, scheme)[1]
+    return PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": scale},
+                                                 quantization_scheme(bits, scheme, ["Linear"]))
+
+
+def compressed_bytes(shape: tuple[int, ...], dtype: torch.dtype, bits: int, scheme: WeightScheme) -> int:
+    """Bytes of :func:`compress_weight`'s tensors for a matrix of ``shape`` and ``dtype``."""
+    tensors = compress_weight(torch.empty(shape, dtype=dtype, device="meta"), bits, scheme)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def expert_matrices(twin: nn.Module, layer_prefix: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(projection name, shape, dtype) of expert 0's weight matrices in the export of one MoE layer, as
+    ``save_pretrained`` names them (``gate_proj``, ``up_proj``, ``down_proj`` for most families). ``twin``: the model
+    on the meta device; ``layer_prefix``: e.g. ``model.layers.3.``."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {k: v for k, v in twin.state_dict().items() if k.startswith(layer_prefix)}
+    out = []
+    for name, t in revert_weight_conversion(twin, state).items():
+        m = _EXPERT_WEIGHT.match(name)
+        if m is not None and m["expert"] == "0" and t.dim() == 2:
+            out.append((m["proj"], tuple(t.shape), t.dtype))
+    return out
+
+
+def quantized_expert_bytes(twin: nn.Module, layer_prefixes: Mapping[int, str], bits: tuple[int, ...],
+                           scheme: WeightScheme) -> dict[int, dict[int, int]]:
+    """Per MoE layer and bit-width: bytes one kept expert's matrices take in the export minus what they take at the
+    checkpoint's precision (negative: what quantizing saves per expert)."""
+    out: dict[int, dict[int, int]] = {}
+    for layer, prefix in layer_prefixes.items():
+        mats = expert_matrices(twin, prefix)
+        dense = sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for _, s, d in mats)
+        out[layer] = {b: sum(compressed_bytes(s, d, b, scheme) for _, s, d in mats) - dense for b in bits}
+    return out
+
+
+__all__ = ["FORMAT", "compress_weight", "compressed_bytes", "expert_matrices", "quantization_scheme",
+           "quantized_expert_bytes"]
