@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
-from allocopt.plan import check_allowed_counts
+from allocopt.plan import check_allowed_counts, check_bits, require_compressed_tensors
 from allocopt.search.space import Budget, check_density
 
 
@@ -46,6 +46,9 @@ class RunConfig:
     max_density: float = D.MAX_DENSITY
     count_multiple: int = D.COUNT_MULTIPLE           # every layer keeps a multiple of this (expert parallelism, kernels)
     allowed_counts: list[int] | None = None          # the only counts a layer may keep (what a serving kernel accepts)
+    bits: list[int] | None = None                    # bit-widths routed experts may take besides the checkpoint's own
+                                                     # (int weight-only, e.g. [8, 4]): searched with the counts; needs
+                                                     # memory or memory_ratio
     # data
     calib_data: str = D.CALIBRATION_DATA
     calib_seq_len: int = D.CALIBRATION_SEQ_LEN
@@ -96,6 +99,8 @@ class RunConfig:
         parts = [model.lower(), _slug(self.criterion), self.optimizer]
         if self.objective != D.OBJECTIVE:
             parts.append(self.objective)
+        if self.bits:
+            parts.append("b" + ".".join(str(b) for b in sorted(set(self.bits), reverse=True)))
         return "-".join([*parts, budget, f"seed{self.seed}"])
 
     @property
@@ -183,6 +188,15 @@ class RunConfig:
                 raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
         if self.allowed_counts is not None:
             check_allowed_counts(self.allowed_counts)
+        if self.bits is not None:
+            check_bits(self.bits)
+            require_compressed_tensors()
+            if self.memory is None and self.memory_ratio is None:
+                raise AllocoptError("--bits trades experts against bit-widths, which needs a budget in bytes; give --memory "
+                                    "SIZE or --memory-ratio R instead of a sparsity or keep count")
+            if self.optimizer != "ga":
+                raise AllocoptError(f"--bits is searched by the joint (count, bit-width) search of the default optimizer "
+                                    f"ga; {self.optimizer} searches counts only: drop --optimizer or --bits")
         if self.dtype is not None:
             check_dtype(self.dtype)
         if self.tolerance < 0:

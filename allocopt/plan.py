@@ -335,8 +335,13 @@ SUPPORTED_BITS = (4, 8)       # int weight-only levels vLLM serves from compress
 
 
 def check_bits(bits, source: str = "--bits") -> tuple[int, ...]:
-    """The one rule for the bit-widths of routed experts: each one of :data:`SUPPORTED_BITS`. Returns them sorted,
-    distinct; raises one AllocoptError naming the bad value and the fix."""
+    """The one rule for the bit-widths of routed experts: each one of :data:`SUPPORTED_BITS`. Accepts ints or text such
+    as ``"8,4"``; returns them sorted, distinct; raises one AllocoptError naming the bad value and the fix."""
+    if isinstance(bits, str):
+        try:
+            bits = [int(b) for b in bits.replace(" ", "").split(",") if b]
+        except ValueError:
+            raise AllocoptError(f"{source}: bit-widths {bits!r} are not whole numbers; give them as e.g. 8,4") from None
     out = []
     for b in bits:
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or int(b) not in SUPPORTED_BITS:
@@ -345,6 +350,15 @@ def check_bits(bits, source: str = "--bits") -> tuple[int, ...]:
                                 "layer at the checkpoint's precision")
         out.append(int(b))
     return tuple(sorted(set(out)))
+
+
+def require_compressed_tensors() -> None:
+    """Plans with bits are scored and exported with compressed-tensors (the ``quantize`` extra); one line if absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise AllocoptError("quantizing experts (--bits, a plan with bits) needs compressed-tensors; install it with "
+                            "pip install 'allocopt[quantize]'")
 
 
 def check_allowed_counts(counts) -> tuple[int, ...]:

@@ -64,7 +64,7 @@ def run(argv: list[str] | None = None) -> dict:
     from allocopt.config import RunConfig
     from allocopt.export.size import export_size
     from allocopt.pipeline.prepare import prepare
-    from allocopt.search.joint import joint_best, joint_search, make_joint_space
+    from allocopt.search.joint import joint_search, make_joint_space
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--criteria", default="reap,frequency")
@@ -94,7 +94,7 @@ def run(argv: list[str] | None = None) -> dict:
         size = export_size(p.model, bits=tuple(b for b in BITS if b is not None))
         expert_bytes = sum(n * size.per_expert[l] for l, n in size.num_experts.items())
 
-        def evaluator(js):
+        def evaluator(js, p=p):
             def evaluate(X):
                 plans = [js.plan(x, p.info.fingerprint, p.ranking) for x in np.atleast_2d(X)]
                 return np.array([v.value if v.ok else np.nan for v in p.evaluator.evaluate(plans)])
@@ -172,7 +172,7 @@ def summarise(problem: dict) -> list[dict]:
         rows = [r for r in problem["rows"] if r["row"] == kind]
         if not rows:
             continue
-        mean = lambda key: statistics.fmean(r[key] for r in rows)          # noqa: E731
+        mean = lambda key, rows=rows: statistics.fmean(r[key] for r in rows)          # noqa: E731
         out.append({"row": kind, "n": len(rows), "esap": mean("esap"), "esap_min": min(r["esap"] for r in rows),
                     "bytes": mean("bytes"), "math_em": mean("math_em"), "mc_acc": mean("mc_acc"),
                     "ppl": {d: statistics.fmean(r["ppl"][d] for r in rows) for d in DOMAINS},
@@ -240,4 +240,4 @@ if __name__ == "__main__":
         run()
     except AllocoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None

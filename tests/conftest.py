@@ -22,7 +22,7 @@ __all__ = ["FAMILIES", "tiny_model"]
 # The dependencies whose releases change what allocopt computes; their versions close every test run (CI's log
 # records what a fresh install resolved; pyproject.toml states the supported ranges).
 REPORTED_VERSIONS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "optuna", "sqlalchemy", "pymoo",
-                     "numpy", "scipy", "lm-eval", "python")
+                     "numpy", "scipy", "lm-eval", "compressed-tensors", "python")
 
 
 def dependency_versions() -> dict[str, str]:

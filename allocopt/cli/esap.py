@@ -49,7 +49,7 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     ev = prepared.evaluator
     if plan is not None:
         plan.validate_for(prepared.info, source=f"plan file {plan_path}")
-        [v] = ev.evaluate([plan.kept])
+        [v] = ev.evaluate([plan])                 # its bits too, where it has them
     else:
         v = ev.score_model(load_model(str(pruned_dir), options)[0])
     if not v.ok:

@@ -121,7 +121,8 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
     from allocopt.runtime.context import check_context
     from allocopt.evaluation import evaluate as run_evaluation
     from allocopt.evaluation.harness import PPL_SEQ_LEN
-    from allocopt.models import describe, mask_experts
+    from allocopt.models import describe
+    from allocopt.models.quantization import apply_plan
     from allocopt.runtime import load_model
     from allocopt.plan import Plan
 
@@ -133,7 +134,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
     masking = contextlib.nullcontext()
     if plan_path is not None:
         plan = Plan.load(plan_path).validate_for(describe(model), source=f"plan file {plan_path}")
-        masking = mask_experts(model, plan.kept)
+        masking = apply_plan(model, plan)            # masked experts, and quantized ones where the plan has bits
     with masking:
         metrics = run_evaluation(model, tokenizer, limit=limit, corpus=corpus)
     metrics["model"] = str(model_spec)

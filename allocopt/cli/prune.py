@@ -56,6 +56,13 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     after = describe(model, fingerprint=False)       # streams layer by layer above if the model was offloaded
     click.echo(f"wrote {out_dir}: {sum(len(lp.kept) for lp in plan.layers)}/{sum(before.num_experts.values())} routed "
                f"experts kept, {before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB")
+    if plan.bits:
+        from allocopt.runtime.offload import tensor_bytes
+
+        widths = ", ".join(f"int{b}" for b in sorted(set(plan.bits.values()), reverse=True))
+        click.echo(f"routed experts of {len(plan.bits)} layers packed at {widths} (compressed-tensors pack-quantized): "
+                   f"{tensor_bytes(out_dir) / 2**20:.2f} MB of tensors on disk"
+                   + (f", the plan's count {plan.extra['export_bytes'] / 2**20:.2f} MB" if "export_bytes" in plan.extra else ""))
     if pad:
         click.echo(f"padded to {max(after.num_experts.values())} experts per layer: routed experts take "
                    f"{after.expert_bytes / 2**20:.2f} MB, {after.expert_bytes / compact_bytes:.2f}x the compact export's "

@@ -31,6 +31,9 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--allowed-counts", metavar="LIST",
      help="The only expert counts a layer may keep, e.g. 64,96,128 (what a serving kernel accepts); every optimizer "
           "and baseline evaluates and returns only such plans, the budget being the nearest total they can reach.")
+@opt("--bits", metavar="LIST",
+     help="Bit-widths the routed experts may also be stored at, e.g. 8,4 (int weight-only, group-wise, the "
+          "compressed-tensors W8A16/W4A16 schemes): each layer's (count, bit-width) is searched under --memory/--memory-ratio.")
 @opt("--data", metavar="SPEC", default=D.SEARCH_DATA,
      help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset dir.")
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
@@ -66,6 +69,10 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
         from allocopt.plan import check_allowed_counts
 
         given["allowed_counts"] = list(check_allowed_counts(given["allowed_counts"]))
+    if given.get("bits") is not None:
+        from allocopt.plan import check_bits
+
+        given["bits"] = list(check_bits(given["bits"]))
     given.update(loading_overrides(given))
     config = RunConfig.from_sources(problem, given)
     if resume:
@@ -89,6 +96,8 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     if s.get("racing") not in (None, "on"):
         click.echo(f"racing   {s['racing']}")
     click.echo(f"counts   {s['counts']}")
+    if s.get("bits"):
+        click.echo(f"bits     {[b or 'source' for b in s['bits']]}")
     if config.sparsity is not None and abs(s["sparsity"] - config.sparsity) > 1e-9:     # whole experts only
         total = result.total_experts
         click.echo(f"sparsity {s['sparsity']:.4f}  (requested {config.sparsity:g}; {total - sum(s['counts'])} of {total} "

@@ -14,13 +14,15 @@ from torch import nn
 from allocopt.errors import AllocoptError
 from allocopt.export.mtp import drop_mtp
 from allocopt.export.padded import pad_model
+from allocopt.export.quantized import write_quantized
 from allocopt.export.remote_code import write_modeling_code
 from allocopt.export.source_format import keep_source_format, source_quantization
 from allocopt.export.streamed import write_streamed
 from allocopt.io import atomic_directory, atomic_write_text
-from allocopt.models.adapter import describe, find_moe_blocks
+from allocopt.models.adapter import decoder_layers, describe, find_moe_blocks
+from allocopt.models.quantization import plan_scheme
 from allocopt.models.surgery import checked_kept, prune_model, record_counts
-from allocopt.plan import PLAN_FILE, Plan
+from allocopt.plan import PLAN_FILE, Plan, require_compressed_tensors
 from allocopt.runtime.offload import is_offloaded
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
     ``model`` is pruned in place first unless it already has the plan's counts (no second copy of the
     weights is ever made); a model accelerate offloaded is pruned and written one decoder layer at a time
     (``export.streamed.write_streamed``). Writes plan.json (for a ``Plan``) and README.md (``card``, or ``card(info)``
-    of the pruned model) beside the weights.
+    of the pruned model) beside the weights. A plan with bits (``LayerPlan.bits``) gets those layers' routed experts
+    packed in compressed-tensors' pack-quantized format (``export.quantized``), the values ESAP scored.
     ``self_contained``: where layers differ in count, also write the checkpoint's own modelling code (``auto_map``,
     ``allocopt.export.remote_code``) so that plain transformers loads it with ``trust_remote_code=True``.
     ``pad``: the exact padded export instead (``allocopt.export.padded.pad_model``, applied here unless ``model`` is
@@ -42,6 +45,13 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
     families where it cannot be exact, or for an offloaded model (padding needs the weights in memory).
     """
     kept = plan.kept if isinstance(plan, Plan) else {int(l): tuple(k) for l, k in plan.items()}
+    bits = plan.bits if isinstance(plan, Plan) else {}
+    if bits:
+        require_compressed_tensors()
+    if bits and source_quantization(getattr(model, "name_or_path", None)) is not None:
+        raise AllocoptError("the plan quantizes experts but the source checkpoint is quantized already; search and "
+                            "export plans with bits from a checkpoint at full precision (bf16/fp16/fp32)")
+    scheme = plan_scheme(model, plan) if bits else None     # before pruning: the widths the plan was scored with
     current = {b.layer: b.info.num_experts for b in find_moe_blocks(model)}
     streamed = is_offloaded(model)
     if pad:
@@ -69,6 +79,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         else:
             model.save_pretrained(tmp)
         _source_format(model, tmp, kept, pad)
+        if bits:
+            write_quantized(tmp, bits, scheme, decoder_layers(model)[0])
         if self_contained:
             write_modeling_code(model, tmp)
         if callable(card):                         # the card names the unpruned model's fingerprint, not this one's

@@ -103,11 +103,12 @@ def export_size(model: nn.Module, bits: tuple[int, ...] = (), scheme=None) -> Ex
     quantized = {}
     if bits:
         from allocopt.export.quantized import quantized_expert_bytes
-        from allocopt.models.quantization import WeightScheme
+        from allocopt.models.quantization import WeightScheme, expert_weights
 
         list_name, _ = decoder_layers(model)
         quantized = quantized_expert_bytes(_twin(model), {l: f"{list_name}.{l}." for l in num_experts}, tuple(bits),
-                                           scheme or WeightScheme.for_model(model))
+                                           scheme or WeightScheme.for_model(model),
+                                           {b.layer: expert_weights(b) for b in blocks})
     return ExportSize(base, per_expert, num_experts, quantized)
 
 

@@ -10,6 +10,7 @@ weight-renaming rules only to classes it recognises as its own.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import re
@@ -23,6 +24,7 @@ from torch import nn
 
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import find_moe_blocks, invalidate
+from allocopt.models.quantization import dequantized_state, packs_experts
 from allocopt.models.surgery import LAYER_COUNTS_FIELD, prune_block
 from allocopt.plan import PLAN_FILE
 
@@ -71,9 +73,27 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None, device
     return (model if placement else model.to(device)).eval()
 
 
+def _from_state(load: Any, state: dict, path: Path, **kwargs: Any) -> Any:
+    """``load`` (a ``from_pretrained``) of the checkpoint at ``path`` with its tensors given as ``state``
+    (transformers takes a state dict only without a path; the config comes from ``kwargs``)."""
+    kwargs.pop("use_safetensors", None)
+    owner = getattr(load, "__self__", None)
+    if isinstance(owner, type) and owner.__name__.startswith("Auto"):    # an auto class needs a path: its model class
+        load = owner._model_mapping[type(kwargs["config"])].from_pretrained
+    return load(None, state_dict=state, **kwargs)
+
+
 def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) -> nn.Module:
     """``load(path, config=config, ...)`` (a ``from_pretrained``) that refuses a checkpoint which does not match its
-    config: transformers re-initialises missing weights with a warning only, which would be a different model."""
+    config: transformers re-initialises missing weights with a warning only, which would be a different model.
+    Routed experts packed by ``allocopt prune`` (a plan with bits) are decompressed here, each layer with its own
+    scheme (``models.quantization.dequantized_state``), and load as dense weights."""
+    quantization = getattr(config, "quantization_config", None)
+    if packs_experts(quantization):
+        state = dequantized_state(path, quantization)
+        config = copy.deepcopy(config)
+        del config.quantization_config
+        load = functools.partial(_from_state, load, state)
     try:
         model, report = load(path, config=config, dtype=kwargs.pop("dtype", None) or "auto", use_safetensors=True,
                              output_loading_info=True, **kwargs)

@@ -30,7 +30,7 @@ from torch import nn
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, expert_tensors, find_moe_blocks
-from allocopt.plan import SUPPORTED_BITS, check_bits
+from allocopt.plan import SUPPORTED_BITS, check_bits, require_compressed_tensors
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ def _expert_matrices(block: MoEBlock) -> list[tuple[str, torch.Tensor]]:
                             "(the layout transformers uses for this family's fast path) only")
     stacked = expert_tensors(block.experts, block.info.num_experts, block.tail, block.family.expert_layout)
     return [(n, t) for n, t, rows in stacked if t.dim() == 3 and rows == block.info.num_experts and t.is_floating_point()]
+
+
+def expert_weights(block: MoEBlock) -> int:
+    """Weights one routed expert of ``block`` has in the matrices the scorer quantizes."""
+    return sum(t[0].numel() for _, t in _expert_matrices(block))
 
 
 def quantize_matrix(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,10 +148,71 @@ def quantize_experts(model: nn.Module, bits: Mapping[int, int], scheme: WeightSc
             param.data = data
 
 
+def plan_scheme(model: nn.Module, plan) -> WeightScheme:
+    """The scheme a plan with bits was scored with: the group size its plan.json records (``quantization``), else
+    :meth:`WeightScheme.for_model`'s."""
+    recorded = (getattr(plan, "extra", {}).get("quantization") or {}).get("group_size")
+    return WeightScheme(int(recorded)) if recorded else WeightScheme.for_model(model)
+
+
+@contextlib.contextmanager
+def apply_plan(model: nn.Module, plan) -> Iterator[nn.Module]:
+    """``model`` as ``plan`` (an ``allocopt.plan.Plan``) was scored: its pruned experts masked
+    (``models.masking.mask_experts``) and its quantized layers' experts at their bit-widths."""
+    from allocopt.models.masking import mask_experts
+
+    bits = plan.bits
+    with mask_experts(model, plan.kept), quantize_experts(model, bits, plan_scheme(model, plan) if bits else None):
+        yield model
+
+
 def clear_levels(model: nn.Module) -> None:
     """Drop ``model``'s cached quantized levels (e.g. after its weights changed)."""
     _LEVELS.pop(model, None)
 
 
-__all__ = ["SUPPORTED_BITS", "WeightScheme", "check_bits", "clear_levels", "quantize_experts", "quantize_matrix",
-           "quantized_levels"]
+
+
+def packs_experts(quantization_config: Mapping | None) -> bool:
+    """Whether a checkpoint's ``quantization_config`` is compressed-tensors pack-quantized routed experts (what
+    ``allocopt prune`` writes for a plan with bits)."""
+    qc = dict(quantization_config or {})
+    targets = [t for g in (qc.get("config_groups") or {}).values() for t in (g or {}).get("targets", [])]
+    return (qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "pack-quantized"
+            and bool(targets) and all("experts" in t for t in targets))
+
+
+def dequantized_state(directory, quantization_config: Mapping) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``directory`` under its stored name, the packed expert matrices
+    (``<module>.weight_packed``/``weight_scale``/``weight_shape``) decompressed to ``<module>.weight`` with the scheme of
+    the config group whose target matches the module: what ESAP scored. stock transformers (5.25) decompresses
+    fused experts with one scheme per model and expects every layer's experts packed, so a plan with several
+    bit-widths, or with some layers at full precision, loads through here (``models.pruned.load_pruned``)."""
+    import re
+    from pathlib import Path
+
+    require_compressed_tensors()
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    config = QuantizationConfig.model_validate(dict(quantization_config))
+    schemes = [(re.compile(t[3:]) if t.startswith("re:") else None, t, s)
+               for s in config.config_groups.values() for t in s.targets]
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    for name in [n for n in state if n.endswith(".weight_packed")]:
+        module = name[: -len(".weight_packed")]
+        scheme = next((s for rx, t, s in schemes if (rx.match(module) if rx else module.endswith(t))), None)
+        if scheme is None:
+            raise AllocoptError(f"{module} is packed but no quantization_config group targets it; re-export the "
+                                "checkpoint with `allocopt prune`")
+        parts = {k: state.pop(f"{module}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
+        weight = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        state[f"{module}.weight"] = weight.to(parts["weight_scale"].dtype)
+    return state
+
+
+__all__ = ["SUPPORTED_BITS", "WeightScheme", "apply_plan", "check_bits", "clear_levels", "plan_scheme", "dequantized_state", "packs_experts",
+           "quantize_experts", "quantize_matrix", "quantized_levels"]

@@ -46,7 +46,7 @@ from allocopt.objectives.objective import get_objective
 from allocopt.objectives.prefix import DecoderRunner, PrefixCache
 from allocopt.objectives.rowstats import cluster_se, paired, pooled
 from allocopt.objectives.teacher import TeacherCache, build_teacher
-from allocopt.plan import check_bits, check_kept
+from allocopt.plan import check_bits, check_kept, require_compressed_tensors
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class Evaluator:
         bits = plan.bits if is_plan else {}
         if bits:
             check_bits(bits.values(), "the plan")
+            require_compressed_tensors()
             if self.layerwise:
                 raise AllocoptError("plans with quantized experts (--bits) are scored on a model held in memory; this one "
                                     "is offloaded: load it on devices that hold it, or drop --bits")

@@ -33,6 +33,7 @@ class Prepared:
     evaluator: Any                               # allocopt.objectives.Evaluator
     space: Any = None                            # AllocationSpace in experts (group-limited routing: see lattice())
     size: Any = None                             # allocopt.export.size.ExportSize where the budget is in bytes
+    joint: Any = None                            # allocopt.search.joint.JointSpace where bit-widths are searched too
     stats: Any = None                            # RoutingStats
     calibration_reused: bool = False             # statistics came from a cache file
     scores: dict[int, Any] | None = None         # criterion scores per layer [E] (higher = keep)
@@ -94,6 +95,7 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
         from allocopt.criteria import ranking_from_scores
 
         prepared.space, prepared.size = space_for(config, info, model)
+        prepared.joint = joint_space_for(config, prepared.space, prepared.size)
         prepared.stats, prepared.calibration_reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
         prepared.scores = config.criterion_function()(prepared.stats)
         prepared.ranking = ranking_from_scores(prepared.scores, prepared.stats.layers,
@@ -125,7 +127,10 @@ def space_for(config: RunConfig, info, model):
                           keep=config.keep, **bounds), None
     from allocopt.export.size import export_size
 
-    size = export_size(model)
+    size = export_size(model, bits=tuple(config.bits or ()))
+    if config.bits:                  # the counts' bounds only: the byte budget is the joint space's (joint_space_for)
+        total = sum(info.num_experts.values())
+        return make_space(info.num_experts, info.top_k, size.per_expert, keep=total - 1, at_most=True, **bounds), size
     memory = memory_budget(config, size)
     shown = f"memory {config.memory}" if config.memory is not None else f"memory_ratio {config.memory_ratio:g}"
     prunable = {l.index: l.min_kept < l.num_experts for l in info.layers}
@@ -138,6 +143,21 @@ def space_for(config: RunConfig, info, model):
         raise AllocoptError(f"{shown} ({memory} bytes of export; the unpruned one is {size.full}) holds {max(keep, 0)} "
                             f"routed experts: {exc}") from None
     return space, size
+
+
+def joint_space_for(config: RunConfig, space, size):
+    """With ``bits``: the joint (count, bit-width) space of ``space``'s layers and bounds under the byte budget (the
+    checkpoint's precision and each of ``bits``, priced by ``size``); None without."""
+    if not config.bits:
+        return None
+    from allocopt.search.joint import make_joint_space
+
+    shown = f"memory {config.memory}" if config.memory is not None else f"memory_ratio {config.memory_ratio:g}"
+    memory = memory_budget(config, size)
+    try:
+        return make_joint_space(space, (None, *config.bits), size.expert_bytes, size.base, memory)
+    except AllocoptError as exc:
+        raise AllocoptError(f"{shown} ({memory} bytes of export; the unpruned one is {size.full}): {exc}") from None
 
 
 def memory_budget(config: RunConfig, size) -> int:
@@ -157,7 +177,9 @@ def peek_space(config: RunConfig, source):
         return None
     with torch.device("meta"):
         skeleton = instantiate(source.config)
-    return space_for(config, describe(skeleton, fingerprint=False), skeleton)[0]
+    space, size = space_for(config, describe(skeleton, fingerprint=False), skeleton)
+    joint_space_for(config, space, size)                 # an impossible byte budget fails here, before loading
+    return space
 
 
 def check_options(config: RunConfig, space) -> None:

@@ -65,6 +65,8 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     from allocopt.search.optimizers import SearchContext, get_optimizer
 
     prepared = prepare(config, progress=progress, source=source)
+    if prepared.joint is not None:
+        return _joint_search(config, prepared, run_dir, progress, start)
     info, space, evaluator, ranking = prepared.info, prepared.space, prepared.evaluator, prepared.ranking
     search_space = space.lattice()        # in units of group-count experts where routing is group-limited
     ready = time.perf_counter()
@@ -172,11 +174,83 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
                      total_experts=total, fixed_allocation=optimizer.fixed_allocation)
 
 
-def _memory_fields(config: RunConfig, size, counts: dict[int, int]) -> dict[str, Any]:
+def _memory_fields(config: RunConfig, size, counts: dict[int, int], bits: dict[int, int] | None = None) -> dict[str, Any]:
     """A budget in bytes: what it was and what the plan's export weighs (its tensors' bytes, as written)."""
     if size is None:
         return {}
-    return {"memory_budget_bytes": memory_budget(config, size), "export_bytes": size.bytes(counts), "full_export_bytes": size.full}
+    return {"memory_budget_bytes": memory_budget(config, size), "export_bytes": size.bytes(counts, bits),
+            "full_export_bytes": size.full}
+
+
+def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, start: float) -> RunResult:
+    """``--bits``: each layer's (kept count, bit-width) searched together under the byte budget
+    (``search.joint.joint_search``: uniform-both plans, the knapsack DP warm start, a GA), every plan a trial of the
+    study (params: counts and bit-width options), plan.json with each layer's bits."""
+    from allocopt.search.joint import joint_search
+
+    info, joint, evaluator, ranking = prepared.info, prepared.joint, prepared.evaluator, prepared.ranking
+    ready = time.perf_counter()
+    values: dict[tuple[int, ...], Any] = {}
+
+    def evaluate_plans(rows: np.ndarray, fidelity: int | None = None) -> list[Any]:
+        out = evaluator.evaluate([joint.plan(x, info.fingerprint, ranking) for x in np.asarray(rows)], rows=fidelity)
+        values.update({tuple(int(c) for c in x): v for x, v in zip(np.asarray(rows), out)})
+        return out
+
+    attrs = {"model": config.model, "model_fingerprint": info.fingerprint,
+             "calibration_fingerprint": prepared.stats.data_fingerprint,
+             "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
+             "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
+             "budget": int(joint.budget), "layers": list(joint.layers), "count_multiple": config.count_multiple,
+             "allowed_counts": list(joint.counts.allowed) or None, "bits": [b or 0 for b in joint.bits]}
+    check_resumable(config, attrs)
+    recorder = recorder_for(config, [evaluator.direction], attrs, [config.objective], space=joint, ranking=ranking)
+    recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
+    sign = 1.0 if evaluator.direction == "maximize" else -1.0
+    clock = CallClock(recorder.study, start)
+    completed_before = len(recorder.completed())
+    trace: list[dict[str, float]] = []
+    with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
+        def traced(spent: float, best: float) -> None:
+            trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
+                          "seconds": time.perf_counter() - ready, "best": sign * best})
+            if on_generation is not None:
+                on_generation(spent, best)
+
+        def evaluate(rows: np.ndarray) -> np.ndarray:
+            out = sign * recorded(rows)
+            clock.record()
+            return out
+
+        best, best_value, cache = joint_search(evaluate, joint, config.max_evals, config.seed, on_generation=traced)
+    uniform = [x for x in joint.uniform_both() if tuple(int(v) for v in x) in cache.values]
+    uniform_value = max((cache.values[tuple(int(v) for v in x)] for x in uniform), default=float("nan"))
+    plan = joint.plan(best, info.fingerprint, ranking)
+    counts = dict(zip(joint.layers, plan.counts))
+    total = int(joint.counts.num_experts.sum())
+    summary = {
+        **objective_fields(config.objective, sign * float(best_value), sign * float(uniform_value)),
+        "uniform_plan": "the best plan of one count and one bit-width in every layer within the budget",
+        "evaluations": int(cache.evaluations),
+        "evaluation_equivalents": round(float(cache.spent), 4),
+        "search_phases": {k: {m: round(v, 4) for m, v in row.items()} for k, row in cache.phases.items()} or None,
+        "optimizer": config.optimizer, "criterion": config.criterion,
+        "bound": _bound(values, recorder, best), "seed": config.seed, "model": config.model,
+        "sparsity": 1.0 - sum(plan.counts) / total, "counts": plan.counts,
+        "bits": [lp.bits for lp in plan.layers], "bit_options": list(joint.bits),
+        "quantization": {"format": "compressed-tensors pack-quantized", "type": "int", "symmetric": True,
+                         "strategy": "group", "group_size": evaluator.scheme.group_size},
+        "count_multiple": config.count_multiple, "allowed_counts": list(joint.counts.allowed) or None,
+        **_memory_fields(config, prepared.size, counts, plan.bits),
+        "run_name": config.name, "storage": config.storage_url,
+        "new_evaluations": max(0, len(recorder.completed()) - completed_before),
+        **clock.record(),
+    }
+    plan.extra.update(summary)
+    plan_path = plan.save(run_dir / PLAN_FILE)
+    summary = {k: v for k, v in plan.to_json().items() if k != "layers"}
+    return RunResult(config, summary, plan_path, None, summary["new_evaluations"], prepared.calibration_reused, trace,
+                     total_experts=total)
 
 
 def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Iterator
 
@@ -69,6 +70,15 @@ def read_header(path: str, cache: dict[str, tuple[int, dict]] | None = None) -> 
                 raise ValueError("header is not a JSON object")
             cache[path] = (8 + n, header)
     return cache[path]
+
+
+def tensor_bytes(directory) -> int:
+    """Bytes of every tensor in the safetensors files of checkpoint ``directory`` (from their headers)."""
+    total = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        header = read_header(str(file))[1]
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def read_tensor(path: str, name: str, cache: dict[str, tuple[int, dict]] | None = None) -> torch.Tensor:

@@ -37,7 +37,7 @@ from allocopt.plan import Plan
 from allocopt.search.mutation import level_switch
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.sensitivity import layer_costs, probe_grid
-from allocopt.search.space import AllocationSpace
+from allocopt.search.space import AllocationSpace, param_name
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,20 @@ class JointSpace:
                 continue
             out.append(best)
         return out
+
+    # ---- what a study records of a plan (search.study.StudyRecorder) ----
+    def memory_bytes(self, x) -> np.ndarray:
+        return self.bytes(x)
+
+    def params(self) -> list[tuple[str, int, int]]:
+        """(trial param name, low, high): each layer's count, then each layer's bit-width option (index into ``bits``)."""
+        n = self.counts.size
+        return ([(param_name(l), int(self.levels(i)[0]), int(self.levels(i)[-1])) for i, l in enumerate(self.layers)]
+                + [(f"bits_{l:03d}", 0, len(self.bits) - 1) for l in self.layers[:n]])
+
+    def constraints(self, x) -> list[float]:
+        """Optuna constraint values (feasible when <= 0): the export's bytes within the budget."""
+        return [float(int(self.bytes(x)) - self.budget)]
 
     def to_plan_fields(self, x) -> tuple[dict[int, int], dict[int, int]]:
         """(layer -> kept count, layer -> bits of each quantized layer) of a joint plan."""

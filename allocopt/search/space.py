@@ -145,6 +145,21 @@ class AllocationSpace:
     def as_dict(self, x) -> dict[int, int]:
         return {layer: int(k) for layer, k in zip(self.layers, np.asarray(x))}
 
+    # ---- what a study records of a plan (search.study.StudyRecorder) ----
+    def params(self) -> list[tuple[str, int, int]]:
+        """(trial param name, low, high) of each coordinate of a plan: one count per MoE layer."""
+        return [(param_name(layer), int(lo), int(hi)) for layer, lo, hi in zip(self.layers, self.lower, self.upper)]
+
+    def constraints(self, x) -> list[float]:
+        """Optuna constraint values of plan ``x`` (feasible when all are <= 0): on the budget exactly."""
+        excess = float(int(np.sum(x)) - int(self.budget))
+        return [excess, -excess]
+
+
+def param_name(layer: int) -> str:
+    """The trial param holding a plan's count of MoE layer ``layer`` (what optuna-dashboard plots)."""
+    return f"layer_{layer:03d}"
+
 
 def check_density(min_density: float, max_density: float) -> None:
     """The per-layer density bounds a run may ask for (the one check; RunConfig and make_space call it)."""

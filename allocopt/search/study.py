@@ -31,7 +31,7 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from allocopt.errors import AllocoptError
-from allocopt.search.space import AllocationSpace
+from allocopt.search.space import AllocationSpace, param_name  # noqa: F401  (param_name: the trial params' names)
 
 # Trial user attrs (plots, workers and the dashboard read them by these names).
 ALLOCATION = "allocation"        # kept experts per MoE layer, the plan's counts
@@ -48,10 +48,6 @@ ROW_SUMS = "row_sums"            # per-row sums of the objective over the rows s
 ROW_TOKENS = "row_tokens"        # scored positions of each of those rows
 LAYER_TOKENS = "layer_tokens"    # decoder layer-tokens forwarded for the plan (its compute cost)
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}
-
-
-def param_name(layer: int) -> str:
-    return f"layer_{layer:03d}"
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -250,8 +246,8 @@ class StudyRecorder:
         attrs: dict[str, Any] = {**self.attrs, ALLOCATION: list(plan), OPTIMIZER: optimizer}
         if self.space is not None:
             attrs[MEMORY_BYTES] = int(self.space.memory_bytes(plan))
-        if self.ranking is not None:
-            attrs[KEPT] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan)}
+        if self.ranking is not None:            # a joint plan's first len(layers) coordinates are its counts
+            attrs[KEPT] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan[:len(self.layers)])}
         return attrs
 
     def owner_attrs(self) -> dict[str, Any]:
@@ -265,15 +261,13 @@ class StudyRecorder:
         several objectives (NSGA-II's front spans budgets on purpose)."""
         if self.space is None or len(self.study.directions) > 1:
             return {}
-        excess = float(sum(plan) - int(self.space.budget))
-        return {CONSTRAINTS: [excess, -excess]}             # feasible (both <= 0) only on the budget
+        return {CONSTRAINTS: self.space.constraints(plan)}      # feasible (all <= 0) only on the budget
 
     def trial_distributions(self) -> dict[str, IntDistribution]:
         """One integer param per MoE layer (what optuna-dashboard plots), bounded by the space."""
         if self.space is None:
             return {}
-        return {param_name(layer): IntDistribution(int(lo), int(hi))
-                for layer, lo, hi in zip(self.space.layers, self.space.lower, self.space.upper)}
+        return {name: IntDistribution(lo, hi) for name, lo, hi in self.space.params()}
 
     def record(self, plan: tuple[int, ...], optimizer: str, state: TrialState, values: list[float] | None,
                attrs: dict[str, Any], steps: dict[int, float], started: datetime.datetime) -> None:

@@ -1,0 +1,113 @@
+"""A plan with bits (issue 23, items 1, 2 and 5): ``allocopt run --bits`` searches (count, bit-width) per layer under a
+byte budget, and ``allocopt prune`` writes a compressed-tensors pack-quantized checkpoint whose tensors weigh what the
+budget counted and which loads with the logits the plan was scored with."""
+from __future__ import annotations
+
+import json
+import random
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+
+from allocopt.cli.main import cli
+from allocopt.config import RunConfig
+from allocopt.errors import AllocoptError
+from allocopt.export import save_pruned
+from allocopt.export.size import export_size
+from allocopt.models import describe
+from allocopt.models.quantization import apply_plan
+from allocopt.plan import Plan
+from allocopt.runtime import load_model
+from allocopt.runtime.loading import LoadOptions
+from allocopt.runtime.offload import tensor_bytes
+from reliability_kit import save_tiny_model
+
+# per-expert tensors on disk (olmoe, qwen2_moe with a shared expert, mixtral), group-limited routing (deepseek_v3)
+FAMILIES = {
+    "olmoe": {},
+    "qwen2_moe": {},
+    "mixtral": {},
+    "deepseek_v3": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
+}
+
+
+def _mixed_plan(model, seed: int = 0) -> Plan:
+    """Every layer pruned to a random routable count; layers at int4, int8 and the checkpoint's precision in turn."""
+    info, rng = describe(model), random.Random(seed)
+    counts, ranking, bits = {}, {}, {}
+    for i, layer in enumerate(info.layers):
+        g = max(1, layer.groups or 1)
+        low = max(layer.top_k, layer.min_kept)
+        counts[layer.index] = g * rng.randint(-(-low // g), layer.num_experts // g - 1)
+        per = layer.num_experts // g             # the same number from every routing group
+        ids = [grp * per + j for j in rng.sample(range(per), per) for grp in range(g)]
+        ranking[layer.index] = ids
+        bits[layer.index] = (4, 8, None)[i % 3]
+    return Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts,
+                            {l: b for l, b in bits.items() if b is not None})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_export_with_bits_weighs_what_was_counted_and_loads_with_the_scored_logits(family, tmp_path):
+    save_tiny_model(tmp_path / "model", family=family, seed=5, **FAMILIES[family])
+    model, tokenizer = load_model(str(tmp_path / "model"), LoadOptions(device="cpu"))
+    plan = _mixed_plan(model)
+    assert sorted(set(plan.bits.values())) == [4, 8] and (len(plan.bits) < len(plan.layers) or len(plan.layers) < 3)
+    size = export_size(model, bits=(8, 4))
+    counted = size.bytes(dict(zip(plan.kept, plan.counts)), plan.bits)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), apply_plan(model, plan):
+        scored = model(ids).logits
+    save_pruned(model, tokenizer, tmp_path / "out", plan)
+    assert tensor_bytes(tmp_path / "out") == counted
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert len(config["quantization_config"]["config_groups"]) == 2            # one scheme per bit-width
+    loaded, _ = load_model(str(tmp_path / "out"))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - scored).abs().max().item()
+    assert diff <= 1e-4, (family, diff)
+
+
+def test_a_checkpoint_that_stores_its_experts_fused_is_refused_with_bits(tmp_path):
+    save_tiny_model(tmp_path / "model", family="gpt_oss", seed=5)
+    model, _ = load_model(str(tmp_path / "model"), LoadOptions(device="cpu"))
+    with pytest.raises(AllocoptError, match="cannot be exported quantized; drop --bits"):
+        export_size(model, bits=(4,))
+
+
+def test_run_with_bits_prune_and_score_the_export_on_the_testbed(tmp_path):
+    runner = CliRunner()
+    args = ["run", "--bits", "8,4", "--memory-ratio", "0.4", "--evals", "24", "--num-seqs", "4",
+            "--out", str(tmp_path / "run"), "--name", "bits", "--json", "--quiet"]
+    done = runner.invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output.strip().splitlines()[-1])
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.bits and summary["export_bytes"] <= summary["memory_budget_bytes"] == int(0.4 * summary["full_export_bytes"])
+    assert summary["value"] >= summary["uniform_value"]
+    assert [b for b in summary["bits"]] == [lp.bits for lp in plan.layers]
+    storage = f"sqlite:///{tmp_path / 'bits.db'}"
+    trials = optuna.load_study(study_name="bits", storage=storage).trials
+    assert trials and all(any(k.startswith("bits_") for k in t.params) for t in trials)
+    again = runner.invoke(cli, args)                                      # the study answers every plan
+    assert again.exit_code == 0 and json.loads(again.output.strip().splitlines()[-1])["new_evaluations"] == 0
+    out = tmp_path / "export"
+    done = runner.invoke(cli, ["prune", "--plan", str(tmp_path / "run" / "plan.json"), "--out", str(out), "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert tensor_bytes(out) == summary["export_bytes"]
+    scored = runner.invoke(cli, ["esap", "--pruned", str(out), "--num-seqs", "4", "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.output.strip().splitlines()[-1])["esap"] == pytest.approx(summary["esap"], abs=1e-5)
+
+
+@pytest.mark.parametrize("given,words", [
+    ({"bits": [8, 4], "sparsity": 0.5}, "needs a budget in bytes; give --memory SIZE or --memory-ratio R"),
+    ({"bits": [5], "memory_ratio": 0.5}, "bit-width 5 is not one allocopt quantizes experts to"),
+    ({"bits": [4], "memory_ratio": 0.5, "optimizer": "dp"}, "dp searches counts only: drop --optimizer or --bits"),
+])
+def test_bad_bits_requests_are_refused_before_anything_loads(given, words):
+    with pytest.raises(AllocoptError, match=words):
+        RunConfig.from_sources(None, given)
