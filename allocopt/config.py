@@ -194,9 +194,9 @@ class RunConfig:
             if self.memory is None and self.memory_ratio is None:
                 raise AllocoptError("--bits trades experts against bit-widths, which needs a budget in bytes; give --memory "
                                     "SIZE or --memory-ratio R instead of a sparsity or keep count")
-            if self.optimizer != "ga":
-                raise AllocoptError(f"--bits is searched by the joint (count, bit-width) search of the default optimizer "
-                                    f"ga; {self.optimizer} searches counts only: drop --optimizer or --bits")
+            if self.optimizer not in ("ga", "nsga2"):
+                raise AllocoptError(f"--bits is searched by ga (the joint count and bit-width search) and nsga2 (its "
+                                    f"front); {self.optimizer} searches counts only: drop --optimizer or --bits")
         if self.dtype is not None:
             check_dtype(self.dtype)
         if self.tolerance < 0:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from allocopt.errors import AllocoptError
-from allocopt.search.joint import JointSpace, joint_search, knapsack, make_joint_space
+from allocopt.search.joint import JointSpace, joint_front, joint_search, knapsack, make_joint_space
 from allocopt.search.space import make_space
 
 BITS = (None, 8, 4)
@@ -92,3 +92,21 @@ def test_the_joint_search_on_the_testbed_stays_in_the_byte_budget_and_beats_one_
     assert value >= np.nanmax(uniform)                         # the uniform-both plans are evaluated first
     assert cache.spent <= 60 and set(cache.phases) >= {"uniform", "dp warm start", "ga generations"}
     assert plan.bits                                             # a quarter of the fp32 bytes needs quantized layers
+
+
+def test_the_joint_front_spans_sizes_within_the_budget_and_is_non_dominated(testbed):
+    p, size = testbed
+    expert_bytes = sum(n * size.per_expert[l] for l, n in size.num_experts.items())
+    js = make_joint_space(p.space, BITS, size.expert_bytes, size.base, size.full - expert_bytes + expert_bytes // 2)
+
+    def evaluate(X):
+        return np.array([v.value for v in p.evaluator.evaluate([js.plan(x, p.info.fingerprint, p.ranking)
+                                                                for x in np.atleast_2d(X)])])
+
+    front, cache = joint_front(evaluate, js, 40, seed=2, population=8)
+    assert len(front) >= 3 and cache.spent <= 40
+    sizes, values = [b for _, _, b in front], [v for _, v, _ in front]
+    assert sizes == sorted(sizes) and values == sorted(values)          # more bytes buy a higher ESAP along the front
+    assert all(js.contains(x) and int(js.bytes(x)) == b for x, _, b in front)
+    assert sizes[0] < js.budget // 2 < sizes[-1]                          # from small plans up to the budget
+    assert {len(set(js.split(x)[1])) for x, _, _ in front} != {1}          # bit-widths mixed within some plans

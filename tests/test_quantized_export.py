@@ -111,3 +111,21 @@ def test_run_with_bits_prune_and_score_the_export_on_the_testbed(tmp_path):
 def test_bad_bits_requests_are_refused_before_anything_loads(given, words):
     with pytest.raises(AllocoptError, match=words):
         RunConfig.from_sources(None, given)
+
+
+def test_nsga2_with_bits_writes_a_front_of_export_bytes_that_allocopt_plot_draws(tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(cli, ["run", "--optimizer", "nsga2", "--bits", "8,4", "--memory-ratio", "0.5", "--evals", "24",
+                               "--population", "6", "--num-seqs", "4", "--out", str(tmp_path / "run"), "--name", "front",
+                               "--quiet"])
+    assert done.exit_code == 0, done.output
+    front = json.loads((tmp_path / "run" / "front.json").read_text())["points"]
+    sizes = [p["memory_bytes"] for p in front]
+    assert len(front) >= 2 and sizes == sorted(sizes) and all(p["bits"] for p in front)
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert sizes[-1] <= plan.extra["memory_budget_bytes"]
+    drawn = runner.invoke(cli, ["plot", "pareto", str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
+    assert drawn.exit_code == 0, drawn.output
+    summary = json.loads((tmp_path / "plots" / "pareto.json").read_text())
+    assert summary["front_points"] >= 2 and summary["uniform_points"] >= 1
+    assert summary["reference_memory_bytes"] == plan.extra["full_export_bytes"]

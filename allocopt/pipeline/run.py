@@ -184,11 +184,15 @@ def _memory_fields(config: RunConfig, size, counts: dict[int, int], bits: dict[i
 
 def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, start: float) -> RunResult:
     """``--bits``: each layer's (kept count, bit-width) searched together under the byte budget
-    (``search.joint.joint_search``: uniform-both plans, the knapsack DP warm start, a GA), every plan a trial of the
-    study (params: counts and bit-width options), plan.json with each layer's bits."""
-    from allocopt.search.joint import joint_search
+    (``search.joint.joint_search``: uniform-both plans, the knapsack DP warm start, a GA; with ``nsga2``
+    ``joint_front``: ESAP against the export's bytes, front.json), every plan a trial of the study (params: counts and
+    bit-width options), plan.json with each layer's bits."""
+    from allocopt.search.optimizers import get_optimizer
+
+    from allocopt.search.joint import joint_front, joint_search
 
     info, joint, evaluator, ranking = prepared.info, prepared.joint, prepared.evaluator, prepared.ranking
+    front_search = get_optimizer(config.optimizer).memory_objective      # nsga2: ESAP against the export's bytes
     ready = time.perf_counter()
     values: dict[tuple[int, ...], Any] = {}
 
@@ -202,9 +206,13 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
              "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
              "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
              "budget": int(joint.budget), "layers": list(joint.layers), "count_multiple": config.count_multiple,
-             "allowed_counts": list(joint.counts.allowed) or None, "bits": [b or 0 for b in joint.bits]}
+             "allowed_counts": list(joint.counts.allowed) or None, "bits": [b or 0 for b in joint.bits],
+             "total_expert_bytes": int(prepared.size.full)}          # the plots' memory axis: the export's bytes
     check_resumable(config, attrs)
-    recorder = recorder_for(config, [evaluator.direction], attrs, [config.objective], space=joint, ranking=ranking)
+    directions, metrics = [evaluator.direction], [config.objective]
+    if front_search:
+        directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
+    recorder = recorder_for(config, directions, attrs, metrics, space=joint, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0
     clock = CallClock(recorder.study, start)
@@ -222,7 +230,12 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
             clock.record()
             return out
 
-        best, best_value, cache = joint_search(evaluate, joint, config.max_evals, config.seed, on_generation=traced)
+        if front_search:
+            front, cache = joint_front(evaluate, joint, config.max_evals, config.seed, config.population)
+            best, best_value = max(((x, v) for x, v, _ in front), key=lambda t: t[1])
+        else:
+            front = None
+            best, best_value, cache = joint_search(evaluate, joint, config.max_evals, config.seed, on_generation=traced)
     uniform = [x for x in joint.uniform_both() if tuple(int(v) for v in x) in cache.values]
     uniform_value = max((cache.values[tuple(int(v) for v in x)] for x in uniform), default=float("nan"))
     plan = joint.plan(best, info.fingerprint, ranking)
@@ -249,8 +262,16 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
     plan.extra.update(summary)
     plan_path = plan.save(run_dir / PLAN_FILE)
     summary = {k: v for k, v in plan.to_json().items() if k != "layers"}
-    return RunResult(config, summary, plan_path, None, summary["new_evaluations"], prepared.calibration_reused, trace,
-                     total_experts=total)
+    front_path = None
+    if front is not None:
+        front_path = atomic_write_json(run_dir / FRONT_FILE, {
+            "objective": config.objective, "model_fingerprint": info.fingerprint, "layers": list(joint.layers),
+            "memory": "export bytes (every tensor the export writes, packed experts included)",
+            "points": [{"counts": [int(c) for c in joint.split(x)[0]],
+                        "bits": [joint.bits[int(j)] for j in joint.split(x)[1]],
+                        "value": sign * float(v), "memory_bytes": int(b)} for x, v, b in front]})
+    return RunResult(config, summary, plan_path, front_path, summary["new_evaluations"], prepared.calibration_reused,
+                     trace, total_experts=total)
 
 
 def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class ParetoData:
     ref_memory_bytes: float
     hypervolume: float
     source: str                       # "study" or "front.json"
+    memory: str = "routed-expert memory kept"    # what the memory axis counts ("export size" for --bits runs)
 
 
 def non_dominated(esap: np.ndarray, memory: np.ndarray) -> np.ndarray:
@@ -65,6 +66,13 @@ def is_uniform(counts: Sequence[int], num_experts: Sequence[int] | None = None) 
         return False
     e = np.ones_like(c) if num_experts is None else np.asarray(num_experts, float)
     return bool(np.all(np.abs(c - c.sum() * e / e.sum()) < 1.0))
+
+
+def _uniform_both(plan: Sequence[int]) -> bool:
+    """A joint plan with one count and one bit-width in every layer (the uniform-both baselines; with every expert
+    kept, the quantize-only ones)."""
+    n = len(plan) // 2
+    return len(set(plan[:n])) == 1 and len(set(plan[n:])) == 1
 
 
 def _num_experts(source: Source) -> list[int] | None:
@@ -133,9 +141,14 @@ def pareto_data(source: Source, ref_memory_gb: float | None = None) -> ParetoDat
     mem = np.array([p.memory_bytes for p in points])
     front = non_dominated(esap, mem)
     experts = _num_experts(source)
-    uniform = np.array([p.uniform or is_uniform(p.counts, experts) for p in points])
+    if source.study_attrs.get("bits"):             # joint plans (--bits): counts then bit-width options per layer
+        uniform = np.array([p.uniform or _uniform_both(p.counts) for p in points])
+    else:
+        uniform = np.array([p.uniform or is_uniform(p.counts, experts) for p in points])
     ref = reference_memory_bytes(source, points, ref_memory_gb)
-    return ParetoData(source.name, points, front, uniform, ref, hypervolume(esap[front], mem[front] / GB, ref / GB), origin)
+    memory = "export size (every tensor, packed experts included)" if source.study_attrs.get("bits") else ParetoData.memory
+    return ParetoData(source.name, points, front, uniform, ref, hypervolume(esap[front], mem[front] / GB, ref / GB), origin,
+                      memory)
 
 
 def _pick_source(sources: list[Source]) -> Source:
@@ -161,12 +174,14 @@ def draw_pareto(data: ParetoData):
     ax.step(mem[order], esap[order], where="post", color="tab:blue", lw=1.8, marker="o", ms=4,
             label=f"Pareto front ({len(order)})", zorder=2)
     if data.uniform.any():
+        label = "uniform both (one count and bit-width)" if "export" in data.memory else "uniform"
         ax.scatter(mem[data.uniform], esap[data.uniform], s=55, marker="D", facecolors="none", edgecolors="tab:red",
-                   linewidths=1.5, label="uniform", zorder=3)
-    ax.set_xlabel(f"routed-expert memory kept [{unit}]")
+                   linewidths=1.5, label=label, zorder=3)
+    ax.set_xlabel(f"{data.memory} [{unit}]")
     ax.set_ylabel("ESAP (higher is better)")
     ax.set_title(f"{data.name}: ESAP vs expert memory\nhypervolume {data.hypervolume:.4g} ESAP·GB "
-                 f"(ref: ESAP 0, {data.ref_memory_bytes / GB:.4g} GB = unpruned experts)", fontsize=10)
+                 f"(ref: ESAP 0, {data.ref_memory_bytes / GB:.4g} GB = unpruned "
+                 f"{'export' if 'export' in data.memory else 'experts'})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     return fig

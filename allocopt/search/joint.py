@@ -132,11 +132,11 @@ class JointSpace:
         below = lv[lv < count]
         return int(below[-1]) if len(below) else None
 
-    def repair(self, x, rng: np.random.Generator) -> np.ndarray:
+    def repair(self, x, rng: np.random.Generator, fill: bool = True) -> np.ndarray:
         """Any vector -> a feasible plan near it: levels clipped, counts snapped to their nearest allowed count, then
         experts removed from random layers while over the budget (a layer at its fewest experts drops to the next
-        cheaper bit-width instead), then added to random layers while one more fits, and where none fits a random
-        layer moved one bit-width wider while that fits."""
+        cheaper bit-width instead), then (``fill``) added to random layers while one more fits, and where none fits a
+        random layer moved one bit-width wider while that fits."""
         counts, levels = (a.astype(np.int64).copy() for a in self.split(np.rint(np.asarray(x, dtype=float))))
         levels = np.clip(levels, 0, len(self.bits) - 1)
         counts = np.array([lv[np.argmin(np.abs(lv - c))] for lv, c in
@@ -154,7 +154,7 @@ class JointSpace:
             i = int(rng.choice(cheaper))
             total -= counts[i] * int(self.expert_bytes[i, levels[i]] - self.expert_bytes[i, levels[i] + 1])
             levels[i] += 1
-        while grow := self._growth(counts, levels, total):
+        while fill and (grow := self._growth(counts, levels, total)):
             i, counts[i], levels[i], add = grow[int(rng.integers(len(grow)))]
             total += add
         return np.concatenate([counts, levels])
@@ -378,7 +378,82 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
     return best, value, cache
 
 
-def _child(space: JointSpace, parents: list[np.ndarray], rng: np.random.Generator, step: int) -> np.ndarray:
+def joint_front(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace, max_evals: int, seed: int,
+                population: int = defaults.POPULATION) -> tuple[list[tuple[np.ndarray, float, int]], EvaluationCache]:
+    """NSGA-II (Deb et al. 2002, pymoo) over joint plans of at most ``space.budget`` bytes: maximise the objective,
+    minimise the export's bytes. Generation 0 holds the uniform-both plans of a ladder of budgets (the smallest plan
+    to ``budget``) and random plans repaired without filling, so the front spans sizes; variation is
+    :func:`_child`'s, repair keeps plans in the budget without filling them. Returns the non-dominated
+    (plan, value, bytes), fewest bytes first, and the cache of every evaluation."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.crossover import Crossover
+    from pymoo.core.mutation import Mutation
+    from pymoo.core.problem import Problem
+    from pymoo.core.repair import Repair
+    from pymoo.core.sampling import Sampling
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    from allocopt.search.problem import drive
+
+    cache = EvaluationCache(evaluate, max_evals)
+    n = space.counts.size
+    step = max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.counts.num_experts)) / 8)))
+
+    class _Problem(Problem):
+        def __init__(self):
+            lo = np.concatenate([[space.levels(i)[0] for i in range(n)], np.zeros(n)])
+            hi = np.concatenate([[space.levels(i)[-1] for i in range(n)], np.full(n, len(space.bits) - 1)])
+            super().__init__(n_var=2 * n, n_obj=2, xl=lo.astype(float), xu=hi.astype(float), vtype=int)
+            self.cache = cache
+
+        def _evaluate(self, X, out, *args, **kwargs):
+            X = np.asarray(X).astype(np.int64)
+            values = cache(X)
+            out["F"] = np.column_stack([np.where(np.isfinite(values), -values, np.inf), space.bytes(X)])
+
+    class _Sampling(Sampling):
+        def _do(self, problem, n_samples, random_state=None, **kwargs):
+            rows = []
+            for fraction in np.linspace(0.0, 1.0, 5):
+                budget = int(space.min_bytes() + fraction * (space.budget - space.min_bytes()))
+                rows += dataclasses.replace(space, budget=budget).uniform_both()
+            while len(rows) < n_samples:
+                x = np.concatenate([[random_state.choice(space.levels(i)) for i in range(n)],
+                                    random_state.integers(0, len(space.bits), n)])
+                rows.append(space.repair(x, random_state, fill=False))
+            return np.array(list({tuple(r): r for r in rows}.values())[:max(n_samples, 1)])
+
+    class _Crossover(Crossover):
+        def __init__(self):
+            super().__init__(2, 1)
+
+        def _do(self, problem, X, random_state=None, **kwargs):
+            out = np.empty((1, X.shape[1], X.shape[2]), dtype=X.dtype)
+            for k in range(X.shape[1]):
+                out[0, k] = _child(space, [X[0, k], X[1, k]], random_state, step, fill=False)
+            return out
+
+    class _Mutation(Mutation):
+        def _do(self, problem, X, random_state=None, **kwargs):
+            return X
+
+    class _Repair(Repair):
+        def _do(self, problem, X, random_state=None, **kwargs):
+            return np.array([space.repair(x, random_state, fill=False) for x in X])
+
+    algorithm = NSGA2(pop_size=max(4, population), sampling=_Sampling(), crossover=_Crossover(),
+                      mutation=_Mutation(), repair=_Repair(), eliminate_duplicates=True)
+    drive(algorithm, _Problem(), seed)
+    done = [(x, v) for x, v in cache.history if np.isfinite(v)]
+    if not done:
+        raise AllocoptError("every evaluated plan failed (NaN objective); check the objective log above")
+    F = np.array([[-v, float(space.bytes(x))] for x, v in done])
+    idx = NonDominatedSorting().do(F, only_non_dominated_front=True)
+    return sorted(((done[i][0], done[i][1], int(F[i, 1])) for i in idx), key=lambda t: t[2]), cache
+
+
+def _child(space: JointSpace, parents: list[np.ndarray], rng: np.random.Generator, step: int,
+           fill: bool = True) -> np.ndarray:
     """Per-layer uniform crossover of two parents' (count, bit-width) pairs, a level-switch move of counts, a
     one-level move of one layer's bit-width (half the time), then byte repair."""
     n = space.counts.size
@@ -387,11 +462,12 @@ def _child(space: JointSpace, parents: list[np.ndarray], rng: np.random.Generato
     counts, levels = space.split(a)
     counts = np.where(take, space.split(b)[0], counts)
     levels = np.where(take, space.split(b)[1], levels)
-    counts = level_switch(counts, space.counts.lower, space.counts.upper, rng, dmax=step)
+    span = None if fill else (int(space.counts.lower.sum()), int(space.counts.upper.sum()))   # fronts: sizes move too
+    counts = level_switch(counts, space.counts.lower, space.counts.upper, rng, dmax=step, budget_range=span)
     if rng.random() < 0.5 and len(space.bits) > 1:
         i = int(rng.integers(n))
         levels[i] = int(np.clip(levels[i] + (1 if rng.random() < 0.5 else -1), 0, len(space.bits) - 1))
-    return space.repair(np.concatenate([counts, levels]), rng)
+    return space.repair(np.concatenate([counts, levels]), rng, fill=fill)
 
 
-__all__ = ["JointSpace", "joint_best", "joint_dp_step", "joint_search", "knapsack", "make_joint_space"]
+__all__ = ["JointSpace", "joint_best", "joint_dp_step", "joint_front", "joint_search", "knapsack", "make_joint_space"]
