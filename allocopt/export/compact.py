@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from allocopt.errors import AllocoptError
-from allocopt.export.mtp import drop_mtp
+from allocopt.export.mtp import carry_mtp, settle_mtp
 from allocopt.export.padded import pad_model
 from allocopt.export.quantized import write_quantized
 from allocopt.export.remote_code import write_modeling_code
@@ -67,7 +67,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         kept = checked_kept(model, plan)
     elif any(current.get(l) != len(k) for l, k in kept.items()):
         prune_model(model, plan, progress=progress)
-    drop_mtp(model)
+    carried = settle_mtp(model)              # the source's MTP layers go along whole, or the config claims none
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if streamed:
@@ -79,6 +79,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         else:
             model.save_pretrained(tmp)
         _source_format(model, tmp, kept, pad)
+        if carried:
+            carry_mtp(model, tmp)
         if bits:
             write_quantized(tmp, bits, scheme, decoder_layers(model)[0])
         if self_contained:

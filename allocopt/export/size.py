@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from allocopt.errors import AllocoptError
+from allocopt.export.mtp import mtp_bytes
 from allocopt.models import find_moe_blocks, prune_model
 from allocopt.models.adapter import decoder_layers
 
@@ -99,7 +100,7 @@ def export_size(model: nn.Module, bits: tuple[int, ...] = (), scheme=None) -> Ex
                                 "be used with this model (use --sparsity or --keep)")
         per_expert[b.layer] = per
     num_experts = {b.layer: b.info.num_experts for b in blocks}
-    base = full - sum(n * per_expert[l] for l, n in num_experts.items())
+    base = full - sum(n * per_expert[l] for l, n in num_experts.items()) + mtp_bytes(model)   # MTP layers go whole
     quantized = {}
     if bits:
         from allocopt.export.quantized import quantized_expert_bytes
