@@ -129,3 +129,15 @@ def test_nsga2_with_bits_writes_a_front_of_export_bytes_that_allocopt_plot_draws
     summary = json.loads((tmp_path / "plots" / "pareto.json").read_text())
     assert summary["front_points"] >= 2 and summary["uniform_points"] >= 1
     assert summary["reference_memory_bytes"] == plan.extra["full_export_bytes"]
+
+
+@pytest.mark.parametrize("constraint,allowed", [(["--allowed-counts", "6,10,16"], {6, 10, 16}),
+                                                (["--count-multiple", "4"], {4, 8, 12, 16})])
+def test_every_plan_a_bits_search_evaluates_respects_the_serving_constraints(tmp_path, constraint, allowed):
+    done = CliRunner().invoke(cli, ["run", "--bits", "8,4", "--memory-ratio", "0.35", "--evals", "30", "--num-seqs", "4",
+                                    *constraint, "--out", str(tmp_path / "run"), "--name", "c", "--quiet"])
+    assert done.exit_code == 0, done.output
+    trials = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'c.db'}").trials
+    layers = [k for k in trials[0].params if k.startswith("layer_")]
+    assert len(trials) > 5 and all({t.params[k] for k in layers} <= allowed for t in trials)
+    assert set(Plan.load(tmp_path / "run" / "plan.json").counts) <= allowed
