@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -113,7 +112,7 @@ def write_quantized(out: Path, bits: Mapping[int, int], scheme: WeightScheme, la
     """Rewrite the export in ``out`` with the routed experts' weight matrices of each layer in ``bits`` packed at its
     bit-width (:func:`compress_weight`), every other tensor as written, and ``quantization_config`` in config.json.
     Returns the tensor bytes written."""
-    from allocopt.export.streamed import INDEX_FILE, ShardWriter
+    from allocopt.export.streamed import ShardWriter, replace_shards
     from allocopt.runtime.converted import checkpoint_tensors
     from allocopt.runtime.offload import read_tensor
 
@@ -131,11 +130,7 @@ def write_quantized(out: Path, bits: Mapping[int, int], scheme: WeightScheme, la
         else:
             writer.add(name, value)
     writer.finish()
-    for old in [*out.glob("*.safetensors"), out / INDEX_FILE]:
-        old.unlink(missing_ok=True)
-    for new in staging.iterdir():
-        shutil.move(str(new), out / new.name)
-    staging.rmdir()
+    replace_shards(out, staging)
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = quantization_config(bits, scheme, layers_path)
     atomic_write_json(out / "config.json", config)

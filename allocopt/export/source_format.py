@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from allocopt import defaults
-from allocopt.export.streamed import INDEX_FILE, ShardWriter
+from allocopt.export.streamed import ShardWriter, replace_shards
 from allocopt.io import atomic_write_json
 from allocopt.runtime.converted import checkpoint_tensors
 from allocopt.runtime.offload import SAFETENSORS_DTYPES, read_header, read_tensor
@@ -81,11 +80,7 @@ def keep_source_format(out: Path, source: Path, kept: Mapping[int, Sequence[int]
             value = value.to(SAFETENSORS_DTYPES[entry(source, stored, origin)["dtype"]])
         writer.add(name, value)
     writer.finish()
-    for old in [*out.glob("*.safetensors"), out / INDEX_FILE]:
-        old.unlink(missing_ok=True)
-    for new in staging.iterdir():
-        shutil.move(str(new), out / new.name)
-    staging.rmdir()
+    replace_shards(out, staging)
     config = json.loads((out / "config.json").read_text())
     source_config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = quantization

@@ -90,6 +90,16 @@ class ShardWriter:
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def replace_shards(out: Path, staging: Path) -> None:
+    """Make the shards (and index) a ShardWriter finished in ``staging`` the checkpoint's tensors in ``out``: the old
+    safetensors files and index go, the new ones move in, ``staging`` is removed."""
+    for old in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+    for new in staging.iterdir():
+        shutil.move(str(new), out / new.name)
+    staging.rmdir()
+
+
 def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """A module's direct parameters and persistent buffers (what its state dict holds without children)."""
     yield from module.named_parameters(recurse=False)
@@ -140,4 +150,4 @@ def write_streamed(model: nn.Module, kept: dict[int, list[int]], directory: Path
     invalidate(model)
 
 
-__all__ = ["INDEX_FILE", "ShardWriter", "write_streamed"]
+__all__ = ["INDEX_FILE", "ShardWriter", "replace_shards", "write_streamed"]

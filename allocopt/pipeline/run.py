@@ -81,12 +81,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
             values.update({tuple(int(c) for c in row): v for row, v in zip(np.asarray(counts), out)})
         return out
 
-    attrs = {"model": config.model, "model_fingerprint": info.fingerprint,
-             "calibration_fingerprint": prepared.stats.data_fingerprint,
-             "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
-             "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
-             "budget": int(space.budget), "layers": list(space.layers), "count_multiple": config.count_multiple,
-             "allowed_counts": list(space.allowed) or None}
+    attrs = study_attrs(config, prepared, space)
     check_resumable(config, attrs, legacy=lambda: legacy_fingerprint(prepared.model))
     optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
@@ -116,11 +111,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     trace = [{"equivalents": 0.0, "layer_tokens": evaluator.counters["layer_tokens"],
               "seconds": time.perf_counter() - ready, "best": sign * uniform_value}]
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
-        def traced(spent: float, best: float) -> None:
-            trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
-                          "seconds": time.perf_counter() - ready, "best": sign * best})
-            if on_generation is not None:
-                on_generation(spent, best)
+        traced = _tracer(trace, evaluator, ready, sign, on_generation)
 
         ctx = SearchContext(space=search_space, evaluate=evaluate, seed=config.seed, max_evals=config.max_evals,
                             population=config.population, ranking=ranking, scores=prepared.scores,
@@ -174,6 +165,28 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
                      total_experts=total, fixed_allocation=optimizer.fixed_allocation)
 
 
+def _tracer(trace: list[dict[str, float]], evaluator, ready: float, sign: float,
+            on_generation: Callable[[float, float], None] | None) -> Callable[[float, float], None]:
+    """``on_generation`` for a search: appends (equivalents, engine layer-tokens, seconds, best) to ``trace`` after
+    each batch, then updates the progress bar."""
+    def traced(spent: float, best: float) -> None:
+        trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
+                      "seconds": time.perf_counter() - ready, "best": sign * best})
+        if on_generation is not None:
+            on_generation(spent, best)
+    return traced
+
+
+def study_attrs(config: RunConfig, prepared, space, budget: int | None = None) -> dict[str, Any]:
+    """What a study records of its search (and what a resumed search must share: ``_SAME_FOR_RESUME``)."""
+    return {"model": config.model, "model_fingerprint": prepared.info.fingerprint,
+            "calibration_fingerprint": prepared.stats.data_fingerprint,
+            "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
+            "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
+            "budget": int(space.budget if budget is None else budget), "layers": list(space.layers),
+            "count_multiple": config.count_multiple, "allowed_counts": list(space.allowed) or None}
+
+
 def _memory_fields(config: RunConfig, size, counts: dict[int, int], bits: dict[int, int] | None = None) -> dict[str, Any]:
     """A budget in bytes: what it was and what the plan's export weighs (its tensors' bytes, as written)."""
     if size is None:
@@ -201,12 +214,7 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
         values.update({tuple(int(c) for c in x): v for x, v in zip(np.asarray(rows), out)})
         return out
 
-    attrs = {"model": config.model, "model_fingerprint": info.fingerprint,
-             "calibration_fingerprint": prepared.stats.data_fingerprint,
-             "search_fingerprint": prepared.tokens.fingerprint(), "criterion": config.criterion,
-             "objective": config.objective, "tolerance": config.tolerance, "seed": config.seed,
-             "budget": int(joint.budget), "layers": list(joint.layers), "count_multiple": config.count_multiple,
-             "allowed_counts": list(joint.counts.allowed) or None, "bits": [b or 0 for b in joint.bits],
+    attrs = {**study_attrs(config, prepared, joint.counts, budget=joint.budget), "bits": [b or 0 for b in joint.bits],
              "total_expert_bytes": int(prepared.size.full)}          # the plots' memory axis: the export's bytes
     check_resumable(config, attrs)
     directions, metrics = [evaluator.direction], [config.objective]
@@ -219,11 +227,7 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
     completed_before = len(recorder.completed())
     trace: list[dict[str, float]] = []
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
-        def traced(spent: float, best: float) -> None:
-            trace.append({"equivalents": float(spent), "layer_tokens": evaluator.counters["layer_tokens"],
-                          "seconds": time.perf_counter() - ready, "best": sign * best})
-            if on_generation is not None:
-                on_generation(spent, best)
+        traced = _tracer(trace, evaluator, ready, sign, on_generation)
 
         def evaluate(rows: np.ndarray) -> np.ndarray:
             out = sign * recorded(rows)
