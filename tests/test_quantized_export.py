@@ -141,3 +141,27 @@ def test_every_plan_a_bits_search_evaluates_respects_the_serving_constraints(tmp
     layers = [k for k in trials[0].params if k.startswith("layer_")]
     assert len(trials) > 5 and all({t.params[k] for k in layers} <= allowed for t in trials)
     assert set(Plan.load(tmp_path / "run" / "plan.json").counts) <= allowed
+
+
+def test_workers_score_joint_plans_with_their_bits(tmp_path):
+    """A second process evaluates WAITING trials from their recorded kept ids and bit-widths: every trial's value is
+    what this process's engine gives the same (kept set, bits)."""
+    import types
+
+    from allocopt.data import load_tokens
+    from allocopt.objectives import Evaluator
+    from allocopt.search.study import KEPT, LAYER_BITS
+
+    done = CliRunner().invoke(cli, ["run", "--bits", "8,4", "--memory-ratio", "0.35", "--evals", "16", "--num-seqs", "4",
+                                    "--workers", "2", "--out", str(tmp_path / "run"), "--name", "w", "--quiet"])
+    assert done.exit_code == 0, done.output
+    trials = [t for t in optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'w.db'}").trials
+              if t.state == optuna.trial.TrialState.COMPLETE]
+    owners = {t.user_attrs.get("owner") for t in trials}
+    assert len(owners) == 2, owners                                    # both processes scored plans
+    model, tokenizer = load_model("testbed")
+    ev = Evaluator(model, load_tokens("testbed:mix", tokenizer, 256, 4, split="search"))
+    plans = [types.SimpleNamespace(kept={int(l): k for l, k in t.user_attrs[KEPT].items()},
+                                   bits={int(l): b for l, b in t.user_attrs.get(LAYER_BITS, {}).items()}) for t in trials]
+    assert any(p.bits for p in plans)
+    assert [t.value for t in trials] == pytest.approx([v.value for v in ev.evaluate(plans)], abs=1e-6)

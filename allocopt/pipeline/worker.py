@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from typing import Any, Self
 
 from allocopt import defaults
@@ -21,7 +22,7 @@ from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
 from allocopt.io import host_name
 from allocopt.pipeline.prepare import prepare
-from allocopt.search.study import KEPT, sqlite_file
+from allocopt.search.study import KEPT, LAYER_BITS, sqlite_file
 from allocopt.search.workers import (POLL_S, READY, RUN_CONFIG, OwnedRecorder, QueueRecorder, join_study, owner_id,
                                      work)
 
@@ -47,7 +48,7 @@ def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | N
     study.set_user_attr(READY + owner_id(), True)        # the coordinator's WorkerPool waits for this
 
     def evaluate_trials(trials: list) -> list[Any]:
-        return evaluator.evaluate([{int(l): ids for l, ids in t.user_attrs[KEPT].items()} for t in trials])
+        return evaluator.evaluate([_trial_plan(t) for t in trials])
 
     return work(queue, evaluate_trials, batch, idle_timeout, parent)
 
@@ -84,6 +85,15 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _trial_plan(trial) -> Any:
+    """What a WAITING trial asks to score: its kept ids, and its layers' bit-widths for a joint plan (--bits)."""
+    kept = {int(l): ids for l, ids in trial.user_attrs[KEPT].items()}
+    bits = trial.user_attrs.get(LAYER_BITS)
+    if not bits:
+        return kept
+    return types.SimpleNamespace(kept=kept, bits={int(l): int(b) for l, b in bits.items()})   # Evaluator.key reads both
 
 
 def uses_queue(config: RunConfig) -> bool:

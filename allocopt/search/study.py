@@ -38,6 +38,7 @@ ALLOCATION = "allocation"        # kept experts per MoE layer, the plan's counts
 OPTIMIZER = "optimizer"          # the optimizer that asked for the plan
 MEMORY_BYTES = "memory_bytes"    # expert memory the plan keeps
 KEPT = "kept"                    # {layer: kept expert ids} (when the recorder knows the ranking)
+LAYER_BITS = "layer_bits"        # {layer: bit-width} of a joint plan's quantized layers (--bits)
 BOUND = "bound"                  # certified [lo, hi] around the value (ESAP's sparse teacher cache)
 FAIL_REASON = "fail_reason"      # why the evaluation failed (a FAIL trial that is a result, see workers.ORPHANED)
 UNIFORM = "uniform"              # True on the uniform plan, when a caller marks it (plots single it out)
@@ -248,6 +249,8 @@ class StudyRecorder:
             attrs[MEMORY_BYTES] = int(self.space.memory_bytes(plan))
         if self.ranking is not None:            # a joint plan's first len(layers) coordinates are its counts
             attrs[KEPT] = {str(l): [int(e) for e in self.ranking[l][:k]] for l, k in zip(self.layers, plan[:len(self.layers)])}
+        if hasattr(self.space, "to_plan_fields"):              # a joint plan: its layers' bit-widths (for workers)
+            attrs[LAYER_BITS] = {str(l): int(b) for l, b in self.space.to_plan_fields(plan)[1].items()}
         return attrs
 
     def owner_attrs(self) -> dict[str, Any]:
