@@ -114,3 +114,30 @@ def test_the_deep_testbed_runs_the_main_job_end_to_end(tmp_path):
     assert exported.exit_code == 0, exported.output
     counts = describe(load_pruned(tmp_path / "pruned")).num_experts
     assert sum(counts.values()) == sum(len(l["kept"]) for l in plan["layers"]) == 12 * 32
+
+
+def test_the_training_manifest_pins_which_documents_train_and_refuses_a_changed_one(tmp_path, monkeypatch):
+    """The training split reads the manifest's documents only (another machine's extra distributions are not read),
+    and the recipe's check refuses a machine whose text differs, naming a document and the versions to install."""
+    import gzip
+
+    from allocopt.errors import AllocoptError
+
+    here = {"code": (("stdlib/a.py", "x = 1"), ("stdlib/b.py", "y = 2"), ("extra/c.py", "z = 3")), "prose": ()}
+    monkeypatch.setattr(corpus, "_items", lambda domain: here[domain])
+    manifest = tmp_path / "train_manifest.json.gz"
+    listed = [["stdlib/b.py", corpus._sha("y = 2")], ["stdlib/a.py", corpus._sha("x = 1")]]
+    with gzip.open(manifest, "wt", encoding="utf-8") as f:
+        json.dump({"sources": {"python": "3.11.7"}, "documents": {"code": listed, "prose": []}}, f)
+    monkeypatch.setattr(corpus, "MANIFEST", manifest)
+    for cached in (corpus._manifest, corpus._train):
+        cached.cache_clear()
+    try:
+        assert [d.text for d in corpus.documents("code", "train")] == ["y = 2", "x = 1"]   # its order, no extra
+        corpus.check_train_corpus()
+        here["code"] = (("stdlib/a.py", "x = 10"), ("stdlib/b.py", "y = 2"))
+        with pytest.raises(AllocoptError, match=r"1 of 2 training documents .* \(e\.g\. stdlib/a\.py\); install .*python 3\.11\.7"):
+            corpus.check_train_corpus()
+    finally:
+        for cached in (corpus._manifest, corpus._train):
+            cached.cache_clear()

@@ -189,6 +189,8 @@ def train(out: Path, steps: int, minutes: float, seed: int, recipe: Recipe = REC
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     source = recipe.corpus()
+    if hasattr(source, "check_train_corpus"):          # a pinned training text: refuse a machine that reads another
+        source.check_train_corpus()
     state_file = work / "state.pt" if work is not None else None
     state = torch.load(state_file, weights_only=False) if state_file is not None and state_file.is_file() else None
     if state is not None and "tokenizer" in state:

@@ -1,20 +1,24 @@
 """The deep testbed's offline corpus: more and more varied text than the first testbed's, splits shipped as files.
 
 * ``code``: Python source of the standard library and of installed pure-Python packages (``PACKAGES``);
-* ``prose``: pydoc's help topics, the long descriptions of installed distributions (their METADATA) and the module
-  docstrings of the standard library;
+* ``prose``: pydoc's help topics, the long descriptions of installed distributions (their METADATA; allocopt's own,
+  which changes with its README, left out) and the module docstrings of the standard library;
 * ``math``: worksheets of multi-step word problems mixed with arithmetic lines (``problems.py``).
 
 Every document lands in one split by a hash of its identity (``testbed.corpus.split_of``), so held-out text never
-appears in training. The training split is read from this machine's files (its versions are in the training log);
-the calibration, search and held-out splits are shipped in ``splits/SPLIT.jsonl.gz``, written once by
-``python -m allocopt.testbed.deep.corpus``, so every machine scores the same text whatever its Python version.
+appears in training. The calibration, search and held-out splits are shipped in ``splits/SPLIT.jsonl.gz``, written
+once by ``python -m allocopt.testbed.deep.corpus``, so every machine scores the same text whatever its Python version.
+The training split is read from this machine's files, restricted to the documents ``splits/train_manifest.json.gz``
+lists (identity and sha256 of its text, written with the splits): a machine with other distributions installed reads
+the same documents, and :func:`check_train_corpus` (run by the training recipe) refuses a machine whose files differ
+from the manifest, naming what differs and the versions that wrote it, so a retrain reads exactly the pinned text.
 """
 from __future__ import annotations
 
 import ast
 import functools
 import gzip
+import hashlib
 import importlib.metadata
 import json
 import random
@@ -31,6 +35,7 @@ SPLITS = ("train", "calibration", "search", "heldout")
 PACKAGES = ("click", "optuna", "pymoo", "tqdm", "packaging", "jinja2", "yaml", "sqlalchemy", "alembic", "colorlog",
             "accelerate", "safetensors", "huggingface_hub", "filelock", "fsspec", "requests")
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+MANIFEST = SPLITS_DIR / "train_manifest.json.gz"
 SHIPPED_CHARS = {"code": 400_000, "prose": 250_000, "math": 150_000}     # per domain and split, shipped
 MATH_DOCS = {"calibration": 64, "search": 64, "heldout": 96}
 WORKSHEET_LINES = 20
@@ -77,6 +82,8 @@ def _prose_sources() -> list[tuple[str, str]]:
 
     out = [(f"topic/{k}", topics[k].strip()) for k in sorted(topics) if topics[k].strip()]
     for dist in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        if (dist.metadata["Name"] or "").lower() == "allocopt":     # its own README: changes with every edit
+            continue
         body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else None
         body = body or dist.metadata.get("Description") or ""
         if len(body.strip()) > 200:
@@ -130,7 +137,51 @@ def _shipped(split: str) -> dict[str, tuple[Document, ...]]:
 
 @functools.lru_cache(maxsize=None)
 def _train(domain: str) -> tuple[Document, ...]:
-    return _build(domain, "train")
+    """The training documents: the manifest's, in its order, where it lists the domain (else all of this machine's)."""
+    listed = _manifest().get("documents", {}).get(domain)
+    if listed is None or domain == "math":
+        return _build(domain, "train")
+    here = dict(_items(domain))
+    return tuple(Document(text=here[k]) for k, _ in listed if k in here)
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest() -> dict:
+    if not MANIFEST.is_file():
+        return {}
+    with gzip.open(MANIFEST, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_train_corpus() -> None:
+    """Refuse (one line) a machine whose training documents differ from the manifest: missing or changed texts mean
+    another training text than the one the shipped model's recipe pins. Nothing to check without a manifest."""
+    manifest = _manifest()
+    bad: list[str] = []
+    total = 0
+    for domain, listed in manifest.get("documents", {}).items():
+        here = dict(_items(domain))
+        total += len(listed)
+        bad += [k for k, digest in listed if k not in here or _sha(here[k]) != digest]
+    if bad:
+        versions = ", ".join(f"{k} {v}" for k, v in manifest.get("sources", {}).items())
+        raise AllocoptError(f"{len(bad)} of {total} training documents of the deep testbed are missing or differ on this "
+                            f"machine (e.g. {bad[0]}); install what the manifest was written with ({versions}) to "
+                            "train the pinned text")
+
+
+def write_manifest(path: Path = MANIFEST) -> int:
+    """Write the training manifest from this machine's files; returns the documents it lists."""
+    docs = {d: [(k, _sha(t)) for k, t in _items(d) if t and split_of(f"deep-{d}:{k}") == "train"] for d in ("code", "prose")}
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+        json.dump({"sources": source_versions(), "documents": docs}, f)
+    _manifest.cache_clear()
+    _train.cache_clear()
+    return sum(len(v) for v in docs.values())
 
 
 def documents(domain: str, split: str) -> list[Document]:
@@ -183,3 +234,4 @@ def write_splits(directory: Path = SPLITS_DIR) -> dict[str, dict[str, int]]:
 
 if __name__ == "__main__":
     print(json.dumps(write_splits(), indent=1))
+    print(f"training manifest: {write_manifest()} documents")
