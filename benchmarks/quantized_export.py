@@ -6,7 +6,8 @@
 Runs ``allocopt run --bits 8,4 --memory-ratio R`` on the testbed, ``allocopt prune`` of its plan, then reports:
 the export's tensor bytes on disk against plan.json's ``export_bytes`` and the budget; the max |logit diff| between
 the export loaded by allocopt (``load_model``) and the scored model (the full model under the plan's masking and
-quantization) on 4 x 128 held-out tokens; whether stock transformers ``from_pretrained`` loads it (and the first
+quantization) on 4 x 128 held-out tokens, and of the export loaded by plain transformers with its own modelling code
+(``trust_remote_code=True``); whether stock transformers ``from_pretrained`` loads it without that code (and the first
 line of its error where not); and, where the vLLM side environment exists (``.ci/vllm-venv``), whether vLLM serves
 it (the engine's error line where not). Writes ``quantized_export.md``/``.json`` to ``--out``.
 """
@@ -85,11 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         stock = "loads"
     except Exception as exc:                                           # what stock transformers says, reported
         stock = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    remote = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
+    with torch.no_grad():
+        remote_diff = float((remote(rows).logits - scored).abs().max())
     if VLLM_PYTHON.is_file():
         served = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_CODE, str(export)], capture_output=True, text=True,
-                                timeout=900, env={"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
+                                timeout=900, env={"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
                                                   "PATH": "/usr/bin:/bin"})
         line = next((l for l in served.stdout.splitlines() if l.startswith(("SERVED", "REFUSED"))), None)
+        causes = [l.split("] ")[-1] for l in (served.stdout + served.stderr).splitlines()
+                  if "Error:" in l and "Engine core initialization failed" not in l]
+        if line and line.startswith("REFUSED") and causes:        # the engine's worker says why; the client does not
+            line = f"REFUSED {causes[-1][:300]}"
         vllm = line or f"no result (exit {served.returncode}): {(served.stderr.strip().splitlines() or [''])[-1][:200]}"
         version = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                  text=True).stdout.strip()
@@ -104,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                        "uniform_esap": plan.extra["uniform_esap"]},
               "budget_bytes": plan.extra["memory_budget_bytes"], "export_bytes_counted": plan.extra["export_bytes"],
               "bytes_on_disk": on_disk, "full_export_bytes": plan.extra["full_export_bytes"],
-              "max_abs_logit_diff": diff, "allocopt_load_model": "loads", "stock_transformers": stock, "vllm": vllm,
+              "max_abs_logit_diff": diff, "allocopt_load_model": "loads", "stock_transformers": stock,
+              "remote_code": {"class": type(remote).__name__, "max_abs_logit_diff": remote_diff}, "vllm": vllm,
               "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / "quantized_export.json", report)
     md = ["# One quantized plan, exported (benchmarks/quantized_export.py)", "",
@@ -115,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
           f"| budget / counted / on disk (tensor bytes) | {report['budget_bytes']:,} / {report['export_bytes_counted']:,} / "
           f"{on_disk:,} (unpruned fp32 export {report['full_export_bytes']:,}) |",
           f"| max abs logit diff, export (allocopt load_model) vs scored model, 4 x 128 held-out tokens | {diff:.2e} |",
-          f"| stock transformers `from_pretrained` | {stock} |",
+          f"| plain transformers, `trust_remote_code=True` (the export's modeling_allocopt.py, {type(remote).__name__}): "
+          f"max abs logit diff | {remote_diff:.2e} |",
+          f"| stock transformers `from_pretrained` (no remote code) | {stock} |",
           f"| vLLM | {vllm} |", ""]
     atomic_write_text(out / "quantized_export.md", "\n".join(md))
     print("\n".join(md))

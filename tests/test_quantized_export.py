@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
 from allocopt.cli.main import cli
 from allocopt.config import RunConfig
@@ -66,9 +67,11 @@ def test_an_export_with_bits_weighs_what_was_counted_and_loads_with_the_scored_l
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert len(config["quantization_config"]["config_groups"]) == 2            # one scheme per bit-width
     loaded, _ = load_model(str(tmp_path / "out"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)   # without allocopt
     with torch.no_grad():
         diff = (loaded(ids).logits - scored).abs().max().item()
-    assert diff <= 1e-4, (family, diff)
+        plain_diff = (plain(ids).logits - scored).abs().max().item()
+    assert diff <= 1e-4 and plain_diff <= 1e-4, (family, diff, plain_diff)
 
 
 def test_a_checkpoint_that_stores_its_experts_fused_is_refused_with_bits(tmp_path):

@@ -17,6 +17,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 import json
 import pprint
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 from allocopt.io import atomic_write_json, atomic_write_text
 from allocopt.models.adapter import find_moe_blocks, text_config
 from allocopt.models.families import COUNT_ATTRS
+from allocopt.models.quantization import dequantized_state, packs_experts
 
 MODELING_FILE = "modeling_allocopt.py"
 CLASS_PREFIX = "Allocopt"
@@ -36,8 +38,9 @@ CLASS_PREFIX = "Allocopt"
 _TEMPLATE = '''"""Modelling code of a checkpoint pruned by allocopt {version}: {base} with a different expert count per layer.
 
 Load with ``AutoModelForCausalLM.from_pretrained(this_dir, trust_remote_code=True)``; needs only torch and
-transformers (written for transformers {transformers_version}). {cls} builds the stock {base}, then gives each tensor
-below its pruned shape (the weights then load into those shapes) and sets each module's expert count.
+transformers, and compressed-tensors where experts are packed (written for transformers {transformers_version}). {cls}
+builds the stock {base}, then gives each tensor below its pruned shape (the weights then load into those shapes) and
+sets each module's expert count.
 """
 import torch
 from torch import nn
@@ -54,6 +57,9 @@ SHAPES = {shapes}
 ATTRS = {attrs}
 # module path -> {{config field: value}}: modules that read their expert count from their own config
 CONFIG_COUNTS = {config_counts}
+# True: the routed experts of some layers are packed (compressed-tensors pack-quantized, one scheme per bit-width),
+# which transformers decompresses with one scheme for all layers; this class decompresses each with its own instead
+PACKED_EXPERTS = {packed}
 
 
 class {cls}({base}):
@@ -78,6 +84,29 @@ class {cls}({base}):
             if key not in views:
                 views[key] = module.config.__class__.from_dict({{**module.config.to_dict(), **values}})
             module.config = views[key]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if not PACKED_EXPERTS or pretrained_model_name_or_path is None or config is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        import copy
+        import os
+
+        directory = pretrained_model_name_or_path
+        if not os.path.isdir(directory):            # a hub id: its files in the local cache
+            from huggingface_hub import snapshot_download
+
+            directory = snapshot_download(directory)
+        quantization = config.quantization_config
+        config = copy.deepcopy(config)
+        del config.quantization_config
+        kwargs.pop("use_safetensors", None)
+        state = dequantized_state(directory, quantization if isinstance(quantization, dict) else quantization.to_dict())
+        return super().from_pretrained(None, *args, **{{**kwargs, "config": config, "state_dict": state}})
+
+
+{dequantize}
 
 
 if register_checkpoint_conversion_mapping is not None:
@@ -133,11 +162,15 @@ def write_modeling_code(model: nn.Module, out_dir: str | Path) -> bool:
     """Write ``modeling_allocopt.py`` and add ``auto_map`` to ``out_dir/config.json`` (saved from ``model``).
 
     Returns False, writing nothing, when the stock class loads the checkpoint as it is (every layer keeps the same
-    count). Raises TypeError for a model that is not a transformers class.
+    count and no expert is packed: packed experts of several bit-widths need the module's own decompression).
+    Raises TypeError for a model that is not a transformers class.
     """
     out_dir = Path(out_dir)
     shapes, attrs, config_counts = pruned_structure(model)
-    if not (shapes or attrs or config_counts):
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    packed = packs_experts(config.get("quantization_config"))
+    if not (shapes or attrs or config_counts or packed):
         return False
     base = _stock_class(model).__name__
     cls = CLASS_PREFIX + base
@@ -146,9 +179,8 @@ def write_modeling_code(model: nn.Module, out_dir: str | Path) -> bool:
 
     atomic_write_text(out_dir / MODELING_FILE, _TEMPLATE.format(
         version=__version__, transformers_version=transformers.__version__, base=base, cls=cls,
-        shapes=fmt(shapes), attrs=fmt(attrs), config_counts=fmt(config_counts), model_type=model.config.model_type))
-    config_path = out_dir / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+        shapes=fmt(shapes), attrs=fmt(attrs), config_counts=fmt(config_counts), model_type=model.config.model_type,
+        packed=packed, dequantize=inspect.getsource(dequantized_state) if packed else ""))
     config["auto_map"] = {**config.get("auto_map", {}), "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{cls}"}
     atomic_write_json(config_path, config)
     return True

@@ -26,7 +26,7 @@ from allocopt.errors import AllocoptError
 from allocopt.models.adapter import find_moe_blocks, invalidate
 from allocopt.models.quantization import dequantized_state, packs_experts
 from allocopt.models.surgery import LAYER_COUNTS_FIELD, prune_block
-from allocopt.plan import PLAN_FILE
+from allocopt.plan import PLAN_FILE, require_compressed_tensors
 
 
 @functools.cache
@@ -90,7 +90,11 @@ def strict_from_pretrained(load: Any, path: Path, config: Any, **kwargs: Any) ->
     scheme (``models.quantization.dequantized_state``), and load as dense weights."""
     quantization = getattr(config, "quantization_config", None)
     if packs_experts(quantization):
-        state = dequantized_state(path, quantization)
+        require_compressed_tensors()
+        try:
+            state = dequantized_state(path, quantization)
+        except ValueError as exc:
+            raise AllocoptError(f"checkpoint {path}: {exc}; re-export it with `allocopt prune`") from exc
         config = copy.deepcopy(config)
         del config.quantization_config
         load = functools.partial(_from_state, load, state)

@@ -30,7 +30,7 @@ from torch import nn
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.models.adapter import MoEBlock, expert_tensors, find_moe_blocks
-from allocopt.plan import SUPPORTED_BITS, check_bits, require_compressed_tensors
+from allocopt.plan import SUPPORTED_BITS, check_bits
 
 
 @dataclass(frozen=True)
@@ -182,16 +182,17 @@ def packs_experts(quantization_config: Mapping | None) -> bool:
             and bool(targets) and all("experts" in t for t in targets))
 
 
-def dequantized_state(directory, quantization_config: Mapping) -> dict[str, torch.Tensor]:
+def dequantized_state(directory, quantization_config):
     """Every tensor of the checkpoint in ``directory`` under its stored name, the packed expert matrices
     (``<module>.weight_packed``/``weight_scale``/``weight_shape``) decompressed to ``<module>.weight`` with the scheme of
     the config group whose target matches the module: what ESAP scored. stock transformers (5.25) decompresses
     fused experts with one scheme per model and expects every layer's experts packed, so a plan with several
-    bit-widths, or with some layers at full precision, loads through here (``models.pruned.load_pruned``)."""
+    bit-widths, or with some layers at full precision, loads through here (``models.pruned.load_pruned``), and
+    through a copy of this function in an export's own modelling code (``export.remote_code``), so it imports
+    nothing from allocopt. ValueError for a packed module that no config group targets."""
     import re
     from pathlib import Path
 
-    require_compressed_tensors()
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
@@ -199,15 +200,14 @@ def dequantized_state(directory, quantization_config: Mapping) -> dict[str, torc
     config = QuantizationConfig.model_validate(dict(quantization_config))
     schemes = [(re.compile(t[3:]) if t.startswith("re:") else None, t, s)
                for s in config.config_groups.values() for t in s.targets]
-    state: dict[str, torch.Tensor] = {}
+    state = {}
     for file in sorted(Path(directory).glob("*.safetensors")):
         state.update(load_file(str(file)))
     for name in [n for n in state if n.endswith(".weight_packed")]:
         module = name[: -len(".weight_packed")]
         scheme = next((s for rx, t, s in schemes if (rx.match(module) if rx else module.endswith(t))), None)
         if scheme is None:
-            raise AllocoptError(f"{module} is packed but no quantization_config group targets it; re-export the "
-                                "checkpoint with `allocopt prune`")
+            raise ValueError(f"{module} is packed but no quantization_config group targets it")
         parts = {k: state.pop(f"{module}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
         weight = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
         state[f"{module}.weight"] = weight.to(parts["weight_scale"].dtype)
