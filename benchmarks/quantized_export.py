@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     runner = CliRunner()
     start = time.perf_counter()
     run = runner.invoke(cli, ["run", "--bits", "8,4", "--memory-ratio", str(args.ratio), "--evals", str(args.evals),
-                              "--out", str(work / "run"), "--name", "quantized-export", "--quiet", "--json"])
+                              "--out", str(work / f"run-r{args.ratio:g}"), "--name", f"quantized-export-r{args.ratio:g}", "--quiet", "--json"])
     if run.exit_code:
         print(run.output)
         return 1
-    plan_path = work / "run" / "plan.json"
+    plan_path = work / f"run-r{args.ratio:g}" / "plan.json"
     plan = Plan.load(plan_path)
     export = work / "export"
     done = runner.invoke(cli, ["prune", "--plan", str(plan_path), "--out", str(export), "--overwrite", "--quiet"])
