@@ -54,8 +54,9 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
                 card=lambda pruned: render_card(plan, before, pruned, str(spec),
                                                 compact_expert_bytes=compact_bytes if pad else None))
     after = describe(model, fingerprint=False)       # streams layer by layer above if the model was offloaded
+    sizes = "" if plan.bits else f", {before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB"   # dense sizes
     click.echo(f"wrote {out_dir}: {sum(len(lp.kept) for lp in plan.layers)}/{sum(before.num_experts.values())} routed "
-               f"experts kept, {before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB")
+               f"experts kept{sizes}")
     if plan.bits:
         from allocopt.runtime.offload import tensor_bytes
 

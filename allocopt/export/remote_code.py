@@ -35,7 +35,7 @@ from allocopt.models.quantization import dequantized_state, packs_experts
 MODELING_FILE = "modeling_allocopt.py"
 CLASS_PREFIX = "Allocopt"
 
-_TEMPLATE = '''"""Modelling code of a checkpoint pruned by allocopt {version}: {base} with a different expert count per layer.
+_TEMPLATE = '''"""Modelling code of a checkpoint pruned by allocopt {version}: {base} with its own expert count per layer.
 
 Load with ``AutoModelForCausalLM.from_pretrained(this_dir, trust_remote_code=True)``; needs only torch and
 transformers, and compressed-tensors where experts are packed (written for transformers {transformers_version}). {cls}
