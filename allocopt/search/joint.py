@@ -8,8 +8,8 @@ precision). What it weighs is the export's size model (``export.size.ExportSize`
 
 and a plan is feasible when every count is one its layer may keep (bounds, routing groups, ``--allowed-counts``:
 the count space's ``levels``) and ``bytes(x) <= budget``. :meth:`JointSpace.repair` sends any vector to a feasible
-plan that no further expert (nor, where no expert fits, a wider bit-width) fits: within one expert's bytes of the
-budget unless every layer keeps all it can.
+plan that no further expert (nor, where no expert fits, a wider bit-width) fits: the bytes it leaves are fewer than
+any one step of growth costs.
 
 The search (:func:`joint_search`) is the default ``ga``'s recipe in two dimensions:
 1. the *uniform-both* plans (one count and one bit-width for every layer, the most experts that fit at each
@@ -20,7 +20,8 @@ The search (:func:`joint_search`) is the default ``ga``'s recipe in two dimensio
    (:func:`knapsack`) gives the best plan of that model; re-linearised around its plan while that improves;
 3. a GA around the base and the DP plan: per-layer uniform crossover of (count, bit-width) pairs, level-switch
    moves of counts and one-level moves of bit-widths, byte repair, elitist survival.
-All plans go through one evaluation cache (full fidelity; joint plans are not raced).
+All plans go through one evaluation cache (full fidelity; joint plans are not raced). :func:`joint_front` is NSGA-II
+over the same plans with the export's bytes as the second objective.
 """
 from __future__ import annotations
 
@@ -68,11 +69,6 @@ class JointSpace:
     @property
     def size(self) -> int:
         return 2 * self.counts.size
-
-    @property
-    def slack(self) -> int:
-        """The most one expert weighs: a repaired plan is within this many bytes under the budget."""
-        return int(self.expert_bytes.max())
 
     def split(self, x) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, dtype=np.int64)
