@@ -91,8 +91,6 @@ def quantized_expert_bytes(twin: nn.Module, layer_prefixes: Mapping[int, str], b
     return out
 
 
-
-
 def quantization_config(bits: Mapping[int, int], scheme: WeightScheme, layers_path: str) -> dict:
     """config.json's ``quantization_config``: one compressed-tensors config group per bit-width, targeting the routed
     experts' projections of the layers stored at it (``layers_path``: e.g. ``model.layers``)."""

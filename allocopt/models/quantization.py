@@ -3,7 +3,7 @@
 The scheme is compressed-tensors' (the format vLLM serves as W8A16/W4A16 and llm-compressor writes): symmetric int
 weights, one scale per group of ``group_size`` consecutive input columns of each output row, round-to-nearest. The
 scales come from ``compressed_tensors.quantization.utils.calculate_qparams`` on each group's min/max and the values
-from its ``fake_quantize``, so what ESAP scores is exactly what ``allocopt prune`` packs and writes: the exported
+from its ``quantize``/``dequantize``, so what ESAP scores is exactly what ``allocopt prune`` packs and writes: the exported
 integers dequantize to the same tensors (checked in ``tests/test_quantization.py``).
 
 A layer's quantized experts do not depend on which of its experts are kept (every row group belongs to one
@@ -60,7 +60,7 @@ class WeightScheme:
             g //= 2
         if g < 8:
             raise AllocoptError(f"the routed experts' input widths {sorted(widths)} share no group size of 8 or more up to "
-                                f"{group_size}; quantize with a larger --group-size or drop --bits")
+                                f"{group_size}; drop --bits for this model")
         return cls(g)
 
 
