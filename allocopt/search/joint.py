@@ -35,7 +35,7 @@ import numpy as np
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.plan import Plan
-from allocopt.search.mutation import level_switch
+from allocopt.search.mutation import default_step, level_switch
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.sensitivity import layer_costs, probe_grid
 from allocopt.search.space import AllocationSpace, param_name
@@ -354,7 +354,7 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
                     break
                 previous, base = base, plan
                 centres.append(plan)
-    step = max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.counts.num_experts)) / 8)))
+    step = default_step(space.counts)
     population = [c for c in {tuple(c): c for c in centres}.values()]
     stale = 0
     with cache.phase("ga generations"):
@@ -393,7 +393,7 @@ def joint_front(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace,
 
     cache = EvaluationCache(evaluate, max_evals)
     n = space.counts.size
-    step = max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.counts.num_experts)) / 8)))
+    step = default_step(space.counts)
 
     class _Problem(Problem):
         def __init__(self):

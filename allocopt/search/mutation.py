@@ -11,6 +11,11 @@ from pymoo.core.mutation import Mutation
 from allocopt import defaults
 
 
+def default_step(space) -> int:
+    """Move size: at least EvoESAP's 4, and ~1/8 of a mean layer so wide layers still move fast enough."""
+    return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
+
+
 def level_switch(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, rng: np.random.Generator,
                  tmax: int = defaults.MUTATION_MAX_MOVES, dmax: int = defaults.MUTATION_MAX_DELTA,
                  attempts: int = defaults.MUTATION_ATTEMPTS,

@@ -29,7 +29,7 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
-from allocopt.search.mutation import LevelSwitchMutation
+from allocopt.search.mutation import LevelSwitchMutation, default_step
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.dp import SensitivityAllocation, probes_per_layer, search_options
 from allocopt.search.optimizers.options import option
@@ -38,11 +38,6 @@ from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
 from allocopt.search.sensitivity import probe_grid, sensitivity_search, sensitivity_step
-
-
-def default_step(space) -> int:
-    """Move size: at least EvoESAP's 4, and ~1/8 of a mean layer so wide layers still move fast enough."""
-    return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
 
 
 class GeneticSearch(Optimizer):
