@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random MoE models of every supported family (no downloads)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -10,9 +12,14 @@ from torch import nn
 
 from allocopt.testing.tiny import build_tiny_model
 
-# Checkpoint digests (allocopt.models.identity) go to a cache of this test session, not the user's ~/.cache; set
-# before any test module copies the environment for its subprocesses.
-os.environ.setdefault("ALLOCOPT_CACHE_DIR", tempfile.mkdtemp(prefix="allocopt-test-cache-"))
+# One scratch directory per test session, removed when its process exits, set before any test module copies the
+# environment for its subprocesses: checkpoint digests (allocopt.models.identity) go there rather than to the user's
+# ~/.cache, and so do the IPC sockets vLLM opens (by default in /tmp, where a killed engine leaves them).
+_SCRATCH = tempfile.mkdtemp(prefix="allocopt-test-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ.setdefault("ALLOCOPT_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
+os.environ.setdefault("VLLM_RPC_BASE_PATH", os.path.join(_SCRATCH, "vllm-rpc"))
+os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
 
 # The families the component tests below run on (the full family matrix is tests/test_families.py).
 FAMILIES = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "ernie4_5_moe", "glm4_moe")
