@@ -134,16 +134,40 @@ def test_nsga2_with_bits_writes_a_front_of_export_bytes_that_allocopt_plot_draws
     assert summary["reference_memory_bytes"] == plan.extra["full_export_bytes"]
 
 
-def test_every_plan_a_bits_search_evaluates_respects_the_serving_constraints(tmp_path):
+def test_a_bits_search_races_and_every_plan_it_scores_respects_the_serving_constraints(tmp_path):
+    """Two micro-batches of search rows: offspring are raced (PRUNED trials with bits params), survivors COMPLETE;
+    every plan scored, raced out or not, keeps --allowed-counts and --count-multiple."""
     allowed = {8, 12, 16}                                   # --allowed-counts 6,8,10,12,16 that are multiples of 4
-    done = CliRunner().invoke(cli, ["run", "--bits", "8,4", "--memory-ratio", "0.35", "--evals", "30", "--num-seqs", "4",
+    done = CliRunner().invoke(cli, ["run", "--bits", "8,4", "--memory-ratio", "0.35", "--evals", "30", "--num-seqs", "8",
                                     "--allowed-counts", "6,8,10,12,16", "--count-multiple", "4",
                                     "--out", str(tmp_path / "run"), "--name", "c", "--quiet"])
     assert done.exit_code == 0, done.output
     trials = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'c.db'}").trials
     layers = [k for k in trials[0].params if k.startswith("layer_")]
     assert len(trials) > 5 and all({t.params[k] for k in layers} <= allowed for t in trials)
-    assert set(Plan.load(tmp_path / "run" / "plan.json").counts) <= allowed
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert set(plan.counts) <= allowed
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert plan.extra["racing"] == "on" and len(pruned) == plan.extra["pruned"] > 0
+    assert all(any(k.startswith("bits_") for k in t.params) and t.intermediate_values for t in pruned)
+    assert plan.extra["evaluation_equivalents"] <= 30
+
+
+def test_options_of_a_bits_search_are_its_own(tmp_path):
+    """ga --bits takes ga's options that apply in two dimensions and refuses the rest in one line; nsga2 --bits takes
+    none."""
+    runner = CliRunner()
+    common = ["run", "--bits", "8,4", "--memory-ratio", "0.35", "--out", str(tmp_path / "run"), "--quiet"]
+    refused = runner.invoke(cli, [*common, "--option", "crossover_prob=0.5"])
+    assert refused.exit_code != 0 and "not an option of optimizer 'ga --bits'" in refused.output
+    refused = runner.invoke(cli, [*common, "--optimizer", "nsga2", "--option", "mutation_max_delta=2"])
+    assert refused.exit_code != 0 and "'nsga2 --bits' takes no options" in refused.output
+    done = runner.invoke(cli, [*common, "--option", "racing=false", "--option", "warm_start=false", "--evals", "12",
+                               "--num-seqs", "8", "--name", "o"])
+    assert done.exit_code == 0, done.output
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.extra["pruned"] == 0 and plan.extra["racing"] is None
+    assert "dp warm start" not in plan.extra["search_phases"]
 
 
 def test_workers_score_joint_plans_with_their_bits(tmp_path):

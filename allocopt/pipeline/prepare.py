@@ -184,9 +184,14 @@ def peek_space(config: RunConfig, source):
 
 def check_options(config: RunConfig, space) -> None:
     """The optimizer's own check of ``--option`` values and the budget, before any weights load; ``space`` is in
-    experts (None: known only after loading)."""
+    experts (None: known only after loading). With ``--bits`` the joint search's options are checked instead."""
     from allocopt.search.optimizers import get_optimizer
 
+    if config.bits:
+        from allocopt.search.joint import joint_options
+
+        joint_options(config.optimizer, dict(config.options))
+        return
     get_optimizer(config.optimizer).check(None if space is None else space.lattice(), config.max_evals,
                                           dict(config.options))
 

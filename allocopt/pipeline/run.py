@@ -104,7 +104,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
 
     # Racing scores plans on the first rows of the search set; the queue of a multi-process search (workers.py)
     # hands out whole evaluations only, so there every plan is scored on all rows.
-    fidelity = None if uses_queue(config) else StudyFidelity(recorded, space, sign, evaluator.num_rows,
+    fidelity = None if uses_queue(config) else StudyFidelity(recorded, space.expand, sign, evaluator.num_rows,
                                                                evaluator.rows_for(1))
     uniform = search_space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
@@ -202,16 +202,19 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
     bit-width options), plan.json with each layer's bits."""
     from allocopt.search.optimizers import get_optimizer
 
-    from allocopt.search.joint import joint_front, joint_search
+    from allocopt.search.joint import joint_front, joint_options, joint_search
 
     info, joint, evaluator, ranking = prepared.info, prepared.joint, prepared.evaluator, prepared.ranking
     front_search = get_optimizer(config.optimizer).memory_objective      # nsga2: ESAP against the export's bytes
+    options = joint_options(config.optimizer, config.options)
     ready = time.perf_counter()
     values: dict[tuple[int, ...], Any] = {}
 
-    def evaluate_plans(rows: np.ndarray, fidelity: int | None = None) -> list[Any]:
-        out = evaluator.evaluate([joint.plan(x, info.fingerprint, ranking) for x in np.asarray(rows)], rows=fidelity)
-        values.update({tuple(int(c) for c in x): v for x, v in zip(np.asarray(rows), out)})
+    def evaluate_plans(plans: np.ndarray, rows: int | None = None) -> list[Any]:
+        """Joint plans [n, 2L] -> objective values on the first ``rows`` search rows (None: all, the full value)."""
+        out = evaluator.evaluate([joint.plan(x, info.fingerprint, ranking) for x in np.asarray(plans)], rows=rows)
+        if rows is None:
+            values.update({tuple(int(c) for c in x): v for x, v in zip(np.asarray(plans), out)})
         return out
 
     attrs = {**study_attrs(config, prepared, joint.counts, budget=joint.budget), "bits": [b or 0 for b in joint.bits],
@@ -226,11 +229,14 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
     clock = CallClock(recorder.study, start)
     completed_before = len(recorder.completed())
     trace: list[dict[str, float]] = []
+    racing = getattr(options, "racing", False)
+    fidelity = None if uses_queue(config) or not racing else StudyFidelity(
+        recorded, lambda plans: plans, sign, evaluator.num_rows, evaluator.rows_for(1))
     with workers_for(config, recorder), _progress_bar(config.max_evals, sign, progress) as on_generation:
         traced = _tracer(trace, evaluator, ready, sign, on_generation)
 
-        def evaluate(rows: np.ndarray) -> np.ndarray:
-            out = sign * recorded(rows)
+        def evaluate(plans: np.ndarray) -> np.ndarray:
+            out = sign * recorded(plans)
             clock.record()
             return out
 
@@ -239,7 +245,8 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
             best, best_value = max(((x, v) for x, v, _ in front), key=lambda t: t[1])
         else:
             front = None
-            best, best_value, cache = joint_search(evaluate, joint, config.max_evals, config.seed, on_generation=traced)
+            best, best_value, cache = joint_search(evaluate, joint, config.max_evals, config.seed, options, fidelity,
+                                                   on_generation=traced)
     uniform = [x for x in joint.uniform_both() if tuple(int(v) for v in x) in cache.values]
     uniform_value = max((cache.values[tuple(int(v) for v in x)] for x in uniform), default=float("nan"))
     plan = joint.plan(best, info.fingerprint, ranking)
@@ -250,8 +257,10 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
         "uniform_plan": "the best plan of one count and one bit-width in every layer within the budget",
         "evaluations": int(cache.evaluations),
         "evaluation_equivalents": round(float(cache.spent), 4),
+        "pruned": len(cache.pruned),
         "search_phases": {k: {m: round(v, 4) for m, v in row.items()} for k, row in cache.phases.items()} or None,
         "optimizer": config.optimizer, "criterion": config.criterion,
+        "racing": _racing_note(racing, fidelity),
         "bound": _bound(values, recorder, best), "seed": config.seed, "model": config.model,
         "sparsity": 1.0 - sum(plan.counts) / total, "counts": plan.counts,
         "bits": [lp.bits for lp in plan.layers], "bit_options": list(joint.bits),
@@ -290,20 +299,21 @@ def objective_fields(objective: str, value: float, uniform_value: float) -> dict
 
 class StudyFidelity:
     """``SearchContext.fidelity`` of a single-process run: partial scores through the study (resumable), in the
-    optimizer's units, signed so higher is better. ``step`` rows = one engine micro-batch."""
+    optimizer's units (``expand``: the optimizer's plans -> the study's), signed so higher is better. ``step`` rows =
+    one engine micro-batch."""
 
-    def __init__(self, recorded, space, sign: float, rows: int, step: int):
-        self.recorded, self.space, self.sign, self.rows, self.step = recorded, space, sign, int(rows), int(step)
+    def __init__(self, recorded, expand: Callable[[np.ndarray], np.ndarray], sign: float, rows: int, step: int):
+        self.recorded, self.expand, self.sign, self.rows, self.step = recorded, expand, sign, int(rows), int(step)
 
     def score(self, counts: np.ndarray, rows: int):
         from allocopt.search.fidelity import Score
 
         rows = min(self.rows, -(-int(rows) // self.step) * self.step)
         return [Score.from_rows(r.row_sums, r.row_tokens, self.sign)
-                for r in self.recorded.partial(self.space.expand(counts), rows)]
+                for r in self.recorded.partial(self.expand(counts), rows)]
 
     def prune(self, counts: np.ndarray) -> None:
-        self.recorded.prune(self.space.expand(counts))
+        self.recorded.prune(self.expand(counts))
 
 
 # Why a search that races by default did not (plan.json "racing" and the CLI line); None when it raced or never would.
@@ -312,12 +322,16 @@ RACING_OFF_QUEUE = ("off: --workers > 1 or a server storage hand out whole evalu
 
 
 def racing_note(optimizer, ctx) -> str | None:
-    if not optimizer.races(ctx.options):
+    return _racing_note(optimizer.races(ctx.options), ctx.fidelity)
+
+
+def _racing_note(races: bool, fidelity) -> str | None:
+    if not races:
         return None
-    if ctx.fidelity is None:
+    if fidelity is None:
         return RACING_OFF_QUEUE
-    if ctx.fidelity.rows <= ctx.fidelity.step:
-        return (f"off: the search set is one micro-batch ({ctx.fidelity.rows} rows), so there is no smaller fidelity "
+    if fidelity.rows <= fidelity.step:
+        return (f"off: the search set is one micro-batch ({fidelity.rows} rows), so there is no smaller fidelity "
                 "to race on (raise --num-seqs)")
     return "on"
 

@@ -19,9 +19,11 @@ The search (:func:`joint_search`) is the default ``ga``'s recipe in two dimensio
    loss (interpolated, ``sensitivity.layer_costs``) and its bit-width loss, and the knapsack over byte costs
    (:func:`knapsack`) gives the best plan of that model; re-linearised around its plan while that improves;
 3. a GA around the base and the DP plan: per-layer uniform crossover of (count, bit-width) pairs, level-switch
-   moves of counts and one-level moves of bit-widths, byte repair, elitist survival.
-All plans go through one evaluation cache (full fidelity; joint plans are not raced). :func:`joint_front` is NSGA-II
-over the same plans with the export's bytes as the second objective.
+   moves of counts and one-level moves of bit-widths, byte repair, elitist survival; each generation's offspring
+   are raced as ``ga``'s are (``search.racing``, when the run provides a fidelity), the engine keying partial rows
+   by (kept experts, bit-widths).
+All plans go through one evaluation cache. Its options (:class:`JointOptions`) are ``ga``'s that apply here, by the
+same names. :func:`joint_front` is NSGA-II over the same plans with the export's bytes as the second objective.
 """
 from __future__ import annotations
 
@@ -35,10 +37,36 @@ import numpy as np
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.plan import Plan
+from allocopt.search.fidelity import Fidelity
 from allocopt.search.mutation import default_step, level_switch
+from allocopt.search.optimizers.options import NoOptions, option, parse_options
 from allocopt.search.problem import EvaluationCache
+from allocopt.search.racing import race, race_schedule
 from allocopt.search.sensitivity import layer_costs, probe_grid
 from allocopt.search.space import AllocationSpace, param_name
+
+
+@dataclass(frozen=True)
+class JointOptions:
+    """``--option`` keys of ``ga --bits`` (:func:`joint_search`): ``ga``'s options that apply to it, with ga's
+    defaults. ``nsga2 --bits`` (:func:`joint_front`) takes none."""
+
+    racing: bool = option(defaults.GA_RACING)
+    offspring: int | None = option(None, at_least=2)            # None: GA_RACE_OFFSPRING racing, else GA_OFFSPRING
+    elites: int = option(defaults.GA_ELITES, at_least=2)
+    patience: int = option(defaults.GA_PATIENCE, at_least=1)
+    warm_start: bool = option(defaults.GA_WARM_START)
+    dp_probes: int | None = option(None, at_least=2)            # None: what GA_DP_BUDGET_SHARE pays, <= DP_PROBES
+    dp_rounds: int = option(defaults.DP_ROUNDS, at_least=1)
+    dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
+    race_first_rows: int | None = option(None, at_least=1)      # None: one micro-batch (the fidelity's step)
+    race_z: float | None = option(defaults.RACE_Z)
+
+
+def joint_options(optimizer: str, raw) -> JointOptions | NoOptions:
+    """``raw`` (``--option`` values) as the typed options of ``optimizer`` with ``--bits``; one AllocoptError line for
+    a key it does not take (``ga``'s other options have no meaning in two dimensions)."""
+    return parse_options(JointOptions if optimizer == "ga" else NoOptions, raw, f"{optimizer} --bits")
 
 
 @dataclass(frozen=True)
@@ -325,14 +353,15 @@ def joint_best(cache: EvaluationCache, space: JointSpace) -> tuple[np.ndarray, f
 
 
 def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace, max_evals: int, seed: int,
-                 warm_start: bool = True, probes: int = defaults.DP_PROBES, radius: int = defaults.DP_RADIUS,
-                 rounds: int = defaults.DP_ROUNDS, offspring: int = defaults.GA_OFFSPRING,
-                 elites: int = defaults.GA_ELITES, patience: int = defaults.GA_PATIENCE,
+                 options: JointOptions = JointOptions(), fidelity: Fidelity | None = None,
                  on_generation: Callable[[float, float], None] | None = None) -> tuple[np.ndarray, float, EvaluationCache]:
-    """Search joint plans (module docstring) within ``max_evals`` evaluations; returns (best plan, its value, the
-    cache with every evaluation). ``evaluate``: joint plans [n, 2L] -> values [n] (higher is better)."""
+    """Search joint plans (module docstring) within ``max_evals`` evaluation equivalents; returns (best plan, its
+    value, the cache with every evaluation). ``evaluate``: joint plans [n, 2L] -> values [n] (higher is better);
+    ``fidelity``: the same on the first rows (racing; None: every plan scored on all rows)."""
     rng = np.random.default_rng(seed)
-    cache = EvaluationCache(evaluate, max_evals, on_generation)
+    cache = EvaluationCache(evaluate, max_evals, on_generation, fidelity=fidelity, feasible=space.contains)
+    schedule = race_schedule(fidelity, options.race_first_rows) if options.racing else None
+    offspring = options.offspring or (defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
     starts = space.uniform_both()
     if not starts:
         starts = [space.repair(np.concatenate([space.counts.upper, np.zeros(space.counts.size)]), rng)]
@@ -340,15 +369,15 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
         cache(np.array(starts))
     base, _ = joint_best(cache, space)
     centres = [base]
-    if warm_start:
-        per_layer = int(min(probes, (defaults.GA_DP_BUDGET_SHARE * max_evals - 2) // space.counts.size
-                            - (len(space.bits) - 1)))
+    if options.warm_start:
+        affordable = int((defaults.GA_DP_BUDGET_SHARE * max_evals - 2) // space.counts.size - (len(space.bits) - 1))
+        per_layer = min(options.dp_probes or defaults.DP_PROBES, affordable)
         previous = None
         with cache.phase("dp warm start"):
-            for _ in range(rounds):
+            for _ in range(options.dp_rounds):
                 if per_layer < 2:
                     break
-                plan = joint_dp_step(cache, space, base, per_layer, radius, previous)
+                plan = joint_dp_step(cache, space, base, per_layer, options.dp_radius, previous)
                 best, _ = joint_best(cache, space)
                 if plan is None or not np.array_equal(best, plan):
                     break
@@ -358,17 +387,21 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
     population = [c for c in {tuple(c): c for c in centres}.values()]
     stale = 0
     with cache.phase("ga generations"):
-        while not cache.exhausted and stale < patience * 3:
+        while not cache.exhausted and stale < options.patience * 3:
             ranked = sorted(((tuple(x), v) for x, v in cache.history if np.isfinite(v) and space.contains(x)),
                             key=lambda item: -item[1])
-            parents = [np.array(k) for k, _ in dict(ranked).items()][:elites] or population
+            parents = [np.array(k) for k, _ in dict(ranked).items()][:options.elites] or population
             before = joint_best(cache, space)[1]
             children = [_child(space, parents, rng, step) for _ in range(offspring)]
-            fresh = [c for c in {tuple(c): c for c in children}.values() if tuple(int(v) for v in c) not in cache.values]
+            fresh = [c for c in {tuple(int(v) for v in c): c for c in children}.values()
+                     if tuple(int(v) for v in c) not in cache.values and tuple(int(v) for v in c) not in cache.pruned]
             if not fresh:
                 stale += 1
                 continue
-            cache(np.array(fresh))
+            if schedule is not None:
+                race(cache, np.array(fresh), schedule, options.race_z)
+            else:
+                cache(np.array(fresh))
             stale = 0 if joint_best(cache, space)[1] > before else stale + 1
     best, value = joint_best(cache, space)
     return best, value, cache
@@ -391,7 +424,7 @@ def joint_front(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace,
 
     from allocopt.search.problem import drive
 
-    cache = EvaluationCache(evaluate, max_evals)
+    cache = EvaluationCache(evaluate, max_evals, feasible=space.contains)
     n = space.counts.size
     step = default_step(space.counts)
 
@@ -466,4 +499,4 @@ def _child(space: JointSpace, parents: list[np.ndarray], rng: np.random.Generato
     return space.repair(np.concatenate([counts, levels]), rng, fill=fill)
 
 
-__all__ = ["JointSpace", "joint_best", "joint_dp_step", "joint_front", "joint_search", "knapsack", "make_joint_space"]
+__all__ = ["JointOptions", "JointSpace", "joint_options", "joint_best", "joint_dp_step", "joint_front", "joint_search", "knapsack", "make_joint_space"]

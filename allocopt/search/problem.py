@@ -22,15 +22,18 @@ class EvaluationCache:
     number of distinct plans, as before. Rows beyond the budget come back as NaN without being evaluated and set
     ``exhausted``; optimizers stop then. Plans that lost a race (``prune``) stay known as NaN, so they are never
     raced again. ``on_generation(equivalents spent, best)`` fires after every batch evaluated at full fidelity.
+    ``feasible`` (plan -> bool) limits what counts as the best to plans a search may return, where it also
+    evaluates plans outside its space (the joint search's DP probes above the byte budget).
     """
 
     def __init__(self, evaluate: Callable[[np.ndarray], np.ndarray], max_evals: int,
                  on_generation: Callable[[float, float], None] | None = None, fidelity: Fidelity | None = None,
-                 budget: int | None = None):
+                 budget: int | None = None, feasible: Callable[[np.ndarray], bool] | None = None):
         if max_evals < 1:
             raise AllocoptError(f"the evaluation budget must be at least 1 (got {max_evals}); raise --evals")
         self._evaluate, self.max_evals, self.on_generation = evaluate, max_evals, on_generation
         self.fidelity, self.budget = fidelity, budget       # budget: what on_generation's best must sum to
+        self.feasible = feasible
         self.values: dict[tuple[int, ...], float] = {}
         self.history: list[tuple[np.ndarray, float]] = []
         self.scores: dict[tuple[int, ...], Score] = {}       # the most rows each raced plan has been scored on
@@ -130,8 +133,10 @@ class EvaluationCache:
         self.pruned.update(dict.fromkeys(keys))
 
     def best(self, budget: int | None = None) -> tuple[np.ndarray, float]:
-        """The best full value so far (among plans summing to ``budget`` when given); NaN when there is none."""
-        finite = [(x, v) for x, v in self.history if np.isfinite(v) and (budget is None or int(x.sum()) == budget)]
+        """The best full value so far among feasible plans (summing to ``budget`` when given); NaN when there is
+        none."""
+        finite = [(x, v) for x, v in self.history if np.isfinite(v) and (budget is None or int(x.sum()) == budget)
+                  and (self.feasible is None or self.feasible(x))]
         if not finite:
             return np.array([], dtype=np.int64), float("nan")
         return max(finite, key=lambda item: item[1])

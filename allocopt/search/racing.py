@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from allocopt import defaults
 from allocopt.errors import AllocoptError
-from allocopt.search.fidelity import Score
+from allocopt.search.fidelity import Fidelity, Score
 from allocopt.search.problem import EvaluationCache
 
 
@@ -56,6 +57,17 @@ class RaceSchedule:
         stages.append(rows)
         keep = tuple([keep_first] + [keep_next] * (len(stages) - 2))[: len(stages) - 1]
         return cls(tuple(stages), keep)
+
+
+def race_schedule(fidelity: Fidelity | None, first_rows: int | None = None) -> RaceSchedule | None:
+    """The race of one generation over ``fidelity``'s rows (first stage: ``first_rows``, default one micro-batch;
+    the keep fractions of ``allocopt.defaults``), or None where racing is impossible: no fidelity (a multi-process
+    search) or a search set of one micro-batch."""
+    if fidelity is None or fidelity.rows <= fidelity.step:
+        return None
+    first = first_rows if first_rows is not None else fidelity.step
+    return RaceSchedule.halving(fidelity.rows, fidelity.step, first=first, keep_first=defaults.RACE_KEEP_FIRST,
+                                keep_next=defaults.RACE_KEEP_NEXT)
 
 
 def race(cache: EvaluationCache, X: np.ndarray, schedule: RaceSchedule, z: float | None = None) -> np.ndarray:

@@ -34,7 +34,7 @@ from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResu
 from allocopt.search.optimizers.dp import SensitivityAllocation, probes_per_layer, search_options
 from allocopt.search.optimizers.options import option
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
-from allocopt.search.racing import RaceSchedule, race
+from allocopt.search.racing import RaceSchedule, race, race_schedule
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
 from allocopt.search.sensitivity import probe_grid, sensitivity_search, sensitivity_step
@@ -62,12 +62,7 @@ class GeneticSearch(Optimizer):
 
     def schedule(self, ctx: SearchContext, opts: Options) -> RaceSchedule | None:
         """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
-        f = ctx.fidelity
-        if not opts.racing or f is None or f.rows <= f.step:
-            return None
-        first = opts.race_first_rows if opts.race_first_rows is not None else f.step
-        return RaceSchedule.halving(f.rows, f.step, first=first, keep_first=defaults.RACE_KEEP_FIRST,
-                                    keep_next=defaults.RACE_KEEP_NEXT)
+        return race_schedule(ctx.fidelity, opts.race_first_rows) if opts.racing else None
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opts, space = self.parse(ctx.options), ctx.space
