@@ -24,7 +24,7 @@ from torch import nn
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_json
-from allocopt.models.quantization import WeightScheme, quantize_matrix
+from allocopt.models.quantization import WeightScheme, group_scales
 
 _EXPERT_WEIGHT = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\..*\.experts\.)(?P<expert>\d+)\.(?P<proj>.+)\.weight$")
 FORMAT = "pack-quantized"
@@ -46,7 +46,7 @@ def compress_weight(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> di
         groups = weight.shape[-1] // scheme.group_size
         scale = torch.empty((*weight.shape[:-1], groups), dtype=weight.dtype, device="meta")
     else:
-        scale = quantize_matrix(weight, bits, scheme)[1]
+        scale = group_scales(weight, bits, scheme)
     return PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": scale},
                                                  quantization_scheme(bits, scheme, ["Linear"]))
 

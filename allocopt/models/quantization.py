@@ -83,20 +83,33 @@ def quantize_matrix(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> tu
     """RTN quantization of ``weight`` ([..., out, in]) -> (int values [..., out, in] as int8, scales
     [..., out, in / group] in the weight's dtype, the dequantized weight [..., out, in] in the weight's dtype)."""
     from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+
+    shape, args = weight.shape, scheme.args(bits)
+    scale, zero = _group_qparams(weight, bits, scheme)
+    rows = weight.detach().reshape(-1, shape[-1])
+    q = quantize(rows, scale, zero, args, dtype=torch.int8)
+    deq = dequantize(q, scale, zero, args=args, dtype=weight.dtype)
+    return (q.reshape(shape), scale.reshape(*shape[:-1], -1), deq.reshape(shape))
+
+
+def group_scales(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> torch.Tensor:
+    """The scales :func:`quantize_matrix` uses for ``weight`` ([..., out, in] -> [..., out, in / group], the weight's
+    dtype), without quantizing (what the export's compressor takes beside the weight)."""
+    return _group_qparams(weight, bits, scheme)[0].reshape(*weight.shape[:-1], -1)
+
+
+def _group_qparams(weight: torch.Tensor, bits: int, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' symmetric scales and zero points of each group of ``scheme.group_size`` inputs:
+    ([rows, groups] in the weight's dtype, [rows, groups])."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    args = scheme.args(bits)
     shape, g = weight.shape, scheme.group_size
     if shape[-1] % g:
         raise AllocoptError(f"input width {shape[-1]} is not a multiple of the group size {g}; use a group size that "
                             "divides it (WeightScheme.for_model picks one)")
-    rows = weight.detach().reshape(-1, shape[-1])
-    groups = rows.reshape(rows.shape[0], -1, g)
-    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    scale = scale.to(weight.dtype)
-    q = quantize(rows, scale, zero, args, dtype=torch.int8)
-    deq = dequantize(q, scale, zero, args=args, dtype=weight.dtype)
-    return (q.reshape(shape), scale.reshape(*shape[:-1], -1), deq.reshape(shape))
+    groups = weight.detach().reshape(-1, shape[-1]).reshape(-1, shape[-1] // g, g)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.args(bits))
+    return scale.to(weight.dtype), zero
 
 
 # (model) -> {(layer, tensor name, bits): dequantized tensor}: each layer's levels are computed once per model
@@ -215,4 +228,4 @@ def dequantized_state(directory, quantization_config):
 
 
 __all__ = ["SUPPORTED_BITS", "WeightScheme", "apply_plan", "check_bits", "clear_levels", "plan_scheme", "dequantized_state", "packs_experts",
-           "quantize_experts", "quantize_matrix", "quantized_levels"]
+           "group_scales", "quantize_experts", "quantize_matrix", "quantized_levels"]
