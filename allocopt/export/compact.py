@@ -13,7 +13,7 @@ from torch import nn
 
 from allocopt.errors import AllocoptError
 from allocopt.export.mtp import carry_mtp, settle_mtp
-from allocopt.export.padded import pad_model
+from allocopt.export.padded import PADDED_ATTR, pad_model
 from allocopt.export.quantized import write_quantized
 from allocopt.export.remote_code import write_modeling_code
 from allocopt.export.source_format import keep_source_format, source_quantization
@@ -58,8 +58,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | Path, plan: Pla
         if streamed:
             raise AllocoptError("--pad needs the whole model in memory and this one is offloaded; export without --pad "
                                 "(streamed, compact) or give it more memory (--max-memory)")
-        width = max(len(kept.get(l, range(n))) for l, n in current.items())
-        if any(n != width for n in current.values()):
+        if not getattr(model, PADDED_ATTR, False):
             if isinstance(plan, Plan):
                 plan.validate_for(describe(model))
             pad_model(model, kept)

@@ -96,6 +96,11 @@ def pad_slots(block: MoEBlock, keep: Sequence[int], width: int) -> list[int]:
     return slots
 
 
+# Set on a model that pad_model changed: an export must not pad it again, and an unpruned model of the same shapes
+# (every layer at the widest count, which a plan that keeps some layer whole has) is not padded.
+PADDED_ATTR = "_allocopt_padded"
+
+
 def pad_model(model: nn.Module, kept: Mapping[int, Sequence[int]], check_exact: bool = True) -> dict[int, int]:
     """Prune ``model`` in place to ``kept`` padded to one width per layer; returns ``{layer: kept count}``.
 
@@ -129,6 +134,7 @@ def pad_model(model: nn.Module, kept: Mapping[int, Sequence[int]], check_exact: 
         if hasattr(target, LAYER_COUNTS_FIELD):          # every layer has one width now: a stock config
             delattr(target, LAYER_COUNTS_FIELD)
     invalidate(model)
+    setattr(model, PADDED_ATTR, True)
     return counts
 
 
