@@ -192,3 +192,33 @@ def test_workers_score_joint_plans_with_their_bits(tmp_path):
                                    bits={int(l): b for l, b in t.user_attrs.get(LAYER_BITS, {}).items()}) for t in trials]
     assert any(p.bits for p in plans)
     assert [t.value for t in trials] == pytest.approx([v.value for v in ev.evaluate(plans)], abs=1e-6)
+
+
+def test_a_study_is_resumed_only_by_the_same_space_and_objectives(tmp_path):
+    """A --bits study refuses another --bits list, a count-only search and nsga2's two objectives in one line each,
+    and a count-only study refuses nsga2 too: trials from another space or objective count would mix in silently."""
+    runner = CliRunner()
+
+    def run(*extra, name="s"):
+        return runner.invoke(cli, ["run", "--evals", "4", "--num-seqs", "4", "--out", str(tmp_path / name),
+                                   "--name", name, "--quiet", "--option", "warm_start=false", *extra])
+
+    first = run("--bits", "8,4", "--memory-ratio", "0.35")
+    assert first.exit_code == 0, first.output
+    for extra, words in [(("--bits", "8", "--memory-ratio", "0.35"), "searched with another --bits"),
+                         (("--memory-ratio", "0.7"), "searched with another"),
+                         (("--bits", "8,4", "--memory-ratio", "0.35", "--optimizer", "nsga2"), "has 1 objective(s)")]:
+        if "nsga2" in extra:
+            extra = (*extra, "--population", "4")
+            done = runner.invoke(cli, ["run", "--evals", "4", "--num-seqs", "4", "--out", str(tmp_path / "s"),
+                                       "--name", "s", "--quiet", *extra])
+        else:
+            done = run(*extra)
+        assert done.exit_code != 0 and words in done.output and "new --name" in done.output, done.output
+        assert len(done.output.strip().splitlines()) == 1
+    count_only = runner.invoke(cli, ["run", "--evals", "4", "--num-seqs", "4", "--sparsity", "0.5", "--out",
+                                     str(tmp_path / "c"), "--name", "c", "--quiet", "--optimizer", "uniform"])
+    assert count_only.exit_code == 0, count_only.output
+    front = runner.invoke(cli, ["run", "--evals", "4", "--num-seqs", "4", "--sparsity", "0.5", "--out",
+                                str(tmp_path / "c"), "--name", "c", "--quiet", "--optimizer", "nsga2", "--population", "4"])
+    assert front.exit_code != 0 and "has 1 objective(s)" in front.output, front.output

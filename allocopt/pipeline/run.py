@@ -82,11 +82,11 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         return out
 
     attrs = study_attrs(config, prepared, space)
-    check_resumable(config, attrs, legacy=lambda: legacy_fingerprint(prepared.model))
     optimizer = get_optimizer(config.optimizer)
     directions, metrics = [evaluator.direction], [config.objective]
     if optimizer.memory_objective:                 # the dashboard's Pareto view: objective vs expert memory
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
+    check_resumable(config, attrs, directions, legacy=lambda: legacy_fingerprint(prepared.model))
     recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
@@ -217,12 +217,12 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
             values.update({tuple(int(c) for c in x): v for x, v in zip(np.asarray(plans), out)})
         return out
 
-    attrs = {**study_attrs(config, prepared, joint.counts, budget=joint.budget), "bits": [b or 0 for b in joint.bits],
+    attrs = {**study_attrs(config, prepared, joint.counts, budget=joint.budget), BITS_ATTR: [b or 0 for b in joint.bits],
              "total_expert_bytes": int(prepared.size.full)}          # the plots' memory axis: the export's bytes
-    check_resumable(config, attrs)
     directions, metrics = [evaluator.direction], [config.objective]
     if front_search:
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
+    check_resumable(config, attrs, directions)
     recorder = recorder_for(config, directions, attrs, metrics, space=joint, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0
@@ -357,8 +357,11 @@ class CallClock:
         return {"wall_time_s": round(sum(calls.values()), 3), "wall_time_call_s": mine}
 
 
-def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[], str] | None = None) -> None:
-    """Refuse to reuse a study whose trials were scored on another model, data, criterion or objective.
+def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[str],
+                    legacy: Callable[[], str] | None = None) -> None:
+    """Refuse to reuse a study whose trials were scored on another model, data, criterion, objective, budget or
+    space (bit-widths included: a count-only study and a ``--bits`` one are different spaces), or that has another
+    number of objectives (``directions``: ga's one against nsga2's two).
 
     ``legacy`` gives this model's fingerprint in the scheme before ``allocopt.models.identity`` (routers only): a
     study stored with it is refused too (that scheme could not tell apart models that differ only in their experts,
@@ -369,7 +372,9 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[
         study = optuna.load_study(study_name=config.name, storage=config.storage_url)
     except KeyError:
         return
-    differ = [k for k in _SAME_FOR_RESUME if k in study.user_attrs and study.user_attrs[k] != attrs[k]]
+    differ = [k for k in _SAME_FOR_RESUME if k in study.user_attrs and study.user_attrs[k] != attrs.get(k)]
+    if study.user_attrs.get(BITS_ATTR) != attrs.get(BITS_ATTR):       # None: a count-only study (and older ones)
+        differ.append("--bits")
     if "model_fingerprint" in differ and legacy is not None and study.user_attrs["model_fingerprint"] == legacy():
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} was made with allocopt's earlier model "
                             "fingerprint (router weights only), which cannot tell whether its trials were scored on this "
@@ -377,7 +382,14 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], legacy: Callable[[
     if differ:
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} was searched with another {', '.join(differ)}; "
                             "pass a new --name (or --storage) for this search")
+    if len(study.directions) != len(directions):
+        raise AllocoptError(f"study {config.name!r} in {config.storage_url} has {len(study.directions)} objective(s) and "
+                            f"{config.optimizer} searches {len(directions)} (nsga2 adds memory to the objective); pass a "
+                            "new --name (or --storage) for this search")
 
+
+# The study attribute listing a --bits search's bit-width options (0: the checkpoint's precision).
+BITS_ATTR = "bits"
 
 # Everything a stored trial's value depends on besides its allocation.
 _SAME_FOR_RESUME = ("model_fingerprint", "calibration_fingerprint", "search_fingerprint", "criterion", "objective",
