@@ -151,6 +151,11 @@ def test_a_bits_search_races_and_every_plan_it_scores_respects_the_serving_const
     assert plan.extra["racing"] == "on" and len(pruned) == plan.extra["pruned"] > 0
     assert all(any(k.startswith("bits_") for k in t.params) and t.intermediate_values for t in pruned)
     assert plan.extra["evaluation_equivalents"] <= 30
+    # The convergence plot's best is the plan's: over-budget DP probes are off budget by the trials' own constraints.
+    drawn = CliRunner().invoke(cli, ["plot", "convergence", str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
+    assert drawn.exit_code == 0, drawn.output
+    [curve] = json.loads(next((tmp_path / "plots").glob("*.json")).read_text())["curves"]
+    assert curve["best_esap"] == pytest.approx(plan.extra["esap"])
 
 
 def test_options_of_a_bits_search_are_its_own(tmp_path):

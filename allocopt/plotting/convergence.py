@@ -76,12 +76,20 @@ def curves(sources: Sequence[Source]) -> list[Curve]:
         budget = src.study_attrs.get("budget")
         by_opt: dict[str, list[Evaluation]] = {}
         for e in src.evaluations(pruned=True):
-            if budget is not None and e.counts and sum(e.counts) != int(budget):
+            if _off_budget(e, budget):
                 e = replace(e, esap=math.nan, off_budget=True)
             by_opt.setdefault(e.optimizer, []).append(e)
         groups += [(src.name, opt, evals) for opt, evals in by_opt.items() if opt != UNIFORM]
     seen = Counter(opt for _, opt, _ in groups)
     return [Curve(opt if seen[opt] == 1 else f"{opt} ({study})", study, opt, evals) for study, opt, evals in groups]
+
+
+def _off_budget(e: Evaluation, budget) -> bool:
+    """A plan off the run's budget: the trial's own constraints where the study recorded them (a byte budget, a
+    --bits search), else (older studies) a count of experts other than the budget's."""
+    if e.feasible is not None:
+        return not e.feasible
+    return budget is not None and bool(e.counts) and sum(e.counts) != int(budget)
 
 
 def uniform_levels(sources: Sequence[Source]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from allocopt.pipeline.run import FRONT_FILE
 from allocopt.plan import PLAN_FILE, Plan
 from allocopt.search.study import (
     ALLOCATION,
+    CONSTRAINTS,
     LAYER_TOKENS,
     MEMORY_BYTES,
     OPTIMIZER,
@@ -49,6 +50,7 @@ class Evaluation:
     layer_tokens: float = math.nan   # decoder layer-tokens forwarded for it (NaN: not recorded)
     seconds: float = math.nan        # when it finished, in seconds since the study's first trial started
     off_budget: bool = False         # keeps more or fewer experts than the run's budget (a sensitivity probe)
+    feasible: bool | None = None     # Optuna's own constraints of the trial (all <= 0); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,11 @@ def _to_evaluation(trial, start=None) -> Evaluation:
     optimizer = str(attrs.get(OPTIMIZER, "unknown"))
     rows = len(attrs[ROW_SUMS]) if ROW_SUMS in attrs else None
     seconds = (trial.datetime_complete - start).total_seconds() if start is not None and trial.datetime_complete else math.nan
+    constraints = trial.system_attrs.get(CONSTRAINTS)
+    feasible = None if constraints is None else all(float(c) <= 0 for c in constraints)
     return Evaluation(trial.number, esap, memory, tuple(int(c) for c in attrs.get(ALLOCATION, ())), optimizer,
                       bool(attrs.get(UNIFORM, False)) or optimizer == "uniform", pruned, rows,
-                      float(attrs.get(LAYER_TOKENS, math.nan)), seconds)
+                      float(attrs.get(LAYER_TOKENS, math.nan)), seconds, feasible=feasible)
 
 
 def _study_names(storage: str) -> list[str]:
