@@ -122,6 +122,7 @@ class Plan:
         extra = {k: v for k, v in obj.items() if k not in ("format", "model_fingerprint", "layers")}
         plan = cls(fp, layers, extra)
         plan.check_shape(source)
+        plan.check_summary(source)
         return plan
 
     @classmethod
@@ -136,6 +137,16 @@ class Plan:
         return cls.from_json(obj, source=f"plan file {path}")
 
     # ---- validation --------------------------------------------------------------------------------
+    def check_summary(self, source: str = "plan") -> None:
+        """The summary fields that restate the layers (``counts``, ``bits``, as `allocopt run` writes them) agree
+        with them: a hand-edited plan whose summary says one thing and its layers another is refused rather than
+        exported as the layers say and copied on with the contradiction."""
+        restated = {"counts": [len(lp.kept) for lp in self.layers], "bits": [lp.bits for lp in self.layers]}
+        for key, truth in restated.items():
+            if key in self.extra and self.extra[key] != truth:
+                raise AllocoptError(f'{source}: "{key}" {self.extra[key]} disagrees with its layers ({truth}); edit '
+                                    f'the layers and remove "{key}" (or make it match)')
+
     def check_shape(self, source: str = "plan") -> None:
         """Checks that need no model: ascending layers, ids in range, no duplicates."""
         idx = [lp.index for lp in self.layers]

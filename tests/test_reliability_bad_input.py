@@ -125,6 +125,12 @@ CASES = [
           ("no_layers", 'no "layers"', ('has no "layers"', "list every MoE layer")),
           ("below_top_k", "no model_fingerprint, fewer experts than top-k", ("layer 0 keeps 1 experts, fewer than its top-k 2",)),
       )),
+    Case("plan whose summary disagrees with its layers (prune)",
+         lambda r: ["prune", "--plan", str(r / "stale_counts.json"), "--model", str(r / "model"), "--out", str(r / "pruned"),
+                    "--quiet"], ('"counts"', "disagrees with its layers", 'remove "counts"')),
+    Case("--out holding the plan being exported (prune)",
+         lambda r: ["prune", "--plan", str(r / "runs/base/plan.json"), "--model", str(r / "model"), "--out", str(r / "runs"),
+                    "--overwrite", "--quiet"], ("--out", "holds the plan", "pass another --out"), watch=("runs",)),
     Case("corrupted study database", lambda r: _run(r, "--storage", f"sqlite:///{r / 'corrupt.db'}"),
          ("study database", "corrupt.db is corrupt", "restore it"), watch=("corrupt.db",)),
     Case("foreign SQLite file as study database (run)", lambda r: _run(r, "--storage", f"sqlite:///{r / 'foreign.db'}"),
@@ -226,7 +232,9 @@ def root(tmp_path_factory) -> Path:
     shutil.copytree(root / "runs" / "base", root / "runs" / "full")      # a finished run the disk-full case reruns
 
     plan = json.loads((root / "runs/base/plan.json").read_text())
-    (root / "two_layers.json").write_text(json.dumps({**plan, "layers": plan["layers"][:2]}))
+    summary = {k: v for k, v in plan.items() if k != "counts"}        # a user who deletes a layer, not its summary too
+    (root / "two_layers.json").write_text(json.dumps({**summary, "layers": plan["layers"][:2]}))
+    (root / "stale_counts.json").write_text(json.dumps({**plan, "counts": [c + 1 for c in plan["counts"]]}))
     by_hand = [{"index": l["index"], "num_experts": l["num_experts"], "kept": l["kept"]} for l in plan["layers"]]
     for name, layers in (("no_kept", [by_hand[0], {"index": 1, "num_experts": 8}, by_hand[2]]),
                          ("string_count", [*by_hand[:2], {**by_hand[2], "num_experts": "8"}]),

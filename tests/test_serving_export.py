@@ -172,7 +172,7 @@ def test_padded_experts_are_zero_and_memory_is_reported(tiny_model, tmp_path):
                                       "--out", str(tmp_path / "padded"), "--pad", "--quiet"])
     assert result.exit_code == 0, result.output
     compact, padded = 12 * bytes_per_expert, 18 * bytes_per_expert
-    assert f"{padded / 2**20:.2f} MB, {padded / compact:.2f}x the compact export's {compact / 2**20:.2f} MB" in result.output
+    assert f"{padded / 2**20:.2f} MiB, {padded / compact:.2f}x the compact export's {compact / 2**20:.2f} MiB" in result.output
     assert "1.50x" in (tmp_path / "padded" / "README.md").read_text()
     weights = load_file(next((tmp_path / "padded").glob("*.safetensors")))
     bias = weights["model.layers.0.mlp.router.bias"]

@@ -37,6 +37,7 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     if quiet:
         silence_progress()
     plan = Plan.load(plan_path)
+    check_out_dir(out_dir, {"the plan": plan_path, "the model": model_spec or plan.extra.get("model")})
     multiple = count_multiple or int(plan.extra.get("count_multiple", 1))
     plan.check_count_multiple(multiple, source=f"plan file {plan_path}")      # before the model loads
     allowed = allowed_counts or plan.extra.get("allowed_counts")
@@ -54,17 +55,34 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
                 card=lambda pruned: render_card(plan, before, pruned, str(spec),
                                                 compact_expert_bytes=compact_bytes if pad else None))
     after = describe(model, fingerprint=False)       # streams layer by layer above if the model was offloaded
-    sizes = "" if plan.bits else f", {before.total_bytes / 2**20:.1f} MB -> {after.total_bytes / 2**20:.1f} MB"   # dense sizes
+    sizes = "" if plan.bits else f", {before.total_bytes / 2**20:.1f} MiB -> {after.total_bytes / 2**20:.1f} MiB"   # dense sizes
     click.echo(f"wrote {out_dir}: {sum(len(lp.kept) for lp in plan.layers)}/{sum(before.num_experts.values())} routed "
                f"experts kept{sizes}")
     if plan.bits:
         from allocopt.runtime.offload import tensor_bytes
 
         widths = ", ".join(f"int{b}" for b in sorted(set(plan.bits.values()), reverse=True))
+        on_disk, counted = tensor_bytes(out_dir), plan.extra.get("export_bytes")
         click.echo(f"routed experts of {len(plan.bits)} layers packed at {widths} (compressed-tensors pack-quantized): "
-                   f"{tensor_bytes(out_dir) / 2**20:.2f} MB of tensors on disk"
-                   + (f", the plan's count {plan.extra['export_bytes'] / 2**20:.2f} MB" if "export_bytes" in plan.extra else ""))
+                   f"{on_disk / 2**20:.2f} MiB of tensors on disk")
+        if isinstance(counted, int) and counted != on_disk:
+            click.echo(f"warning: the plan's export_bytes ({counted}) is not what its export weighs ({on_disk} bytes): "
+                       "the plan was edited or made for another checkpoint; its byte budget does not describe this "
+                       "export", err=True)
     if pad:
         click.echo(f"padded to {max(after.num_experts.values())} experts per layer: routed experts take "
-                   f"{after.expert_bytes / 2**20:.2f} MB, {after.expert_bytes / compact_bytes:.2f}x the compact export's "
-                   f"{compact_bytes / 2**20:.2f} MB")
+                   f"{after.expert_bytes / 2**20:.2f} MiB, {after.expert_bytes / compact_bytes:.2f}x the compact export's "
+                   f"{compact_bytes / 2**20:.2f} MiB")
+
+
+def check_out_dir(out_dir: Path, inputs: dict[str, object]) -> None:
+    """Refuse an ``--out`` that the export's rename would destroy while it is needed: the directory this process
+    runs in (or one above it), or one holding an input (the plan file, the model directory)."""
+    out = out_dir.resolve()
+    if Path.cwd().resolve().is_relative_to(out):
+        raise AllocoptError(f"--out {out_dir} is the current directory or one above it, which the export would replace; "
+                            "pass a new directory, e.g. --out ./pruned")
+    for what, path in inputs.items():
+        if path and Path(str(path)).exists() and Path(str(path)).resolve().is_relative_to(out):
+            raise AllocoptError(f"--out {out_dir} holds {what} ({path}), which the export would replace; pass another "
+                                "--out")
