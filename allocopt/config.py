@@ -10,10 +10,13 @@ optimizer / objective names are refused with one line that lists what is accepte
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,7 +43,7 @@ class RunConfig:
     tolerance: float = D.ESAP_TOLERANCE
     sparsity: float | None = D.SPARSITY              # fraction of routed experts removed (exclusive with keep)
     keep: int | None = None                          # total routed experts kept (exclusive with sparsity)
-    memory: str | None = None                        # the export's tensor bytes at most, e.g. "12GiB" (a budget in bytes)
+    memory: str | int | None = None                  # the export's tensor bytes at most, e.g. "12GiB" (see parse_size)
     memory_ratio: float | None = None                # the same as a fraction of the unpruned export's bytes
     min_density: float = D.MIN_DENSITY
     max_density: float = D.MAX_DENSITY
@@ -150,19 +153,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def memory_bytes(self) -> int | None:
-        """``memory`` in bytes (accelerate's sizes: "12GiB", "800MB", or a number of bytes); None when not set."""
-        if self.memory is None:
-            return None
-        from accelerate.utils import convert_file_size_to_int
-
-        text = str(self.memory).strip()
-        try:
-            value = int(text) if text.isdigit() else convert_file_size_to_int(text)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise AllocoptError(f"memory {self.memory!r} is not a size; write e.g. 12GiB or 800MB")
-        return int(value)
+        """``memory`` in bytes (:func:`parse_size`: "12GiB", "800MB", or a number of bytes); None when not set."""
+        return None if self.memory is None else parse_size(self.memory)
 
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -189,7 +181,9 @@ class RunConfig:
         if self.allowed_counts is not None:
             check_allowed_counts(self.allowed_counts)
         if self.bits is not None:
-            check_bits(self.bits)
+            if not check_bits(self.bits):
+                raise AllocoptError("--bits lists at least one bit-width, e.g. --bits 8,4; drop --bits for a search of "
+                                    "counts only")
             require_compressed_tensors()
             if self.memory is None and self.memory_ratio is None:
                 raise AllocoptError("--bits trades experts against bit-widths, which needs a budget in bytes; give --memory "
@@ -232,6 +226,43 @@ def read_problem(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AllocoptError(f"problem file {path} is not valid TOML ({exc}); fix the syntax") from exc
+
+
+# Units of a size in bytes (case-insensitive): decimal and binary multiples; a bare K/M/G/T is ambiguous.
+SIZE_UNITS = {"": 1, "b": 1, **{f"{p}b": 1000 ** n for n, p in enumerate("kmgt", 1)},
+              **{f"{p}ib": 1024 ** n for n, p in enumerate("kmgt", 1)}}
+_SIZE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(size: str | int, what: str = "memory") -> int:
+    """The one rule for a size in bytes, e.g. ``memory``: a positive number (``5000000``, ``1.5``, ``5e6``) and an
+    optional unit, case-insensitive: none or ``B`` bytes, ``KB MB GB TB`` powers of 1000, ``KiB MiB GiB TiB`` powers
+    of 1024. A lowercase ``b`` means bytes too (``5gb`` is 5 * 10^9 bytes: nobody means bits for a memory budget); a
+    bare ``K M G T`` is refused as ambiguous. Returns whole bytes, rounded down.
+
+        parse_size("12GiB") == 12 * 2**30; parse_size("800mb") == 800_000_000; parse_size(5000000) == 5000000
+    """
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise AllocoptError(f"{what} {size!r} is not a size; write e.g. 12GiB, 800MB or 5000000 (bytes)")
+    text = str(size).strip()
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise AllocoptError(f"{what} {text!r} is not a size; write e.g. 12GiB, 800MB or 5000000 (bytes)")
+    number, unit = match[1], match[2].lower()
+    if unit in ("k", "m", "g", "t"):
+        u = match[2].upper()
+        raise AllocoptError(f"{what} {text!r} is ambiguous ({u} alone); write {number}{u}B (powers of 1000) or "
+                            f"{number}{u}iB (powers of 1024)")
+    if unit not in SIZE_UNITS:
+        raise AllocoptError(f"{what} {text!r} has unknown unit {match[2]!r}; use B, KB, MB, GB, TB (powers of 1000) or "
+                            "KiB, MiB, GiB, TiB (powers of 1024), e.g. 800MB or 12GiB")
+    value = Fraction(number)
+    if value <= 0:
+        raise AllocoptError(f"{what} must be positive, got {text!r}; give a budget such as 12GiB or 800MB")
+    out = math.floor(value * SIZE_UNITS[unit])
+    if out < 1:
+        raise AllocoptError(f"{what} {text!r} is less than one byte; give a budget such as 12GiB or 800MB")
+    return out
 
 
 def check_dtype(name: str) -> str:

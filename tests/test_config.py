@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from allocopt import defaults as D
-from allocopt.config import ALIASES, FIELDS, RunConfig, read_problem
+from allocopt.config import ALIASES, FIELDS, RunConfig, parse_size, read_problem
 from allocopt.errors import AllocoptError
 
 PROBLEMS = sorted((Path(__file__).resolve().parent.parent / "problems").glob("*.toml"))
@@ -102,6 +102,47 @@ def test_unknown_names_list_the_registered_ones(override, words):
 def test_out_of_range_values_are_refused(override, word):
     with pytest.raises(AllocoptError, match=word):
         RunConfig.from_sources(None, override)
+
+
+@pytest.mark.parametrize("size, want", [
+    ("5gb", 5 * 10**9), ("5GB", 5 * 10**9), ("5mb", 5 * 10**6), ("1TB", 10**12), ("1TiB", 2**40), ("12GiB", 12 * 2**30),
+    ("5kib", 5120), ("5B", 5), ("5e6", 5 * 10**6), ("1.5 GiB", 3 * 2**29), ("5000000", 5000000), (5000000, 5000000),
+    ("2.5b", 2),
+])
+def test_sizes_are_bytes_with_decimal_and_binary_units(size, want):
+    assert parse_size(size) == want
+
+
+@pytest.mark.parametrize("size, words", [
+    ("0", ["memory must be positive, got '0'"]), ("-5GB", ["must be positive"]),
+    ("5M", ["'5M' is ambiguous", "5MB", "5MiB"]), ("5k", ["ambiguous", "5KB", "5KiB"]),
+    ("5 bits", ["unknown unit 'bits'", "KB, MB, GB, TB", "KiB, MiB, GiB, TiB", "12GiB"]),
+    ("lots", ["'lots' is not a size", "12GiB"]),
+])
+def test_bad_sizes_are_refused_naming_the_fix(size, words):
+    with pytest.raises(AllocoptError) as err:
+        RunConfig.from_sources(None, {"memory": size})
+    msg = str(err.value)
+    assert all(w in msg for w in words) and "\n" not in msg
+
+
+def test_memory_in_a_problem_file_may_be_a_number_of_bytes(tmp_path):
+    cfg = RunConfig.from_sources(_toml(tmp_path, 'memory = 5000000\n'))
+    assert (cfg.memory_bytes(), cfg.sparsity) == (5000000, None)
+    assert RunConfig.from_sources(_toml(tmp_path, 'memory = "5gb"\n')).memory_bytes() == 5 * 10**9
+
+
+@pytest.mark.parametrize("bits", ["", ",", " , "])
+def test_an_empty_bits_list_is_refused(tmp_path, bits):
+    from allocopt.plan import check_bits
+
+    want = "--bits lists at least one bit-width, e.g. --bits 8,4; drop --bits for a search of counts only"
+    with pytest.raises(AllocoptError) as err:                  # what `allocopt run --bits ,` hands the config
+        RunConfig.from_sources(None, {"memory": "5MB", "bits": list(check_bits(bits))})
+    assert str(err.value) == want
+    with pytest.raises(AllocoptError) as err:
+        RunConfig.from_sources(_toml(tmp_path, 'memory = "5MB"\nbits = []\n'))
+    assert str(err.value) == want
 
 
 def test_bad_toml_and_missing_file(tmp_path):

@@ -48,6 +48,44 @@ def test_impossible_budget_message_names_range_and_fix():
         make_space({0: 16, 1: 16}, {0: 2, 1: 2}, {0: 1, 1: 1}, keep=3)
 
 
+TESTBED = ({l: 16 for l in range(6)}, {l: 4 for l in range(6)}, {l: 1 for l in range(6)})   # 6 layers, 16 experts, top-4
+
+
+def test_a_count_multiple_with_no_count_in_a_layer_is_named_with_its_fix():
+    with pytest.raises(AllocoptError) as err:
+        make_space(*TESTBED, sparsity=0.5, unit=32)
+    assert str(err.value) == ("a count multiple of 32 (--count-multiple or routing groups) leaves no count between 4 and 16 "
+                              "experts (top-k, what the router needs, density bounds) in layer 0 (and 5 more); use a "
+                              "--count-multiple that divides 16")
+    with pytest.raises(AllocoptError, match="widen the density bounds"):        # the bounds alone are empty: not the step
+        make_space(*TESTBED, sparsity=0.5, unit=2, max_density=0.2)
+
+
+def test_a_count_multiple_that_cannot_meet_the_budget_is_named():
+    with pytest.raises(AllocoptError) as err:
+        make_space(*TESTBED, sparsity=0.5, unit=16)
+    assert str(err.value) == ("with a count multiple of 16 (--count-multiple or routing groups) every layer keeps 16 experts "
+                              "(96 in all), so sparsity 0.5 (48 experts) cannot be met; lower --count-multiple or the sparsity")
+    with pytest.raises(AllocoptError, match=r"keeping 40 experts cannot be met; lower --count-multiple or keep more"):
+        make_space(*TESTBED, keep=40, unit=16)
+    with pytest.raises(AllocoptError, match=r"relax min_density/max_density"):   # unreachable without the step too
+        make_space(*TESTBED, keep=20, unit=2)
+
+
+def test_allowed_counts_that_empty_a_layer_or_the_budget_are_named():
+    with pytest.raises(AllocoptError) as err:
+        make_space(*TESTBED, sparsity=0.5, allowed_counts=[32])
+    assert str(err.value) == ("layer 0 keeps 4..16 experts (top-k, what its router needs, density bounds) but no allowed count "
+                              "lies there (--allowed-counts 32); add one in that range")
+    with pytest.raises(AllocoptError, match=r"no allowed count that is a multiple of 8 \(--count-multiple or routing groups\) "
+                                            r"lies there \(--allowed-counts 12\)"):
+        make_space(*TESTBED, sparsity=0.5, unit=8, allowed_counts=[12])
+    with pytest.raises(AllocoptError, match=r"with --allowed-counts 16 the total nearest the budget keeps all 96"):
+        make_space(*TESTBED, sparsity=0.5, allowed_counts=[16])
+    with pytest.raises(AllocoptError, match=r"no plan of --allowed-counts 16 keeps 63 experts or fewer.*allow smaller counts"):
+        make_space(*TESTBED, keep=63, allowed_counts=[16], at_most=True)
+
+
 def test_sparsity_that_rounds_to_no_expert_is_refused_naming_the_least_that_removes_one():
     with pytest.raises(AllocoptError) as err:
         make_space({0: 8, 1: 8, 2: 8}, {0: 2, 1: 2, 2: 2}, {0: 1, 1: 1, 2: 1}, sparsity=0.01)

@@ -130,6 +130,7 @@ def test_a_plan_that_breaks_the_constraint_is_refused_in_one_line_before_loading
     edited = json.loads(plan_path.read_text())
     layer = edited["layers"][0]
     layer["kept"] = layer["kept"][:-1] + [e for e in range(16) if e not in layer["kept"]][:2]   # one more expert
+    edited["counts"][0] = len(layer["kept"])                   # its summary kept in step, as the refusal otherwise asks
     bad = tmp_path / "edited.json"
     bad.write_text(json.dumps(edited))
     for extra in ([], flag):            # the plan's own constraint, or the one asked for

@@ -20,7 +20,8 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
      help="Fraction of routed experts removed overall, rounded to whole experts (plan.json records the effective one; or use --keep).")
 @opt("--keep", type=int, help="Total routed experts kept over all layers (instead of --sparsity).")
 @opt("--memory", metavar="SIZE",
-     help="Budget in bytes instead: the pruned export's tensors take at most SIZE (e.g. 12GiB, 800MB), counted by the "
+     help="Budget in bytes instead: the pruned export's tensors take at most SIZE (e.g. 12GiB, 800MB; KB..TB are "
+          "powers of 1000, KiB..TiB of 1024), counted by the "
           "code that writes the export (plan.json records the export's bytes).")
 @opt("--memory-ratio", type=float, metavar="R", help="The same as a fraction of the unpruned export's bytes (e.g. 0.6).")
 @opt("--min-density", type=float, default=D.MIN_DENSITY, help="Fewest experts a layer keeps, as a fraction (top-k is always kept).")

@@ -136,6 +136,9 @@ def space_for(config: RunConfig, info, model):
     prunable = {l.index: l.min_kept < l.num_experts for l in info.layers}
     keep = size.kept_for(memory, unit, prunable)
     try:
+        if keep < 1 and unit > 1 and size.kept_for(memory, 1, prunable) >= 1:
+            raise AllocoptError(f"the {size.kept_for(memory, 1, prunable)} experts it fits round down to none in steps "
+                                f"of {unit} (--count-multiple or routing groups); lower --count-multiple or raise the budget")
         if keep < 1:
             raise AllocoptError(f"{memory} bytes do not hold even the parts no plan removes ({size.base} bytes)")
         space = make_space(info.num_experts, info.top_k, size.per_expert, keep=keep, at_most=True, **bounds)

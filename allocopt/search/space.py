@@ -193,24 +193,41 @@ def make_space(num_experts: Mapping[int, int], top_k: Mapping[int, int], bytes_p
     floor = np.array([int((min_kept or {}).get(l, 0)) for l in layers], dtype=np.int64)
     lower = np.maximum(np.maximum(k, floor), np.ceil(min_density * e - 1e-9).astype(np.int64))
     upper = np.minimum(e, np.floor(max_density * e + 1e-9).astype(np.int64))
-    lower, upper = -(-lower // unit) * unit, upper // unit * unit
+    lower, upper, free_lower, free_upper = -(-lower // unit) * unit, upper // unit * unit, lower, upper
     bad = [layers[i] for i in np.flatnonzero(lower > upper)]
+    if bad and not np.any(free_lower > free_upper):                 # only the step leaves a layer nothing to keep
+        i = layers.index(bad[0])
+        fits = [m for m in range(int(free_upper.min()), 0, -1)
+                if np.all(free_upper // m * m >= free_lower)] or [1]   # the largest step every layer has a count of
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        fix = f"use a --count-multiple that divides {fits[0]}" if fits[0] > 1 else "drop --count-multiple"
+        raise AllocoptError(f"{_step(unit)} leaves no count between {free_lower[i]} and {free_upper[i]} experts (top-k, "
+                            f"what the router needs, density bounds) in layer {bad[0]}{more}; {fix}")
     if bad:
         raise AllocoptError(f"layers {bad} cannot satisfy top-k/min_density {min_density} <= kept <= "
                             f"max_density {max_density}; widen the density bounds")
     total = int(e.sum())
     keep = budget.kept(total, unit, at_most)
-    if not int(lower.sum()) <= keep <= int(upper.sum()):
+    lo_sum, hi_sum = int(lower.sum()), int(upper.sum())
+    if not lo_sum <= keep <= hi_sum:
+        asked = f"sparsity {budget.sparsity:g} ({keep} experts)" if budget.sparsity is not None else f"keeping {budget.keep} experts"
+        if unit > 1 and int(free_lower.sum()) <= budget.kept(total, 1, at_most) <= int(free_upper.sum()):
+            kept = (f"every layer keeps {lower[0]} experts ({lo_sum} in all)" if lo_sum == hi_sum and np.all(lower == lower[0])
+                    else f"the layers keep {lo_sum}..{hi_sum} experts in all")
+            more = keep < lo_sum
+            fix = (("the sparsity" if more else "raise the sparsity") if budget.sparsity is not None
+                   else "keep more experts (a larger budget)" if more else "keep fewer experts (a smaller budget)")
+            raise AllocoptError(f"with {_step(unit)} {kept}, so {asked} cannot be met; lower --count-multiple or {fix}")
         raise AllocoptError(
             f"keeping {keep} of {total} experts is impossible: the per-layer bounds allow "
-            f"{int(lower.sum())}..{int(upper.sum())} (top-k, what each router needs and density bounds); choose a sparsity/keep in that range "
+            f"{lo_sum}..{hi_sum} (top-k, what each router needs and density bounds); choose a sparsity/keep in that range "
             f"or relax min_density/max_density")
     bpe = np.array([int(bytes_per_expert[l]) for l in layers], dtype=np.int64)
     allowed: tuple[int, ...] = ()
     if allowed_counts is not None:
         allowed, lower, upper, keep = _allowed(allowed_counts, layers, lower, upper, keep, unit, at_most)
         if keep == total:
-            raise AllocoptError(f"with allowed counts {', '.join(map(str, allowed))} the total nearest the budget keeps all "
+            raise AllocoptError(f"with --allowed-counts {','.join(map(str, allowed))} the total nearest the budget keeps all "
                                 f"{total} routed experts, pruning nothing; allow smaller counts or prune more")
     return AllocationSpace(layers, e, lower, upper, keep, bpe, unit, allowed)
 
@@ -224,17 +241,18 @@ def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarr
     levels = [[a for a in allowed if lo <= a <= hi] for lo, hi in zip(lower, upper)]
     for layer, lo, hi, lv in zip(layers, lower, upper, levels):
         if not lv:
-            within = f" that are multiples of {unit} (routing groups / --count-multiple)" if unit > 1 else ""
+            within = f" that is a multiple of {unit} (--count-multiple or routing groups)" if unit > 1 else ""
             raise AllocoptError(f"layer {layer} keeps {lo}..{hi} experts (top-k, what its router needs, density bounds) "
-                                f"but no allowed count{within} lies there ({', '.join(map(str, counts))}); add one")
+                                f"but no allowed count{within} lies there (--allowed-counts {','.join(map(str, counts))}); "
+                                "add one in that range")
     reach = 1                                         # bit t set: t experts reachable over the layers so far
     for lv in levels:
         reach = functools.reduce(lambda acc, v: acc | (reach << v), lv, 0)
     sums = [t for t in range(reach.bit_length()) if reach >> t & 1]
     below = [t for t in sums if t <= keep]
     if at_most and not below:
-        raise AllocoptError(f"no plan of allowed counts ({', '.join(map(str, allowed))}) keeps {keep} experts or fewer; "
-                            f"the smallest keeps {sums[0]}: raise the budget")
+        raise AllocoptError(f"no plan of --allowed-counts {','.join(map(str, allowed))} keeps {keep} experts or fewer; "
+                            f"the smallest keeps {sums[0]}: allow smaller counts or raise the budget")
     total = max(below) if at_most else min(sums, key=lambda t: (abs(t - keep), t))
     if total != keep and (keep, allowed, total) not in _NOTED:
         _NOTED.add((keep, allowed, total))          # once per process: the space is built before and after loading
@@ -243,6 +261,11 @@ def _allowed(counts, layers: tuple[int, ...], lower: np.ndarray, upper: np.ndarr
     lower = np.array([lv[0] for lv in levels], dtype=np.int64)
     upper = np.array([lv[-1] for lv in levels], dtype=np.int64)
     return allowed, lower, upper, total
+
+
+def _step(unit: int) -> str:
+    """How a message names the step every count is a multiple of: ``--count-multiple`` and routing groups' lcm."""
+    return f"a count multiple of {unit} (--count-multiple or routing groups)"
 
 
 def experts_removed(sparsity: float, total: int, unit: int = 1) -> int:
@@ -254,7 +277,7 @@ def experts_removed(sparsity: float, total: int, unit: int = 1) -> int:
         exact = 0.5 * unit / total                        # the least sparsity that rounds to one unit ...
         scale = 10 ** (3 - math.floor(math.log10(exact)))
         least = math.ceil(exact * scale) / scale          # ... rounded up to 4 significant digits
-        what = "1 expert" if unit == 1 else f"{unit} experts, one per routing group"
+        what = "1 expert" if unit == 1 else f"{unit} experts, one step of --count-multiple or routing groups"
         raise AllocoptError(f"sparsity {sparsity:g} removes {sparsity * total:.3g} of {total} routed experts, which rounds to "
                             f"none; use a sparsity of at least {least:g} (removes {what}) or give a keep count instead")
     return removed
