@@ -104,6 +104,12 @@ def test_run_with_bits_prune_and_score_the_export_on_the_testbed(tmp_path):
     scored = runner.invoke(cli, ["esap", "--pruned", str(out), "--num-seqs", "4", "--json"])
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.output.strip().splitlines()[-1])["esap"] == pytest.approx(summary["esap"], abs=1e-5)
+    # The packed export is scored and served, never searched or pruned again (full-precision bytes, re-quantizing).
+    for again in (["run", "--model", str(out), "--memory-ratio", "0.9", "--out", str(tmp_path / "again")],
+                  ["prune", "--plan", str(tmp_path / "run" / "plan.json"), "--model", str(out), "--out", str(tmp_path / "p2")]):
+        refused = runner.invoke(cli, again)
+        assert refused.exit_code != 0 and "routed experts are packed at int4/int8" in refused.output, refused.output
+        assert not (tmp_path / "again").exists() and not (tmp_path / "p2").exists()
 
 
 @pytest.mark.parametrize("given,words", [

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from allocopt import defaults
+from allocopt.errors import AllocoptError
 from allocopt.export.streamed import ShardWriter, replace_shards
 from allocopt.io import atomic_write_json
 from allocopt.runtime.converted import checkpoint_tensors
@@ -35,6 +36,17 @@ def source_quantization(source: str | Path | None) -> dict[str, Any] | None:
     if config is None or not config.is_file():
         return None
     return json.loads(config.read_text()).get("quantization_config") or None
+
+
+def refuse_packed_source(source: str | Path | None) -> None:
+    """Refuse a source whose routed experts allocopt packed at int4/int8 (an export of a plan with bits): searching
+    or pruning it again would count and write its experts at full precision (a bigger "pruned" model, budgets of the
+    wrong size) and quantize quantized weights again."""
+    from allocopt.models.quantization import packs_experts
+
+    if packs_experts(source_quantization(source)):
+        raise AllocoptError(f"--model {source} is an allocopt export whose routed experts are packed at int4/int8; "
+                            "search and prune the full-precision checkpoint it was made from")
 
 
 def _source_name(name: str, kept: Mapping[int, Sequence[int]]) -> str:

@@ -50,8 +50,10 @@ def check_request(config: RunConfig):
     meta-device skeleton, the optimizer's options against it and both sequence lengths against the model's context.
     Returns ``(source, space)``: the ``ModelSource`` (config.json read once, reused by :func:`prepare`) and the
     space in experts (None where only the loaded model tells it: pruned exports, remote code)."""
+    from allocopt.export.source_format import refuse_packed_source
     from allocopt.runtime.loading import open_model
 
+    refuse_packed_source(config.model)
     source = open_model(config.model, config.trust_remote_code)
     space = peek_space(config, source)
     check_options(config, space)
