@@ -96,7 +96,8 @@ def test_run_with_bits_prune_and_score_the_export_on_the_testbed(tmp_path):
     trials = optuna.load_study(study_name="bits", storage=storage).trials
     assert trials and all(any(k.startswith("bits_") for k in t.params) for t in trials)
     again = runner.invoke(cli, args)                                      # the study answers every plan
-    assert again.exit_code == 0 and json.loads(again.output.strip().splitlines()[-1])["new_evaluations"] == 0
+    resumed = json.loads(again.output.strip().splitlines()[-1])
+    assert again.exit_code == 0 and resumed["new_evaluations"] == 0 and resumed["from_study"] == resumed["evaluations"]
     out = tmp_path / "export"
     done = runner.invoke(cli, ["prune", "--plan", str(tmp_path / "run" / "plan.json"), "--out", str(out), "--quiet"])
     assert done.exit_code == 0, done.output
@@ -156,7 +157,7 @@ def test_a_bits_search_races_and_every_plan_it_scores_respects_the_serving_const
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert plan.extra["racing"] == "on" and len(pruned) == plan.extra["pruned"] > 0
     assert all(any(k.startswith("bits_") for k in t.params) and t.intermediate_values for t in pruned)
-    assert plan.extra["evaluation_equivalents"] <= 30
+    assert plan.extra["evaluation_equivalents"] <= 30 and plan.extra["from_study"] == 0     # a fresh study
     # The convergence plot's best is the plan's: over-budget DP probes are off budget by the trials' own constraints.
     drawn = CliRunner().invoke(cli, ["plot", "convergence", str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
     assert drawn.exit_code == 0, drawn.output

@@ -88,7 +88,7 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
     click.echo(f"uniform  {objective} {uniform:.6f}")
     label = config.optimizer if result.fixed_allocation else "best"    # a fixed allocation (grape, global) searched nothing
     raced = f" + {s['pruned']} pruned by racing = {s['evaluation_equivalents']:g} equivalents" if s.get("pruned") else ""
-    reused = s["evaluations"] - s["new_evaluations"]
+    reused = s.get("from_study", 0)
     earlier = f", {reused} of them from the study" if reused > 0 else ""
     took = (f"{s['wall_time_s']:.1f} s over all calls, {s['wall_time_call_s']:.1f} s this one"
             if s["wall_time_s"] > s["wall_time_call_s"] else f"{s['wall_time_s']:.1f} s")

@@ -148,6 +148,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "storage": config.storage_url,
         # plans this call scored, in this process or its workers; the other evaluations came from the study
         "new_evaluations": max(0, len(recorder.completed()) - completed_before),
+        "from_study": len(recorded.served),          # plans answered by trials of earlier calls (a resumed study)
         **clock.record(),
     }
     plan = Plan.from_counts(info.fingerprint, ranking, info.num_experts, counts)
@@ -270,6 +271,7 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
         **_memory_fields(config, prepared.size, counts, plan.bits),
         "run_name": config.name, "storage": config.storage_url,
         "new_evaluations": max(0, len(recorder.completed()) - completed_before),
+        "from_study": len(recorded.served),          # plans answered by trials of earlier calls (a resumed study)
         **clock.record(),
     }
     plan.extra.update(summary)

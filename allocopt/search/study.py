@@ -300,6 +300,8 @@ class RecordedObjective:
         self._rows: dict[tuple[int, ...], RowRecord] = {}
         self._pruned: set[tuple[int, ...]] = set()
         self._started: dict[tuple[int, ...], datetime.datetime] = {}
+        self._earlier: frozenset[tuple[int, ...]] = frozenset()
+        self.served: set[tuple[int, ...]] = set()   # plans answered by trials the study held before this process
 
     def _load(self) -> dict[tuple[int, ...], float]:
         if self._known is None:
@@ -316,11 +318,13 @@ class RecordedObjective:
                     sums, tokens = t.user_attrs[ROW_SUMS], t.user_attrs[ROW_TOKENS]
                     if plan not in self._rows or len(sums) > self._rows[plan].rows:
                         self._rows[plan] = RowRecord(len(sums), tuple(sums), tuple(tokens))
+            self._earlier = frozenset(self._known)
         return self._known
 
     def __call__(self, counts: np.ndarray) -> np.ndarray:
         known = self._load()
         rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
+        self.served.update(r for r in rows if r in self._earlier)
         misses = list(dict.fromkeys(r for r in rows if r not in known))
         now: dict[tuple[int, ...], float] = {}
         if misses:
