@@ -369,7 +369,7 @@ def require_compressed_tensors() -> None:
 
     if importlib.util.find_spec("compressed_tensors") is None:
         raise AllocoptError("quantizing experts (--bits, a plan with bits) needs compressed-tensors; install it with "
-                            "pip install 'allocopt[quantize]'")
+                            "pip install 'allocopt[quantize]' (in a clone: pip install -e '.[quantize]')")
 
 
 def check_allowed_counts(counts) -> tuple[int, ...]:

@@ -24,8 +24,9 @@ def root(tmp_path_factory):
     return make_root(tmp_path_factory.mktemp("resume"))
 
 
-def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: float = 600) -> None:
-    """SIGKILL ``proc`` as soon as the study holds ``at_least`` COMPLETE trials."""
+def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: float = 600,
+                        sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``proc`` as soon as the study holds ``at_least`` COMPLETE trials."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -36,8 +37,10 @@ def _kill_when_complete(proc, storage: str, name: str, at_least: int, timeout: f
         time.sleep(0.05)
     assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
     assert time.monotonic() < deadline, f"the run never reached {at_least} COMPLETE trials in {timeout} s"
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
+    if sig == signal.SIGINT:                               # Ctrl-C: one line that says how to go on, exit 130
+        assert proc.returncode == 130 and "run the same command again to resume" in proc.stderr.read()
 
 
 @pytest.mark.parametrize("optimizer", ["ga", "nsga2", "cmaes"])
@@ -50,7 +53,8 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
     total = trial_counts(sqlite_url(root, f"ref-{optimizer}"), f"ref-{optimizer}")["complete"]
     assert total >= 6, f"the reference run completed {total} trials: too few to kill one mid-search"
     at = random.Random().randint(3, min(12, total - 3))            # mid-search, whatever the optimizer spends
-    _kill_when_complete(popen(*run_args(root, name, "--optimizer", optimizer, *EVALS)), storage, name, at)
+    _kill_when_complete(popen(*run_args(root, name, "--optimizer", optimizer, *EVALS)), storage, name, at,
+                        sig=signal.SIGINT if optimizer == "ga" else signal.SIGKILL)      # Ctrl-C, or no goodbye
     before = trial_counts(storage, name)
     plans_before = complete_allocations(storage, name)
 

@@ -82,7 +82,12 @@ def run(problem, option_pairs, quiet, resume, as_json, **given) -> None:
         require_study(config.storage_url, config.name)
     if quiet:
         silence_progress()
-    result = run_search(config, progress=not quiet)
+    try:
+        result = run_search(config, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: study {config.name!r} keeps every finished evaluation; run the same command again "
+                   "to resume", err=True)
+        raise SystemExit(130) from None
     s = result.summary
     objective, value, uniform = s["objective"], s["value"], s["uniform_value"]
     click.echo(f"uniform  {objective} {uniform:.6f}")
