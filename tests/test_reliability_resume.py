@@ -53,8 +53,12 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
     total = trial_counts(sqlite_url(root, f"ref-{optimizer}"), f"ref-{optimizer}")["complete"]
     assert total >= 6, f"the reference run completed {total} trials: too few to kill one mid-search"
     at = random.Random().randint(3, min(12, total - 3))            # mid-search, whatever the optimizer spends
-    _kill_when_complete(popen(*run_args(root, name, "--optimizer", optimizer, *EVALS)), storage, name, at,
-                        sig=signal.SIGINT if optimizer == "ga" else signal.SIGKILL)      # Ctrl-C, or no goodbye
+    sig = signal.SIGINT if optimizer == "ga" else signal.SIGKILL                       # Ctrl-C, or no goodbye
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; under a shell's background job (CI) the
+    # test process may inherit it ignored, and so would the run.
+    proc = popen(*run_args(root, name, "--optimizer", optimizer, *EVALS),
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _kill_when_complete(proc, storage, name, at, sig=sig)
     before = trial_counts(storage, name)
     plans_before = complete_allocations(storage, name)
 

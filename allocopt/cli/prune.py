@@ -32,7 +32,7 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     from allocopt.runtime import load_model
     from allocopt.export import save_pruned
     from allocopt.export.card import render_card
-    from allocopt.export.source_format import refuse_packed_source
+    from allocopt.export.source_format import refuse_packed_source, source_quantization
     from allocopt.plan import Plan
 
     if quiet:
@@ -47,7 +47,7 @@ def prune(plan_path: Path, out_dir: Path, model_spec: str | None, overwrite: boo
     spec = model_spec or plan.extra.get("model")
     if not spec:
         raise AllocoptError(f"plan file {plan_path} names no model; pass --model PATH")
-    refuse_packed_source(spec)
+    refuse_packed_source(source_quantization(spec), spec)
     model, tokenizer = load_model(str(spec), load_options(loading))
     before = describe(model)
     plan.validate_for(before, source=f"plan file {plan_path}")

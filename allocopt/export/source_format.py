@@ -38,13 +38,13 @@ def source_quantization(source: str | Path | None) -> dict[str, Any] | None:
     return json.loads(config.read_text()).get("quantization_config") or None
 
 
-def refuse_packed_source(source: str | Path | None) -> None:
-    """Refuse a source whose routed experts allocopt packed at int4/int8 (an export of a plan with bits): searching
-    or pruning it again would count and write its experts at full precision (a bigger "pruned" model, budgets of the
-    wrong size) and quantize quantized weights again."""
+def refuse_packed_source(quantization: Any, source: str | Path | None) -> None:
+    """Refuse a source whose routed experts allocopt packed at int4/int8 (an export of a plan with bits; its
+    ``quantization``: the config's ``quantization_config``): searching or pruning it again would count and write its
+    experts at full precision (a bigger "pruned" model, budgets of the wrong size) and quantize them again."""
     from allocopt.models.quantization import packs_experts
 
-    if packs_experts(source_quantization(source)):
+    if packs_experts(quantization):
         raise AllocoptError(f"--model {source} is an allocopt export whose routed experts are packed at int4/int8; "
                             "search and prune the full-precision checkpoint it was made from")
 

@@ -53,8 +53,8 @@ def check_request(config: RunConfig):
     from allocopt.export.source_format import refuse_packed_source
     from allocopt.runtime.loading import open_model
 
-    refuse_packed_source(config.model)
     source = open_model(config.model, config.trust_remote_code)
+    refuse_packed_source(getattr(source.config, "quantization_config", None), config.model)
     space = peek_space(config, source)
     check_options(config, space)
     config.check_context(source)

@@ -218,9 +218,13 @@ class QueueRecorder(OwnedRecorder):
         def evaluate_trials(trials: list[FrozenTrial]) -> list[Any]:
             return list(evaluate_plans(np.array([t.user_attrs[ALLOCATION] for t in trials], dtype=np.int64)))
 
+        earlier = set(self._outcomes())             # the study's trials before this search
+        served: set[tuple[int, ...]] = set()        # plans answered by them (a resumed study)
+
         def evaluate(counts: np.ndarray) -> np.ndarray:
             rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
             known = self._outcomes()
+            served.update(r for r in rows if r in earlier)
             misses = [r for r in dict.fromkeys(rows) if r not in known]
             self._enqueue(misses, optimizer)
             while misses:
@@ -233,6 +237,7 @@ class QueueRecorder(OwnedRecorder):
                 misses = [r for r in misses if r not in known]
             return np.array([known[r] for r in rows], dtype=float)
 
+        evaluate.served = served
         return evaluate
 
     def _outcomes(self) -> dict[tuple[int, ...], float]:
