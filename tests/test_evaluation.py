@@ -32,6 +32,7 @@ def test_shipped_model_meets_its_heldout_goals(testbed):
     assert all(math.isfinite(v) and 1.0 < v < len(tokenizer) for v in metrics["ppl"].values())
     assert 0.25 < metrics["mc_acc"] <= 1.0          # better than 4-way chance
     assert 0.0 <= metrics["code_em"] <= 1.0
+    assert 0.2 < metrics["code_edit_sim"] <= 1.0    # partial credit where exact match has none
 
 
 def test_greedy_generation_does_not_depend_on_batching(testbed):
@@ -122,6 +123,7 @@ def test_exported_testbed_evaluates_like_the_masked_one_in_a_fresh_process(testb
     masked = allocopt("eval", "--model", "testbed", "--plan", str(plan_path), "--limit", "24", "--json")
     exported = allocopt("eval", "--model", str(tmp_path / "pruned"), "--limit", "24", "--json")
     assert exported["math_em"] == masked["math_em"] and exported["code_em"] == masked["code_em"]
+    assert exported["code_edit_sim"] == pytest.approx(masked["code_edit_sim"], abs=1e-12)
     assert exported["mc_acc"] == masked["mc_acc"]
     for domain, ppl in masked["ppl"].items():
         assert exported["ppl"][domain] == pytest.approx(ppl, rel=1e-5)

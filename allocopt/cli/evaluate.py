@@ -110,6 +110,7 @@ def _vllm_generation_tasks(model_spec: str, limit: int | None, options=None, cor
     for form, value in metrics["math_em_by_form"].items():
         click.echo(f"{'math_em/' + form:<20} {value:>10.3f}")
     click.echo(f"{'code_em':<20} {metrics['code_em']:>10.3f}")
+    click.echo(f"{'code_edit_sim':<20} {metrics['code_edit_sim']:>10.3f}")
     click.echo(f"({metrics['seconds']:.1f} s)")
     return metrics
 
@@ -148,6 +149,7 @@ def _testbed_tasks(model_spec: str, limit: int | None, plan_path: str | None = N
     for form, value in metrics["math_em_by_form"].items():
         click.echo(f"{'math_em/' + form:<20} {value:>10.3f}")
     click.echo(f"{'code_em':<20} {metrics['code_em']:>10.3f}")
+    click.echo(f"{'code_edit_sim':<20} {metrics['code_edit_sim']:>10.3f}")
     click.echo(f"{'mc_acc':<20} {metrics['mc_acc']:>10.3f}")
     for domain, value in metrics["mc_acc_by_domain"].items():
         click.echo(f"{'mc_acc/' + domain:<20} {value:>10.3f}")
