@@ -344,14 +344,6 @@ def joint_dp_step(cache: EvaluationCache, space: JointSpace, base: np.ndarray, p
     return plan
 
 
-def joint_best(cache: EvaluationCache, space: JointSpace) -> tuple[np.ndarray, float]:
-    """The best evaluated plan that is feasible in ``space`` (probes are not); NaN when there is none."""
-    ok = [(x, v) for x, v in cache.history if np.isfinite(v) and space.contains(x)]
-    if not ok:
-        return np.array([], dtype=np.int64), float("nan")
-    return max(ok, key=lambda item: item[1])
-
-
 def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace, max_evals: int, seed: int,
                  options: JointOptions = JointOptions(), fidelity: Fidelity | None = None,
                  on_generation: Callable[[float, float], None] | None = None) -> tuple[np.ndarray, float, EvaluationCache]:
@@ -367,7 +359,7 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
         starts = [space.repair(np.concatenate([space.counts.upper, np.zeros(space.counts.size)]), rng)]
     with cache.phase("uniform"):
         cache(np.array(starts))
-    base, _ = joint_best(cache, space)
+    base, _ = cache.best()                          # the cache's best is over feasible plans only (``space.contains``)
     centres = [base]
     if options.warm_start:
         affordable = int((defaults.GA_DP_BUDGET_SHARE * max_evals - 2) // space.counts.size - (len(space.bits) - 1))
@@ -378,7 +370,7 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
                 if per_layer < 2:
                     break
                 plan = joint_dp_step(cache, space, base, per_layer, options.dp_radius, previous)
-                best, _ = joint_best(cache, space)
+                best, _ = cache.best()
                 if plan is None or not np.array_equal(best, plan):
                     break
                 previous, base = base, plan
@@ -391,10 +383,10 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
             ranked = sorted(((tuple(x), v) for x, v in cache.history if np.isfinite(v) and space.contains(x)),
                             key=lambda item: -item[1])
             parents = [np.array(k) for k, _ in dict(ranked).items()][:options.elites] or population
-            before = joint_best(cache, space)[1]
+            before = cache.best()[1]
             children = [_child(space, parents, rng, step) for _ in range(offspring)]
-            fresh = [c for c in {tuple(int(v) for v in c): c for c in children}.values()
-                     if tuple(int(v) for v in c) not in cache.values and tuple(int(v) for v in c) not in cache.pruned]
+            fresh = [c for k, c in {tuple(int(v) for v in c): c for c in children}.items()
+                     if k not in cache.values and k not in cache.pruned]
             if not fresh:
                 stale += 1
                 continue
@@ -402,8 +394,8 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
                 race(cache, np.array(fresh), schedule, options.race_z)
             else:
                 cache(np.array(fresh))
-            stale = 0 if joint_best(cache, space)[1] > before else stale + 1
-    best, value = joint_best(cache, space)
+            stale = 0 if cache.best()[1] > before else stale + 1
+    best, value = cache.best()
     return best, value, cache
 
 
@@ -499,4 +491,4 @@ def _child(space: JointSpace, parents: list[np.ndarray], rng: np.random.Generato
     return space.repair(np.concatenate([counts, levels]), rng, fill=fill)
 
 
-__all__ = ["JointOptions", "JointSpace", "joint_options", "joint_best", "joint_dp_step", "joint_front", "joint_search", "knapsack", "make_joint_space"]
+__all__ = ["JointOptions", "JointSpace", "joint_options", "joint_dp_step", "joint_front", "joint_search", "knapsack", "make_joint_space"]
