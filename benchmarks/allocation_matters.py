@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -93,6 +94,8 @@ def heldout(model, tokenizer, kept: dict[int, Sequence[int]] | None, limit: int 
 # ---- aggregation and the markdown table -----------------------------------------------------------------------
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
+    if any(math.isnan(v) for v in values):
+        return math.nan, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
@@ -107,6 +110,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                    "math_em": [100 * r["heldout"]["math_em"] for r in group],
                    "code_em": [100 * r["heldout"]["code_em"] for r in group],
                    "mc_acc": [100 * r["heldout"]["mc_acc"] for r in group],
+                   # held-out results recorded before the metric existed have none: nan, shown as n/a
+                   "code_edit_sim": [r["heldout"].get("code_edit_sim", math.nan) for r in group],
                    **{f"ppl_{d}": [r["heldout"]["ppl"][d] for r in group] for d in DOMAINS}}
         row = {"criterion": criterion, "sparsity": sparsity, "allocation": allocation,
                "seeds": [r["seed"] for r in group]}
@@ -146,6 +151,8 @@ def _worst_domain(row: dict) -> str:
 
 
 def _pm(mean: float, std: float | None, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}±{std:.{digits}f}"
 
 
@@ -168,15 +175,16 @@ def markdown(report: dict) -> str:
         f"Full model: math EM {100 * full['math_em']:.1f}, code EM {100 * full['code_em']:.1f}, MC {100 * full['mc_acc']:.1f}, "
         "ppl " + ", ".join(f"{d} {full['ppl'][d]:.3f}" for d in DOMAINS) + ".",
         "",
-        "| criterion | sparsity | allocation | ESAP (search) | math EM | code EM | MC acc | ppl code | ppl prose | ppl math "
+        "| criterion | sparsity | allocation | ESAP (search) | math EM | code EM | code edit sim | MC acc | ppl code | ppl prose | ppl math "
         "| Δ math EM | Δ MC | Δ ppl (worst) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         label = r["allocation"] if len(r["seeds"]) == 1 or r["allocation"] in BASELINES else f"{r['allocation']} ({len(r['seeds'])} seeds)"
         cells = [r["criterion"], f"{r['sparsity']:g}", label, _pm(r["esap"], r["esap_std"], 4),
                  _pm(r["math_em"], r["math_em_std"], 1), _pm(r["code_em"], r["code_em_std"], 1),
-                 _pm(r["mc_acc"], r["mc_acc_std"], 1), *(_pm(r[f"ppl_{d}"], r[f"ppl_{d}_std"], 3) for d in DOMAINS)]
+                 _pm(r["code_edit_sim"], r["code_edit_sim_std"], 3), _pm(r["mc_acc"], r["mc_acc_std"], 1),
+                 *(_pm(r[f"ppl_{d}"], r[f"ppl_{d}_std"], 3) for d in DOMAINS)]
         if "d_math_em" in r and r["allocation"] != "uniform":
             worst = _worst_domain(r)
             cells += [f"{r['d_math_em']:+.1f}", f"{r['d_mc_acc']:+.1f}",
@@ -294,7 +302,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         h = run_info["heldout"]
         log(f"[{i}/{len(plan_list)}] {criterion} s{sparsity:g} {allocation} seed {seed}: ESAP {run_info['esap']:.4f} "
             f"(uniform {run_info['uniform_esap']:.4f}, {run_info['evaluations']} evals)  math EM {100 * h['math_em']:.1f}  "
-            f"code EM {100 * h['code_em']:.1f}  MC {100 * h['mc_acc']:.1f}  "
+            f"code EM {100 * h['code_em']:.1f}  code edit sim {h['code_edit_sim']:.3f}  MC {100 * h['mc_acc']:.1f}  "
             f"ppl {' '.join(format(h['ppl'][d], '.3f') for d in DOMAINS)}  "
             f"(search {t_search:.0f} s, eval {time.perf_counter() - t - t_search:.0f} s)")
 

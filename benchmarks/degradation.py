@@ -1,5 +1,5 @@
-"""How a testbed degrades under uniform pruning: held-out math EM, MC accuracy and perplexity at several sparsities
-for each of the six criteria, beside the full model (issue 22's must-show).
+"""How a testbed degrades under uniform pruning: held-out math EM, MC accuracy, code edit similarity and perplexity
+at several sparsities for each of the six criteria, beside the full model (issue 22's must-show).
 
     python benchmarks/degradation.py --model testbed-deep --sparsity 0.125 0.25 0.5 [--limit N] [--out FILE.md]
 
@@ -55,7 +55,7 @@ def main() -> None:
         kept_em = m["math_em"] / full["math_em"] if full["math_em"] else float("nan")
         kept_mc = m["mc_acc"] / full["mc_acc"] if full["mc_acc"] else float("nan")
         return (f"| {name} | {m['math_em']:.3f} ({kept_em:.0%}) | {m['mc_acc']:.3f} ({kept_mc:.0%}) | "
-                f"{m['ppl']['math']:.2f} | {m['ppl']['code']:.2f} | {m['ppl']['prose']:.2f} |")
+                f"{m['code_edit_sim']:.3f} | {m['ppl']['math']:.2f} | {m['ppl']['code']:.2f} | {m['ppl']['prose']:.2f} |")
 
     rows.append(row("full", full))
     for sparsity in args.sparsity:
@@ -74,7 +74,8 @@ def main() -> None:
         f"{' --limit ' + str(args.limit) if args.limit else ''}` ({time.time() - start:.0f} s; torch {torch.__version__}, "
         f"transformers {transformers.__version__}); uniform pruning, statistics from {args.calib_seqs} x {args.seq_len} "
         f"tokens of {source}:mix calibration; held-out tasks of the {corpus} corpus.", "",
-        "| plan | math EM (kept) | MC acc (kept) | ppl math | ppl code | ppl prose |", "|---|---|---|---|---|---|", *rows])
+        "| plan | math EM (kept) | MC acc (kept) | code edit sim | ppl math | ppl code | ppl prose |",
+        "|---|---|---|---|---|---|---|", *rows])
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

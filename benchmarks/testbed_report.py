@@ -68,7 +68,7 @@ def main() -> None:
     print("held-out metrics:")
     print(f"  ppl  {json.dumps({d: round(v, 3) for d, v in full['ppl'].items()})}")
     print(f"  math_em {full['math_em']:.3f}  by form {json.dumps({f: round(v, 3) for f, v in full['math_em_by_form'].items()})}")
-    print(f"  code_em {full['code_em']:.3f}  mc_acc {full['mc_acc']:.3f}  "
+    print(f"  code_em {full['code_em']:.3f}  code_edit_sim {full['code_edit_sim']:.3f}  mc_acc {full['mc_acc']:.3f}  "
           f"by domain {json.dumps({d: round(v, 3) for d, v in full['mc_acc_by_domain'].items()})}")
 
     tv = total_variation(routing_counts(model, tokenizer, "code", "heldout", corpus),

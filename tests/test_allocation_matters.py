@@ -34,7 +34,7 @@ def test_writes_table_json_and_density_plot(report):
     assert all(r["criterion"] == "frequency" and r["sparsity"] == 0.5 for r in rows.values())
     for r in rows.values():
         assert 0.0 < r["esap"] <= 1.0
-        assert all(0.0 <= r[k] <= 100.0 for k in ("math_em", "code_em", "mc_acc"))
+        assert all(0.0 <= r[k] <= 100.0 for k in ("math_em", "code_em", "mc_acc")) and 0.0 <= r["code_edit_sim"] <= 1.0
         assert all(math.isfinite(r[f"ppl_{d}"]) and r[f"ppl_{d}"] > 1.0 for d in ("code", "prose", "math"))
     # the searched plan never scores below uniform on the search set; deltas are measured against uniform
     assert rows["ga"]["esap"] >= rows["uniform"]["esap"] and rows["dp"]["esap"] >= rows["uniform"]["esap"]
@@ -48,6 +48,7 @@ def test_writes_table_json_and_density_plot(report):
     lines = [line for line in table.splitlines() if line.startswith("| frequency | 0.5 |")]
     assert [line.split(" | ")[2] for line in lines] == ["uniform", "global", "grape", "dp", "ga"]
     assert f"{rows['uniform']['esap']:.4f}" in lines[0]
+    assert f"{rows['ga']['code_edit_sim']:.3f}" in lines[-1] and "code edit sim" in table
     assert (report / "allocation_matters_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((report / "allocation_matters_density.csv").read_text().splitlines()) == 1 + 5 * 6
 
