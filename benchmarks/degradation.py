@@ -70,7 +70,9 @@ def main() -> None:
             rows.append(row(name, m))
             print(rows[-1], flush=True)
     text = "\n".join([
-        f"`python benchmarks/degradation.py --model {args.model} --sparsity {' '.join(map(str, args.sparsity))}"
+        f"`python benchmarks/degradation.py --model {args.model}{' --tasks-from ' + args.corpus if args.corpus else ''}"
+        f" --sparsity {' '.join(map(str, args.sparsity))}"
+        f"{' --criteria ' + ' '.join(args.criteria) if tuple(args.criteria) != CRITERIA else ''}"
         f"{' --limit ' + str(args.limit) if args.limit else ''}` ({time.time() - start:.0f} s; torch {torch.__version__}, "
         f"transformers {transformers.__version__}); uniform pruning, statistics from {args.calib_seqs} x {args.seq_len} "
         f"tokens of {source}:mix calibration; held-out tasks of the {corpus} corpus.", "",
