@@ -13,7 +13,7 @@ A :class:`Recipe` holds what differs between the testbeds (corpus, model config,
 composition and learning-rate schedule per phase): ``first`` is the default testbed (OLMoE, 6 x 16 experts, one phase),
 ``deep`` the deep one (``allocopt.testbed.deep``): a pretraining phase, then a math-heavy annealing phase with a fresh
 warm-up and cosine at a lower peak, in the manner of OLMo 2's mid-training (Team OLMo, "2 OLMo 2 Furious", 2024),
-then an expert-drop phase: structured dropout at the granularity of experts (each step, each MoE layer routes around
+then expert-drop phases: structured dropout at the granularity of experts (each step, each MoE layer routes around
 a random number of randomly chosen experts), the expert analogue of LayerDrop (Fan, Grave and Joulin, "Reducing
 Transformer Depth on Demand with Structured Dropout", ICLR 2020). It stands in for the redundancy that makes models
 of billions of parameters degrade gracefully when experts are removed, which a 12 M-parameter model trained on three
@@ -147,6 +147,7 @@ DEEP_PHASES = (
     Phase(4000, {"math": 6, "code": 2, "prose": 1}, lr=1e-3, min_lr=5e-5, warmup=100),
     # expert drop up to 3/8 of each layer: 25% sparsity inside what training saw, 50% outside it
     Phase(1200, {"math": 6, "code": 2, "prose": 1}, lr=3e-4, min_lr=3e-5, warmup=50, expert_drop=0.375),
+    # a second schedule of the same, added once the first had run: it raised every 25% plan's math EM
     Phase(1500, {"math": 6, "code": 2, "prose": 1}, lr=3e-4, min_lr=3e-5, warmup=50, expert_drop=0.375),
 )
 
