@@ -302,7 +302,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         h = run_info["heldout"]
         log(f"[{i}/{len(plan_list)}] {criterion} s{sparsity:g} {allocation} seed {seed}: ESAP {run_info['esap']:.4f} "
             f"(uniform {run_info['uniform_esap']:.4f}, {run_info['evaluations']} evals)  math EM {100 * h['math_em']:.1f}  "
-            f"code EM {100 * h['code_em']:.1f}  code edit sim {h['code_edit_sim']:.3f}  MC {100 * h['mc_acc']:.1f}  "
+            f"code EM {100 * h['code_em']:.1f}  code edit sim {h.get('code_edit_sim', math.nan):.3f}  MC {100 * h['mc_acc']:.1f}  "
             f"ppl {' '.join(format(h['ppl'][d], '.3f') for d in DOMAINS)}  "
             f"(search {t_search:.0f} s, eval {time.perf_counter() - t - t_search:.0f} s)")
 
