@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.optimizers import SearchContext, get_optimizer
+from allocopt.search.optimizers.dp import ProbeBudget, probe_budget
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.racing import RaceSchedule, race
 from allocopt.search.sampling import random_composition
@@ -178,6 +180,46 @@ def test_partial_row_probes_are_pruned_trials_and_dp_plans_get_full_values(space
     assert all(x.sum() == space.budget for x, _ in cache.history)       # only on-budget plans have full values
     assert tuple(plan) in cache.values and len(cache.history) > 2
     assert cache.spent == pytest.approx(len(cache.history) + len(cache.pruned) * 4 / 16)   # a probe costs 4 of 16 rows
+
+
+@pytest.mark.parametrize("layers, fidelity, options, expected", [
+    (6, True, {}, ProbeBudget(6, None)),              # the testbed: 36 full-row probes fit a third of 300
+    (48, True, {}, ProbeBudget(6, 4)),                # Qwen3-30B-A3B's depth: 6 x 48 at 4 of 16 rows = 72
+    (58, True, {}, ProbeBudget(6, 4)),                # DeepSeek-V3's
+    (94, True, {}, ProbeBudget(4, 4)),                # one micro-batch pays for 4 probes per layer, not 6
+    (58, True, {"dp_rows": 16}, ProbeBudget(1, 16)),  # all rows, as before: too few to probe either side
+    (58, True, {"dp_probes": 2}, ProbeBudget(2, 12)),
+    (58, False, {}, ProbeBudget(1, None)),            # no partial scoring (a worker queue): all rows
+])
+def test_the_warm_start_scores_probes_on_fewer_rows_where_full_rows_do_not_fit(layers, fidelity, options, expected):
+    deep = make_space({l: 64 for l in range(layers)}, {l: 8 for l in range(layers)}, {l: 1 for l in range(layers)},
+                      sparsity=0.5)
+    ctx = SearchContext(deep, None, 0, 300, 8, {}, {}, None, fidelity=ToyRows(deep) if fidelity else None)
+    opts = get_optimizer("ga").parse(options)
+    assert probe_budget(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE) == expected
+
+
+def test_a_deep_models_warm_start_runs_on_partial_rows_and_finds_a_better_start():
+    """58 MoE layers at the default 300 evaluations: with every probe on all rows the third of the budget pays for
+    one probe per layer, so the warm start was skipped; on 4 of 16 rows it probes 6 counts per layer (PRUNED
+    trials), stays within its third and starts the GA from a DP plan above uniform."""
+    deep = make_space({l: 64 for l in range(58)}, {l: 8 for l in range(58)}, {l: 1 for l in range(58)}, sparsity=0.5)
+
+    def run(options):
+        rows = ToyRows(deep, rows=16, step=4, noise=0.002)
+        ctx = SearchContext(deep, rows.full, 0, 300, 8, {}, {}, None, options=options, fidelity=rows)
+        optimizer = get_optimizer("ga")
+        cache = ctx.cache(probes=True)
+        warm = optimizer._warm_start(ctx, optimizer.parse(options), cache, deep.uniform())
+        return warm, cache, rows
+
+    warm, cache, rows = run({})
+    probes = [p for p in cache.pruned if sum(p) != deep.budget]
+    assert len(probes) >= 6 * 58 and cache.spent <= 300 / 3 + 1e-9
+    assert warm is not None and deep.contains(warm)
+    assert rows.full(warm[None])[0] > rows.full(deep.uniform()[None])[0]
+    skipped, cache, _ = run({"dp_rows": 16})
+    assert skipped is None and cache.spent == 0
 
 
 def test_ga_races_by_default_and_sees_more_plans_for_the_same_budget(space):

@@ -6,11 +6,13 @@ Probes every layer at a grid of kept counts with the other layers at the uniform
 improves; a layer the DP puts at the edge of its probed range is probed further out. Options: ``dp_probes`` (at
 most this many counts probed per layer in round 1: those within ``dp_radius`` of uniform, then the layer's bounds;
 default: as many as the budget pays for, at most ``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``),
-``dp_radius`` (``defaults.DP_RADIUS``), ``dp_rows`` (probe on the first rows only; default all rows). Probes count
-toward ``--evals`` like any evaluation.
+``dp_radius`` (``defaults.DP_RADIUS``), ``dp_rows`` (score probes on the first rows only; default: all rows while
+the budget pays for ``DP_PROBES`` per layer, else fewer: :func:`probe_budget`). Probes count toward ``--evals`` like
+any evaluation, a probe on partial rows as its fraction of one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from allocopt import defaults
@@ -22,17 +24,48 @@ from allocopt.search.sensitivity import sensitivity_search
 MIN_PROBES = 2                   # a count either side of the base
 
 
-def probes_per_layer(ctx: SearchContext, opts: SensitivityAllocation.Options, share: float = 1.0) -> int:
-    """Counts probed per layer: ``dp_probes`` if given, else as many as ``share`` of the budget pays for one
-    round besides the uniform plan and the DP plan (at most ``defaults.DP_PROBES``)."""
-    if opts.dp_probes is not None:
-        return opts.dp_probes
-    return int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // ctx.space.size))
+@dataclass(frozen=True)
+class ProbeBudget:
+    """Round 1 of a sensitivity search: counts probed per layer and the search rows each probe is scored on."""
+
+    probes: int                  # counts per layer (below MIN_PROBES: no grid can be probed)
+    rows: int | None             # first rows of the search set; None: all (full fidelity)
+
+
+def probe_budget(ctx: SearchContext, opts: SensitivityAllocation.Options, share: float = 1.0) -> ProbeBudget:
+    """The probes per layer and their rows that ``share`` of ``--evals`` pays for, besides the uniform and DP plans.
+
+    ``dp_probes`` and ``dp_rows`` are kept when given. Otherwise probes are scored on all rows while
+    ``defaults.DP_PROBES`` per layer fit, and on fewer micro-batches where they do not: at the default 300
+    evaluations a third pays for 6 full-row probes per layer up to 16 MoE layers, 2 at 48 and none at 58, so a deep
+    model's warm start would otherwise shrink to +-1 probes or vanish. Probes are paired comparisons with the base
+    plan scored on the same rows, so fewer rows cost noise, not bias. Without partial scoring (no
+    ``ctx.fidelity``, one micro-batch, a worker queue) every probe is scored on all rows, as many as fit.
+    """
+    allowance = share * ctx.max_evals - 2
+    layers, fidelity = ctx.space.size, ctx.fidelity
+    partial = fidelity is not None and fidelity.rows > fidelity.step
+
+    def cost(rows: int | None) -> float:             # one probe, in full-evaluation equivalents
+        if rows is None or not partial or rows >= fidelity.rows:
+            return 1.0
+        return fidelity.step * math.ceil(rows / fidelity.step) / fidelity.rows
+
+    def fitting(rows: int | None) -> int:
+        return int(min(defaults.DP_PROBES, allowance // (layers * cost(rows))))
+
+    if opts.dp_rows is not None or not partial:
+        return ProbeBudget(opts.dp_probes or fitting(opts.dp_rows), opts.dp_rows)
+    wanted = opts.dp_probes or defaults.DP_PROBES
+    for rows in range(fidelity.rows, 0, -fidelity.step):     # the most rows that pay for the wanted probes
+        if wanted * layers * cost(rows) <= allowance:
+            return ProbeBudget(wanted, None if rows >= fidelity.rows else rows)
+    return ProbeBudget(opts.dp_probes or fitting(fidelity.step), fidelity.step)
 
 
 def search_options(opts: SensitivityAllocation.Options) -> dict:
-    """``sensitivity_search`` keywords from the ``dp_*`` options."""
-    return {"rows": opts.dp_rows, "rounds": opts.dp_rounds, "radius": opts.dp_radius}
+    """``sensitivity_search`` keywords from the ``dp_*`` options besides the probes and rows."""
+    return {"rounds": opts.dp_rounds, "radius": opts.dp_radius}
 
 
 class SensitivityAllocation(Optimizer):
@@ -41,7 +74,7 @@ class SensitivityAllocation(Optimizer):
     @dataclass(frozen=True)
     class Options:               # also ``ga``'s, for its warm start
         dp_probes: int | None = option(None, at_least=MIN_PROBES)      # None: what the budget pays, <= DP_PROBES
-        dp_rows: int | None = option(None, at_least=1)                 # None: all search rows
+        dp_rows: int | None = option(None, at_least=1)                 # None: all rows, fewer if needed
         dp_rounds: int = option(defaults.DP_ROUNDS, at_least=1)
         dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
 
@@ -62,5 +95,6 @@ class SensitivityAllocation(Optimizer):
         space, cache = ctx.space, ctx.cache(probes=True)
         base = space.uniform()
         cache(base[None])
-        sensitivity_search(cache, space, base, probes_per_layer(ctx, opts), **search_options(opts))
+        budget = probe_budget(ctx, opts)
+        sensitivity_search(cache, space, base, budget.probes, rows=budget.rows, **search_options(opts))
         return result_from(cache, budget=space.budget)

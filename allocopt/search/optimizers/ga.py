@@ -31,7 +31,7 @@ from pymoo.operators.crossover.pntx import TwoPointCrossover
 from allocopt import defaults
 from allocopt.search.mutation import LevelSwitchMutation, default_step
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
-from allocopt.search.optimizers.dp import SensitivityAllocation, probes_per_layer, search_options
+from allocopt.search.optimizers.dp import MIN_PROBES, SensitivityAllocation, probe_budget, search_options
 from allocopt.search.optimizers.options import option
 from allocopt.search.problem import AllocationProblem, EvaluationCache, drive
 from allocopt.search.racing import RaceSchedule, race, race_schedule
@@ -107,24 +107,24 @@ class GeneticSearch(Optimizer):
     def _warm_start(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, uniform: np.ndarray
                     ) -> np.ndarray | None:
         """The trust-region sensitivity DP plan around uniform, when enabled and its rounds fit
-        ``GA_DP_BUDGET_SHARE`` of the budget (round 1 probes fewer counts per layer when it would spend more)."""
+        ``GA_DP_BUDGET_SHARE`` of the budget (on a deep model its probes are scored on fewer rows: ``probe_budget``)."""
         if not opts.warm_start:
             return None
-        probes = probes_per_layer(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE)
-        if probes < 2:
+        budget = probe_budget(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE)
+        if budget.probes < MIN_PROBES:
             return None
-        return sensitivity_search(cache, ctx.space, uniform, probes,
+        return sensitivity_search(cache, ctx.space, uniform, budget.probes, rows=budget.rows,
                                   allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(opts))
 
     def _relinearise(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, best: np.ndarray
                      ) -> np.ndarray | None:
         """The DP plan with probes within ``dp_radius`` of ``best`` and, where it sits at their edge, further out
         (``restart=dp``; limited by ``--evals`` only); None when the budget cannot pay for two probes per layer."""
-        probes = probes_per_layer(ctx, opts)
-        if probes < 2:
+        budget = probe_budget(ctx, opts)
+        if budget.probes < MIN_PROBES:
             return None
-        return sensitivity_step(cache, ctx.space, best, probe_grid(ctx.space, best, probes, opts.dp_radius),
-                                opts.dp_rows)
+        return sensitivity_step(cache, ctx.space, best, probe_grid(ctx.space, best, budget.probes, opts.dp_radius),
+                                budget.rows)
 
 
 class _Stagnation:
