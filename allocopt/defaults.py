@@ -82,8 +82,7 @@ RACE_KEEP_FIRST = 0.25
 RACE_KEEP_NEXT = 0.5
 RACE_Z = None
 # Generations without a better best before ga restarts around it with a doubled step; the share of --evals the
-# sensitivity DP warm start may spend on its probes (scored on fewer search rows, then fewer counts per layer, when
-# it would spend more: search.optimizers.dp.probe_budget).
+# sensitivity DP warm start may spend on its probes (fewer counts are probed per layer when it would spend more).
 GA_PATIENCE = 6
 GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
 GA_DP_BUDGET_SHARE = 1 / 3

@@ -2,11 +2,12 @@
 
     python benchmarks/warm_start_cost.py --problems problems/testbed-50.toml problems/testbed-25.toml --seeds 42 43 44
     python benchmarks/warm_start_cost.py --problems problems/testbed-deep-50.toml --seeds 42 --out FILE.md
-    python benchmarks/warm_start_cost.py --problems problems/testbed-deep-50.toml --evals 75 --variants auto dp_rows=16
+    python benchmarks/warm_start_cost.py --problems problems/testbed-deep-50.toml --evals 75 --variants auto dp_rows=4
 
 ``--evals`` below the default puts a shallow model in a deep one's budget per layer (300 evaluations over 48 MoE
 layers is 75 over the deep testbed's 12); ``--variants`` runs each problem and seed once per option set (``auto``:
-the defaults; ``dp_rows=16``: every probe on all 16 search rows, the warm start before it scaled with depth).
+the defaults; ``dp_rows=4``: probes scored on the first 4 of the 16 search rows, so the warm start's share pays for
+more of them).
 
 Each run is ``allocopt run`` with the problem file's settings (the default ``ga``, a fresh SQLite study under a
 temporary folder); its plan.json records ``search_phases`` (``EvaluationCache.phase``: evaluation equivalents, plans at

@@ -184,14 +184,15 @@ def test_partial_row_probes_are_pruned_trials_and_dp_plans_get_full_values(space
 
 @pytest.mark.parametrize("layers, fidelity, options, expected", [
     (6, True, {}, ProbeBudget(6, None)),              # the testbed: 36 full-row probes fit a third of 300
-    (48, True, {}, ProbeBudget(6, 4)),                # Qwen3-30B-A3B's depth: 6 x 48 at 4 of 16 rows = 72
-    (58, True, {}, ProbeBudget(6, 4)),                # DeepSeek-V3's
-    (94, True, {}, ProbeBudget(4, 4)),                # one micro-batch pays for 4 probes per layer, not 6
-    (58, True, {"dp_rows": 16}, ProbeBudget(1, 16)),  # all rows, as before: too few to probe either side
-    (58, True, {"dp_probes": 2}, ProbeBudget(2, 12)),
-    (58, False, {}, ProbeBudget(1, None)),            # no partial scoring (a worker queue): all rows
+    (48, True, {}, ProbeBudget(2, None)),             # Qwen3-30B-A3B's depth: +-1 only
+    (58, True, {}, ProbeBudget(1, None)),             # DeepSeek-V3's: too few for a grid, the warm start is skipped
+    (58, True, {"dp_rows": 4}, ProbeBudget(6, 4)),    # 4 of 16 rows: a probe costs 1/4, 6 x 58 / 4 fit
+    (94, True, {"dp_rows": 3}, ProbeBudget(4, 3)),    # rounded up to a micro-batch of 4 rows
+    (58, True, {"dp_rows": 12, "dp_probes": 2}, ProbeBudget(2, 12)),
+    (58, False, {"dp_rows": 4}, ProbeBudget(1, 4)),   # no partial scoring (a worker queue): all rows are paid
 ])
-def test_the_warm_start_scores_probes_on_fewer_rows_where_full_rows_do_not_fit(layers, fidelity, options, expected):
+def test_the_warm_starts_probes_per_layer_are_what_its_share_pays_for_on_its_rows(layers, fidelity, options,
+                                                                                  expected):
     deep = make_space({l: 64 for l in range(layers)}, {l: 8 for l in range(layers)}, {l: 1 for l in range(layers)},
                       sparsity=0.5)
     ctx = SearchContext(deep, None, 0, 300, 8, {}, {}, None, fidelity=ToyRows(deep) if fidelity else None)
@@ -199,10 +200,11 @@ def test_the_warm_start_scores_probes_on_fewer_rows_where_full_rows_do_not_fit(l
     assert probe_budget(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE) == expected
 
 
-def test_a_deep_models_warm_start_runs_on_partial_rows_and_finds_a_better_start():
-    """58 MoE layers at the default 300 evaluations: with every probe on all rows the third of the budget pays for
-    one probe per layer, so the warm start was skipped; on 4 of 16 rows it probes 6 counts per layer (PRUNED
-    trials), stays within its third and starts the GA from a DP plan above uniform."""
+def test_a_deep_models_warm_start_runs_on_partial_rows_when_asked():
+    """58 MoE layers at the default 300 evaluations: a third of the budget pays for one full-row probe per layer,
+    so the warm start is skipped (the GA alone did as well at such budgets per layer); with ``dp_rows=4`` it probes
+    6 counts per layer on 4 of 16 rows (PRUNED trials), stays within its third and starts the GA from a DP plan
+    above uniform."""
     deep = make_space({l: 64 for l in range(58)}, {l: 8 for l in range(58)}, {l: 1 for l in range(58)}, sparsity=0.5)
 
     def run(options):
@@ -213,12 +215,12 @@ def test_a_deep_models_warm_start_runs_on_partial_rows_and_finds_a_better_start(
         warm = optimizer._warm_start(ctx, optimizer.parse(options), cache, deep.uniform())
         return warm, cache, rows
 
-    warm, cache, rows = run({})
+    warm, cache, rows = run({"dp_rows": 4})
     probes = [p for p in cache.pruned if sum(p) != deep.budget]
     assert len(probes) >= 6 * 58 and cache.spent <= 300 / 3 + 1e-9
     assert warm is not None and deep.contains(warm)
     assert rows.full(warm[None])[0] > rows.full(deep.uniform()[None])[0]
-    skipped, cache, _ = run({"dp_rows": 16})
+    skipped, cache, _ = run({})
     assert skipped is None and cache.spent == 0
 
 

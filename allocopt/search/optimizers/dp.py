@@ -6,9 +6,8 @@ Probes every layer at a grid of kept counts with the other layers at the uniform
 improves; a layer the DP puts at the edge of its probed range is probed further out. Options: ``dp_probes`` (at
 most this many counts probed per layer in round 1: those within ``dp_radius`` of uniform, then the layer's bounds;
 default: as many as the budget pays for, at most ``defaults.DP_PROBES``), ``dp_rounds`` (``defaults.DP_ROUNDS``),
-``dp_radius`` (``defaults.DP_RADIUS``), ``dp_rows`` (score probes on the first rows only; default: all rows while
-the budget pays for ``DP_PROBES`` per layer, else fewer: :func:`probe_budget`). Probes count toward ``--evals`` like
-any evaluation, a probe on partial rows as its fraction of one.
+``dp_radius`` (``defaults.DP_RADIUS``), ``dp_rows`` (score probes on the first rows only; default all rows). Probes
+count toward ``--evals`` like any evaluation, a probe on partial rows as its fraction of one (:func:`probe_budget`).
 """
 from __future__ import annotations
 
@@ -33,34 +32,20 @@ class ProbeBudget:
 
 
 def probe_budget(ctx: SearchContext, opts: SensitivityAllocation.Options, share: float = 1.0) -> ProbeBudget:
-    """The probes per layer and their rows that ``share`` of ``--evals`` pays for, besides the uniform and DP plans.
+    """The probes per layer that ``share`` of ``--evals`` pays for besides the uniform and DP plans, each scored on
+    ``dp_rows`` rows (all rows by default; a probe on r of R rows costs r/R of an evaluation, rounded up to whole
+    micro-batches), at most ``defaults.DP_PROBES``; ``dp_probes`` when given.
 
-    ``dp_probes`` and ``dp_rows`` are kept when given. Otherwise probes are scored on all rows while
-    ``defaults.DP_PROBES`` per layer fit, and on fewer micro-batches where they do not: at the default 300
-    evaluations a third pays for 6 full-row probes per layer up to 16 MoE layers, 2 at 48 and none at 58, so a deep
-    model's warm start would otherwise shrink to +-1 probes or vanish. Probes are paired comparisons with the base
-    plan scored on the same rows, so fewer rows cost noise, not bias. Without partial scoring (no
-    ``ctx.fidelity``, one micro-batch, a worker queue) every probe is scored on all rows, as many as fit.
+    All rows stay the default although fewer would pay for more probes on a deep model: at the budget per layer of
+    a 48-layer model, probes on 4 of 16 rows did not beat the GA alone (4 of 12 problems and seeds on both testbeds,
+    ``studies/reports/warm_start_cost.md``), so below two full-row probes per layer the warm start is skipped.
     """
-    allowance = share * ctx.max_evals - 2
-    layers, fidelity = ctx.space.size, ctx.fidelity
-    partial = fidelity is not None and fidelity.rows > fidelity.step
-
-    def cost(rows: int | None) -> float:             # one probe, in full-evaluation equivalents
-        if rows is None or not partial or rows >= fidelity.rows:
-            return 1.0
-        return fidelity.step * math.ceil(rows / fidelity.step) / fidelity.rows
-
-    def fitting(rows: int | None) -> int:
-        return int(min(defaults.DP_PROBES, allowance // (layers * cost(rows))))
-
-    if opts.dp_rows is not None or not partial:
-        return ProbeBudget(opts.dp_probes or fitting(opts.dp_rows), opts.dp_rows)
-    wanted = opts.dp_probes or defaults.DP_PROBES
-    for rows in range(fidelity.rows, 0, -fidelity.step):     # the most rows that pay for the wanted probes
-        if wanted * layers * cost(rows) <= allowance:
-            return ProbeBudget(wanted, None if rows >= fidelity.rows else rows)
-    return ProbeBudget(opts.dp_probes or fitting(fidelity.step), fidelity.step)
+    fidelity, rows = ctx.fidelity, opts.dp_rows
+    cost = 1.0                                       # one probe, in full-evaluation equivalents
+    if rows is not None and fidelity is not None and rows < fidelity.rows:
+        cost = min(1.0, fidelity.step * math.ceil(rows / fidelity.step) / fidelity.rows)
+    fitting = int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // (ctx.space.size * cost)))
+    return ProbeBudget(opts.dp_probes or fitting, rows)
 
 
 def search_options(opts: SensitivityAllocation.Options) -> dict:
@@ -74,7 +59,7 @@ class SensitivityAllocation(Optimizer):
     @dataclass(frozen=True)
     class Options:               # also ``ga``'s, for its warm start
         dp_probes: int | None = option(None, at_least=MIN_PROBES)      # None: what the budget pays, <= DP_PROBES
-        dp_rows: int | None = option(None, at_least=1)                 # None: all rows, fewer if needed
+        dp_rows: int | None = option(None, at_least=1)                 # None: all search rows
         dp_rounds: int = option(defaults.DP_ROUNDS, at_least=1)
         dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
 

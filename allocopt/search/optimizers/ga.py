@@ -107,7 +107,7 @@ class GeneticSearch(Optimizer):
     def _warm_start(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, uniform: np.ndarray
                     ) -> np.ndarray | None:
         """The trust-region sensitivity DP plan around uniform, when enabled and its rounds fit
-        ``GA_DP_BUDGET_SHARE`` of the budget (on a deep model its probes are scored on fewer rows: ``probe_budget``)."""
+        ``GA_DP_BUDGET_SHARE`` of the budget (round 1 probes fewer counts per layer when it would spend more)."""
         if not opts.warm_start:
             return None
         budget = probe_budget(ctx, opts, share=defaults.GA_DP_BUDGET_SHARE)
