@@ -37,8 +37,8 @@ def probe_budget(ctx: SearchContext, opts: SensitivityAllocation.Options, share:
     micro-batches), at most ``defaults.DP_PROBES``; ``dp_probes`` when given.
 
     All rows stay the default although fewer would pay for more probes on a deep model: at the budget per layer of
-    a 48-layer model, probes on 4 of 16 rows did not beat the GA alone (4 of 12 problems and seeds on both testbeds,
-    ``studies/reports/warm_start_cost.md``), so below two full-row probes per layer the warm start is skipped.
+    a 48-layer model, probes on a quarter of the rows did not beat the GA alone on either testbed
+    (``studies/reports/warm_start_cost.md``), so below two full-row probes per layer the warm start is skipped.
     """
     fidelity, rows = ctx.fidelity, opts.dp_rows
     cost = 1.0                                       # one probe, in full-evaluation equivalents
