@@ -160,6 +160,14 @@ def _probe_values(cache, base: np.ndarray, plans: np.ndarray, rows: int | None, 
     return scores[0].value, np.array([s.value for s in scores[1:]])
 
 
+def probe_cost(fidelity, rows: int | None) -> float:
+    """What one probe on the first ``rows`` search rows costs in full-evaluation equivalents: whole micro-batches of
+    ``fidelity.step`` rows out of ``fidelity.rows``; 1 on all rows or without partial scoring (``fidelity`` None)."""
+    if rows is None or fidelity is None or rows >= fidelity.rows:
+        return 1.0
+    return min(1.0, fidelity.step * math.ceil(rows / fidelity.step) / fidelity.rows)
+
+
 def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, grid: list[np.ndarray], rows: int | None = None,
                      allowance: float | None = None) -> np.ndarray | None:
     """One linearisation around ``base``: probe ``grid`` (on the first ``rows`` rows when given and the cache races,
@@ -169,7 +177,7 @@ def sensitivity_step(cache, space: AllocationSpace, base: np.ndarray, grid: list
     first probes and the plan, the base plan failed, or partial scores ran out of budget. ``cache`` is an
     ``EvaluationCache`` over ``space`` (values signed)."""
     partial = rows is not None and cache.fidelity is not None and rows < cache.rows
-    per_probe = cache.fidelity.step * -(-rows // cache.fidelity.step) / cache.rows if partial else 1.0
+    per_probe = probe_cost(cache.fidelity, rows)
     stop = cache.spent + (math.inf if allowance is None else allowance)
 
     def affordable(n: int) -> bool:

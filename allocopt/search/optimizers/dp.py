@@ -11,14 +11,13 @@ count toward ``--evals`` like any evaluation, a probe on partial rows as its fra
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.options import option
-from allocopt.search.sensitivity import sensitivity_search
+from allocopt.search.sensitivity import probe_cost, sensitivity_search
 
 MIN_PROBES = 2                   # a count either side of the base
 
@@ -40,12 +39,9 @@ def probe_budget(ctx: SearchContext, opts: SensitivityAllocation.Options, share:
     a 48-layer model, probes on a quarter of the rows did not beat the GA alone on either testbed
     (``studies/reports/warm_start_cost.md``), so below two full-row probes per layer the warm start is skipped.
     """
-    fidelity, rows = ctx.fidelity, opts.dp_rows
-    cost = 1.0                                       # one probe, in full-evaluation equivalents
-    if rows is not None and fidelity is not None and rows < fidelity.rows:
-        cost = min(1.0, fidelity.step * math.ceil(rows / fidelity.step) / fidelity.rows)
+    cost = probe_cost(ctx.fidelity, opts.dp_rows)
     fitting = int(min(defaults.DP_PROBES, (share * ctx.max_evals - 2) // (ctx.space.size * cost)))
-    return ProbeBudget(opts.dp_probes or fitting, rows)
+    return ProbeBudget(opts.dp_probes or fitting, opts.dp_rows)
 
 
 def search_options(opts: SensitivityAllocation.Options) -> dict:
