@@ -102,6 +102,12 @@ def test_run_with_bits_prune_and_score_the_export_on_the_testbed(tmp_path):
     done = runner.invoke(cli, ["prune", "--plan", str(tmp_path / "run" / "plan.json"), "--out", str(out), "--quiet"])
     assert done.exit_code == 0, done.output
     assert tensor_bytes(out) == summary["export_bytes"]
+    described = runner.invoke(cli, ["info", "--model", str(out), "--json"])      # sizes as stored, not as loaded
+    assert described.exit_code == 0, described.output
+    stored = json.loads(described.output.strip().splitlines()[-1])
+    assert stored["stored_bytes"] == summary["export_bytes"] < stored["total_bytes"]
+    assert stored["stored_format"] == "compressed-tensors pack-quantized" and "stored: " in described.output
+    assert "stored" not in json.loads(runner.invoke(cli, ["info", "--json"]).output.strip().splitlines()[-1])
     scored = runner.invoke(cli, ["esap", "--pruned", str(out), "--num-seqs", "4", "--json"])
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.output.strip().splitlines()[-1])["esap"] == pytest.approx(summary["esap"], abs=1e-5)

@@ -36,5 +36,24 @@ def info(model_spec: str, as_json: bool, **loading) -> None:
     total_experts = sum(l.num_experts for l in desc.layers)
     click.echo(f"total: {total_experts} routed experts, {desc.expert_bytes / 2**20:.2f} MB of experts "
                f"of {desc.total_bytes / 2**20:.2f} MB")
+    stored = _stored(model_spec)
+    if stored:
+        click.echo(f"stored: {stored['stored_bytes'] / 2**20:.2f} MB of tensors on disk ({stored['stored_format']}); "
+                   f"the sizes above are of the weights as loaded, {desc.dtype}")
     if as_json:
-        click.echo(json.dumps(desc.to_json()))
+        click.echo(json.dumps({**desc.to_json(), **stored}))
+
+
+def _stored(model_spec: str) -> dict:
+    """What a quantized checkpoint (an export with --bits, a block-FP8 source) stores on disk: transformers and
+    allocopt load it dequantized, so the loaded sizes are not the ones a server holds. Empty for any other model."""
+    from pathlib import Path
+
+    from allocopt.export.source_format import source_quantization
+    from allocopt.runtime.offload import tensor_bytes
+
+    quantization = source_quantization(model_spec) if Path(model_spec).is_dir() else None
+    if not quantization:
+        return {}
+    fmt = " ".join(str(quantization[k]) for k in ("quant_method", "format") if quantization.get(k))
+    return {"stored_bytes": tensor_bytes(model_spec), "stored_format": fmt}
