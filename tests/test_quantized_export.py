@@ -3,6 +3,7 @@ byte budget, and ``allocopt prune`` writes a compressed-tensors pack-quantized c
 budget counted and which loads with the logits the plan was scored with."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 
@@ -145,6 +146,12 @@ def test_nsga2_with_bits_writes_a_front_of_export_bytes_that_allocopt_plot_draws
     summary = json.loads((tmp_path / "plots" / "pareto.json").read_text())
     assert summary["front_points"] >= 2 and summary["uniform_points"] >= 1
     assert summary["reference_memory_bytes"] == plan.extra["full_export_bytes"]
+    with open(tmp_path / "plots" / "pareto.csv") as fh:                 # counts and bit-widths in their own columns
+        rows = list(csv.DictReader(fh))
+    layers = len(plan.layers)
+    assert rows and all(len(r["counts"].split()) == len(r["bits"].split()) == layers for r in rows)
+    assert {int(b) for r in rows for b in r["bits"].split()} <= {0, 8, 4}
+    assert all(max(map(int, r["counts"].split())) > 2 for r in rows)   # counts, not option indices 0..2
 
 
 def test_a_bits_search_races_and_every_plan_it_scores_respects_the_serving_constraints(tmp_path):

@@ -37,6 +37,7 @@ class ParetoData:
     hypervolume: float
     source: str                       # "study" or "front.json"
     memory: str = "routed-expert memory kept"    # what the memory axis counts ("export size" for --bits runs)
+    bit_options: tuple[int, ...] = ()            # a --bits study's bit-width per option index (0: the checkpoint's)
 
 
 def non_dominated(esap: np.ndarray, memory: np.ndarray) -> np.ndarray:
@@ -147,8 +148,9 @@ def pareto_data(source: Source, ref_memory_gb: float | None = None) -> ParetoDat
         uniform = np.array([p.uniform or is_uniform(p.counts, experts) for p in points])
     ref = reference_memory_bytes(source, points, ref_memory_gb)
     memory = "export size (every tensor, packed experts included)" if source.study_attrs.get("bits") else ParetoData.memory
+    bit_options = tuple(int(b) for b in source.study_attrs.get("bits") or ()) if origin == "study" else ()
     return ParetoData(source.name, points, front, uniform, ref, hypervolume(esap[front], mem[front] / GB, ref / GB), origin,
-                      memory)
+                      memory, bit_options)
 
 
 def _pick_source(sources: list[Source]) -> Source:
@@ -188,8 +190,17 @@ def draw_pareto(data: ParetoData):
 
 
 def write_pareto(data: ParetoData, out: Path) -> dict[str, Path]:
+    """pareto.png, pareto.csv (one row per point: kept counts per layer, and for a --bits study the bit-width per
+    layer, 0 for the checkpoint's precision) and pareto.json (hypervolume and counts of points)."""
+    def layers(p: Evaluation) -> tuple[str, ...]:
+        if not data.bit_options:
+            return (counts_field(p.counts),)
+        n = len(p.counts) // 2                  # a joint plan: counts, then bit-width option indices
+        return counts_field(p.counts[:n]), counts_field([data.bit_options[j] for j in p.counts[n:]])
+
     rows = [(p.number if p.number >= 0 else "", f"{p.esap:.10g}", int(p.memory_bytes), f"{p.memory_bytes / GB:.10g}",
-             int(f), int(u), counts_field(p.counts)) for p, f, u in zip(data.points, data.on_front, data.uniform)]
+             int(f), int(u), *layers(p)) for p, f, u in zip(data.points, data.on_front, data.uniform)]
+    columns = ["trial", "esap", "memory_bytes", "memory_gb", "on_front", "uniform", "counts"] + ["bits"] * bool(data.bit_options)
     summary: dict[str, Any] = {
         "study": data.name, "source": data.source, "hypervolume": data.hypervolume,
         "hypervolume_space": "[-ESAP, expert memory GB], minimised",
@@ -198,7 +209,7 @@ def write_pareto(data: ParetoData, out: Path) -> dict[str, Path]:
     }
     return {
         "png": save_figure(draw_pareto(data), out / "pareto.png"),
-        "csv": save_csv(out / "pareto.csv", ["trial", "esap", "memory_bytes", "memory_gb", "on_front", "uniform", "counts"], rows),
+        "csv": save_csv(out / "pareto.csv", columns, rows),
         "json": save_json(out / "pareto.json", summary),
     }
 

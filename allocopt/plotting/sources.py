@@ -42,7 +42,7 @@ class Evaluation:
     number: int                      # trial number (evaluation order within its study)
     esap: float                      # NaN when the evaluation failed (or was pruned: a partial value is no result)
     memory_bytes: float              # NaN when not recorded
-    counts: tuple[int, ...]          # kept experts per MoE layer
+    counts: tuple[int, ...]          # kept experts per MoE layer (a --bits study: then bit-width option per layer)
     optimizer: str
     uniform: bool                    # the trial says it is the uniform plan
     pruned: bool = False             # lost a race: scored on ``rows`` search rows only
