@@ -63,6 +63,22 @@ def test_the_knapsack_is_the_exact_optimum_of_small_instances():
             assert sum(weights[l][o] for l, o in enumerate(got)) <= capacity
 
 
+def test_the_joint_ga_spends_its_budget_past_a_converged_population():
+    """A population that stops improving widens its step (as ga's restarts do) instead of ending the search with
+    budget left: the GA used to stop after 3 x patience stale generations, at 169-210 of these 400 evaluations."""
+    js = _space()
+    target = np.array([12, 6, 9, 3])
+
+    def evaluate(X):                      # one peak in counts; every quantized layer costs a little
+        c, b = np.atleast_2d(X)[:, :4], np.atleast_2d(X)[:, 4:]
+        return np.exp(-0.02 * ((c - target) ** 2).sum(1) - 0.05 * b.sum(1))
+
+    for seed in (0, 1):
+        best, value, cache = joint_search(evaluate, js, 400, seed=seed)
+        assert 390 <= cache.spent <= 400 and js.contains(best), (seed, cache.spent)
+        assert value == max(v for x, v in cache.history if js.contains(x))
+
+
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory):
     from allocopt.config import RunConfig

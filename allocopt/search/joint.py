@@ -21,7 +21,8 @@ The search (:func:`joint_search`) is the default ``ga``'s recipe in two dimensio
 3. a GA around the base and the DP plan: per-layer uniform crossover of (count, bit-width) pairs, level-switch
    moves of counts and one-level moves of bit-widths, byte repair, elitist survival; each generation's offspring
    are raced as ``ga``'s are (``search.racing``, when the run provides a fidelity), the engine keying partial rows
-   by (kept experts, bit-widths).
+   by (kept experts, bit-widths); after ``patience`` generations without a better plan the move step doubles (as
+   ``ga``'s restarts do), so the search spends its budget instead of stopping on a converged population.
 All plans go through one evaluation cache. Its options (:class:`JointOptions`) are ``ga``'s that apply here, by the
 same names. :func:`joint_front` is NSGA-II over the same plans with the export's bytes as the second objective.
 """
@@ -375,28 +376,43 @@ def joint_search(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace
                     break
                 previous, base = base, plan
                 centres.append(plan)
-    step = default_step(space.counts)
     population = [c for c in {tuple(c): c for c in centres}.values()]
-    stale = 0
     with cache.phase("ga generations"):
-        while not cache.exhausted and stale < options.patience * 3:
-            ranked = sorted(((tuple(x), v) for x, v in cache.history if np.isfinite(v) and space.contains(x)),
-                            key=lambda item: -item[1])
-            parents = [np.array(k) for k, _ in dict(ranked).items()][:options.elites] or population
-            before = cache.best()[1]
-            children = [_child(space, parents, rng, step) for _ in range(offspring)]
-            fresh = [c for k, c in {tuple(int(v) for v in c): c for c in children}.items()
-                     if k not in cache.values and k not in cache.pruned]
-            if not fresh:
-                stale += 1
-                continue
+        _generations(cache, space, population, rng, offspring, options, schedule)
+    best, value = cache.best()
+    return best, value, cache
+
+
+def _generations(cache: EvaluationCache, space: JointSpace, population: list[np.ndarray], rng: np.random.Generator,
+                 offspring: int, options: JointOptions, schedule) -> None:
+    """The elitist GA until the budget is spent: after ``patience`` generations without a better plan the move step
+    doubles (up to a layer's whole range; reset after an improvement), as ``ga``'s restarts do, so a converged
+    population looks further out instead of leaving budget unspent. Ends early only when ``patience`` generations at
+    the widest step bred no plan that was not scored already."""
+    first = step = default_step(space.counts)
+    widest = max(first, int(np.max(space.counts.upper - space.counts.lower)))
+    stale = 0
+    while not cache.exhausted:
+        ranked = sorted(((tuple(x), v) for x, v in cache.history if np.isfinite(v) and space.contains(x)),
+                        key=lambda item: -item[1])
+        parents = [np.array(k) for k, _ in dict(ranked).items()][:options.elites] or population
+        before = cache.best()[1]
+        children = [_child(space, parents, rng, step) for _ in range(offspring)]
+        fresh = [c for k, c in {tuple(int(v) for v in c): c for c in children}.items()
+                 if k not in cache.values and k not in cache.pruned]
+        if fresh:
             if schedule is not None:
                 race(cache, np.array(fresh), schedule, options.race_z)
             else:
                 cache(np.array(fresh))
-            stale = 0 if cache.best()[1] > before else stale + 1
-    best, value = cache.best()
-    return best, value, cache
+        if cache.best()[1] > before:
+            stale, step = 0, first
+            continue
+        stale += 1
+        if stale >= options.patience:
+            if step == widest and not fresh:
+                return                               # nothing new at the widest step: the neighbourhood is exhausted
+            stale, step = 0, min(2 * step, widest)
 
 
 def joint_front(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace, max_evals: int, seed: int,
