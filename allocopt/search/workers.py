@@ -200,6 +200,39 @@ class OwnedRecorder(StudyRecorder):
         return {OWNER: owner_id()}
 
 
+class QueueObjective:
+    """The objective as the search sees it through a :class:`QueueRecorder`: calling it on plans [n, L] queues each
+    plan no trial answers as a WAITING trial, evaluates queued trials in this process too (``batch`` at a time) until
+    every plan has an outcome, and returns the values [n] (NaN for a failed evaluation). Plans of dead workers' trials
+    are queued again. ``served``: the plans answered by trials the study held before this search (a resumed study),
+    as ``study.RecordedObjective.served``."""
+
+    def __init__(self, recorder: QueueRecorder, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str):
+        self.recorder, self.evaluate_plans, self.optimizer = recorder, evaluate_plans, optimizer
+        self.earlier = frozenset(recorder._outcomes())     # the study's trials before this search
+        self.served: set[tuple[int, ...]] = set()
+
+    def _evaluate_trials(self, trials: list[FrozenTrial]) -> list[Any]:
+        return list(self.evaluate_plans(np.array([t.user_attrs[ALLOCATION] for t in trials], dtype=np.int64)))
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        recorder = self.recorder
+        rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
+        known = recorder._outcomes()
+        self.served.update(r for r in rows if r in self.earlier)
+        misses = [r for r in dict.fromkeys(rows) if r not in known]
+        recorder._enqueue(misses, self.optimizer)
+        while misses:
+            if not process_waiting(recorder.queue, self._evaluate_trials, recorder.batch):
+                recorder.queue.reap()                    # dead workers' trials -> FAIL (interrupted) ...
+                known = recorder._outcomes()
+                recorder._enqueue([r for r in misses if r not in known], self.optimizer)   # ... and queued again
+                time.sleep(POLL_S)
+            known = recorder._outcomes()
+            misses = [r for r in misses if r not in known]
+        return np.array([known[r] for r in rows], dtype=float)
+
+
 class QueueRecorder(OwnedRecorder):
     """Evaluations go through the study's WAITING queue so any number of workers can share them."""
 
@@ -213,32 +246,8 @@ class QueueRecorder(OwnedRecorder):
     def finish(self) -> None:
         self.study.set_user_attr(SEARCH_DONE, True)
 
-    def wrap(self, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str
-             ) -> Callable[[np.ndarray], np.ndarray]:
-        def evaluate_trials(trials: list[FrozenTrial]) -> list[Any]:
-            return list(evaluate_plans(np.array([t.user_attrs[ALLOCATION] for t in trials], dtype=np.int64)))
-
-        earlier = set(self._outcomes())             # the study's trials before this search
-        served: set[tuple[int, ...]] = set()        # plans answered by them (a resumed study)
-
-        def evaluate(counts: np.ndarray) -> np.ndarray:
-            rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
-            known = self._outcomes()
-            served.update(r for r in rows if r in earlier)
-            misses = [r for r in dict.fromkeys(rows) if r not in known]
-            self._enqueue(misses, optimizer)
-            while misses:
-                if not process_waiting(self.queue, evaluate_trials, self.batch):
-                    self.queue.reap()                    # dead workers' trials -> FAIL (interrupted) ...
-                    known = self._outcomes()
-                    self._enqueue([r for r in misses if r not in known], optimizer)   # ... and their plans queued again
-                    time.sleep(POLL_S)
-                known = self._outcomes()
-                misses = [r for r in misses if r not in known]
-            return np.array([known[r] for r in rows], dtype=float)
-
-        evaluate.served = served
-        return evaluate
+    def wrap(self, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str) -> QueueObjective:
+        return QueueObjective(self, evaluate_plans, optimizer)
 
     def _outcomes(self) -> dict[tuple[int, ...], float]:
         """allocation -> value (NaN for an evaluation that failed); interrupted and unfinished trials are absent."""
