@@ -246,8 +246,8 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     out = [f"# Search time-to-quality on {report['config'].get('model', 'testbed')} (benchmarks/search_efficiency.py)", "",
            f"`{cfg['command']}`", "",
-           f"OMP_NUM_THREADS={cfg['omp_threads']}, torch threads {cfg['torch_threads']}, {cfg['cpus']} CPUs shared with "
-           f"other developers; {cfg['date']}. Seeds {', '.join(map(str, cfg['seeds']))}; every row but `ga` (the default, "
+           f"OMP_NUM_THREADS={cfg['omp_threads']}, torch threads {cfg['torch_threads']}, {cfg['cpus']} CPUs; other load on the "
+           f"machine: {cfg.get('machine', 'not recorded')}; {cfg['date']}. Seeds {', '.join(map(str, cfg['seeds']))}; every row but `ga` (the default, "
            f"{cfg['default_evals']} equivalents) ran {cfg['evals']} evaluation equivalents. Costs count from the moment "
            "the evaluator is ready; tokens are decoder layer-tokens forwarded for candidates, in units of one full "
            "forward of the search set (\"full\"). W = the reference's wall-clock, T = its tokens (per seed). "
@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=D.MODEL, help="model spec [default: the testbed], e.g. testbed-deep")
     ap.add_argument("--data", default=None, help="calibration and search data [default: testbed:mix, deep:mix for "
                                                  "testbed-deep]")
+    ap.add_argument("--machine", default="not recorded",
+                    help="what else ran on the machine during the runs; the report says it (timings depend on it)")
     args = ap.parse_args(argv)
     data = args.data or ("deep:mix" if args.model == "testbed-deep" else D.SEARCH_DATA)
     stem = "search_efficiency" if args.model == D.MODEL else f"search_efficiency_{Path(args.model).name}"
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                          "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                          "seeds": [D.SEED + i for i in range(args.seeds)], "evals": args.evals,
                          "default_evals": args.default_evals, "best_known_evals": args.best_known_evals,
-                         "model": args.model, "data": data, "stem": stem},
+                         "model": args.model, "data": data, "stem": stem, "machine": args.machine},
               "problems": [measure(p, args, work) for p in problems]}
     report["figure"] = figure(report, out / f"{stem}.png")
     for p in report["problems"]:
