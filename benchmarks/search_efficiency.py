@@ -9,8 +9,9 @@ Rows, each on the testbed with its real calibration, ranking and search set (16 
   candidate with the naive evaluator of ``esap_throughput.py`` (one full forward per row and candidate, full-vocab
   teacher logits, no prefix reuse, no racing), no study;
 * ``allocopt run`` (``run_search``, a fresh SQLite study each) with ``--optimizer``: ``ga`` (the default: sensitivity
-  DP warm start, racing, restarts), ``ga-noracing`` (``--option racing=false``), ``evoesap``, ``dp``, ``cmaes``,
-  ``tpe``, ``random``.
+  DP warm start, racing, restarts), ``ga-noracing`` (``--option racing=false``), ``ga-nowarm`` (``warm_start=false``:
+  what the DP probes buy), ``ga-dprows4`` (``dp_rows=4``: the probes on 4 search rows), ``evoesap``, ``dp``,
+  ``cmaes``, ``tpe``, ``random``.
 The default runs ``--default-evals`` evaluation equivalents so its curve covers the reference's wall-clock; every
 other row runs ``--evals``. ``best-known`` is the best plan of one long default run (``--best-known-evals``) or of any
 row, whichever is higher; each row shows the fraction of the uniform -> best-known gap it closes.
@@ -42,6 +43,8 @@ from allocopt.io import atomic_write_json, atomic_write_text
 METHODS = {                      # row -> (optimizer, options)
     "ga": ("ga", {}),
     "ga-noracing": ("ga", {"racing": False}),
+    "ga-nowarm": ("ga", {"warm_start": False}),          # what the DP warm start buys: the GA from uniform alone
+    "ga-dprows4": ("ga", {"dp_rows": 4}),                # warm-start probes on 4 search rows (a quarter of their cost)
     "evoesap": ("evoesap", {}),
     "dp": ("dp", {}),
     "cmaes": ("cmaes", {}),
