@@ -387,8 +387,8 @@ def _generations(cache: EvaluationCache, space: JointSpace, population: list[np.
                  offspring: int, options: JointOptions, schedule) -> None:
     """The elitist GA until the budget is spent: after ``patience`` generations without a better plan the move step
     doubles (up to a layer's whole range; reset after an improvement), as ``ga``'s restarts do, so a converged
-    population looks further out instead of leaving budget unspent. Ends early only when ``patience`` generations at
-    the widest step bred no plan that was not scored already."""
+    population looks further out instead of leaving budget unspent. Ends early only when, ``patience`` stale
+    generations into the widest step, a generation breeds no plan that was not scored already."""
     first = step = default_step(space.counts)
     widest = max(first, int(np.max(space.counts.upper - space.counts.lower)))
     stale = 0
