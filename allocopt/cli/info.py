@@ -47,12 +47,10 @@ def info(model_spec: str, as_json: bool, **loading) -> None:
 def _stored(model_spec: str) -> dict:
     """What a quantized checkpoint (an export with --bits, a block-FP8 source) stores on disk: transformers and
     allocopt load it dequantized, so the loaded sizes are not the ones a server holds. Empty for any other model."""
-    from pathlib import Path
-
     from allocopt.export.source_format import source_quantization
     from allocopt.runtime.offload import tensor_bytes
 
-    quantization = source_quantization(model_spec) if Path(model_spec).is_dir() else None
+    quantization = source_quantization(model_spec)        # None without a config.json (the testbeds, a hub name)
     if not quantization:
         return {}
     fmt = " ".join(str(quantization[k]) for k in ("quant_method", "format") if quantization.get(k))
