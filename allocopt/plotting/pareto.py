@@ -142,15 +142,15 @@ def pareto_data(source: Source, ref_memory_gb: float | None = None) -> ParetoDat
     mem = np.array([p.memory_bytes for p in points])
     front = non_dominated(esap, mem)
     experts = _num_experts(source)
-    if source.study_attrs.get("bits"):             # joint plans (--bits): counts then bit-width options per layer
+    bits = tuple(int(b) for b in source.study_attrs.get("bits") or ())   # a --bits study's bit-width options
+    if bits:                                       # joint plans (--bits): counts then bit-width options per layer
         uniform = np.array([p.uniform or _uniform_both(p.counts) for p in points])
     else:
         uniform = np.array([p.uniform or is_uniform(p.counts, experts) for p in points])
     ref = reference_memory_bytes(source, points, ref_memory_gb)
-    memory = "export size (every tensor, packed experts included)" if source.study_attrs.get("bits") else ParetoData.memory
-    bit_options = tuple(int(b) for b in source.study_attrs.get("bits") or ()) if origin == "study" else ()
+    memory = "export size (every tensor, packed experts included)" if bits else ParetoData.memory
     return ParetoData(source.name, points, front, uniform, ref, hypervolume(esap[front], mem[front] / GB, ref / GB), origin,
-                      memory, bit_options)
+                      memory, bits if origin == "study" else ())
 
 
 def _pick_source(sources: list[Source]) -> Source:
