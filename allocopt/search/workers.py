@@ -209,7 +209,7 @@ class QueueObjective:
 
     def __init__(self, recorder: QueueRecorder, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str):
         self.recorder, self.evaluate_plans, self.optimizer = recorder, evaluate_plans, optimizer
-        self.earlier = frozenset(recorder._outcomes())     # the study's trials before this search
+        self.earlier = frozenset(recorder.outcomes())     # the study's trials before this search
         self.served: set[tuple[int, ...]] = set()
 
     def _evaluate_trials(self, trials: list[FrozenTrial]) -> list[Any]:
@@ -218,17 +218,17 @@ class QueueObjective:
     def __call__(self, counts: np.ndarray) -> np.ndarray:
         recorder = self.recorder
         rows = [tuple(int(c) for c in x) for x in np.atleast_2d(np.asarray(counts))]
-        known = recorder._outcomes()
+        known = recorder.outcomes()
         self.served.update(r for r in rows if r in self.earlier)
         misses = [r for r in dict.fromkeys(rows) if r not in known]
-        recorder._enqueue(misses, self.optimizer)
+        recorder.enqueue(misses, self.optimizer)
         while misses:
             if not process_waiting(recorder.queue, self._evaluate_trials, recorder.batch):
                 recorder.queue.reap()                    # dead workers' trials -> FAIL (interrupted) ...
-                known = recorder._outcomes()
-                recorder._enqueue([r for r in misses if r not in known], self.optimizer)   # ... and queued again
+                known = recorder.outcomes()
+                recorder.enqueue([r for r in misses if r not in known], self.optimizer)   # ... and queued again
                 time.sleep(POLL_S)
-            known = recorder._outcomes()
+            known = recorder.outcomes()
             misses = [r for r in misses if r not in known]
         return np.array([known[r] for r in rows], dtype=float)
 
@@ -249,7 +249,7 @@ class QueueRecorder(OwnedRecorder):
     def wrap(self, evaluate_plans: Callable[[np.ndarray], list[Any]], optimizer: str) -> QueueObjective:
         return QueueObjective(self, evaluate_plans, optimizer)
 
-    def _outcomes(self) -> dict[tuple[int, ...], float]:
+    def outcomes(self) -> dict[tuple[int, ...], float]:
         """allocation -> value (NaN for an evaluation that failed); interrupted and unfinished trials are absent."""
         out: dict[tuple[int, ...], float] = {}
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
@@ -260,7 +260,7 @@ class QueueRecorder(OwnedRecorder):
                 out.setdefault(key, math.nan)
         return out
 
-    def _enqueue(self, plans: Iterable[tuple[int, ...]], optimizer: str) -> None:
+    def enqueue(self, plans: Iterable[tuple[int, ...]], optimizer: str) -> None:
         """Add a WAITING trial for each plan that has no trial waiting, running or finished (interrupted ones aside).
 
         One read of the study decides it: a trial's state only moves forward (WAITING -> RUNNING -> finished),
