@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from allocopt.errors import AllocoptError
-from allocopt.search.mutation import level_switch
+from allocopt.search.mutation import default_step, level_switch, next_step, widest_step
 from allocopt.search.repair import repair_counts
 from allocopt.search.rounding import largest_remainder
 from allocopt.search.sampling import PATTERNS, pattern_counts, random_composition
@@ -125,6 +125,21 @@ def test_range_repair_and_mutation_stay_in_range(space, seed):
     for _ in range(10):
         assert rng_b[0] <= x.sum() <= rng_b[1] and (x >= space.lower).all() and (x <= space.upper).all()
         x = level_switch(x, space.lower, space.upper, rng, budget_range=rng_b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spaces())
+def test_the_move_step_doubles_to_a_whole_layer_range_and_resets_on_improvement(space):
+    first = default_step(space)
+    widest = widest_step(space, first)
+    assert widest == max(first, int(np.max(space.upper - space.lower)))
+    step, seen = first, [first]
+    while step < widest:
+        step = next_step(step, first, widest, improved=False)
+        seen.append(step)
+    assert seen[-1] == widest and all(b == min(2 * a, widest) for a, b in zip(seen, seen[1:]))
+    assert next_step(widest, first, widest, improved=False) == widest      # stays at the widest
+    assert next_step(widest, first, widest, improved=True) == first        # an improvement looks close again
 
 
 def test_repair_is_deterministic_given_the_generator():

@@ -39,7 +39,7 @@ from allocopt import defaults
 from allocopt.errors import AllocoptError
 from allocopt.plan import Plan
 from allocopt.search.fidelity import Fidelity
-from allocopt.search.mutation import default_step, level_switch
+from allocopt.search.mutation import default_step, level_switch, next_step, widest_step
 from allocopt.search.optimizers.options import NoOptions, option, parse_options
 from allocopt.search.problem import EvaluationCache
 from allocopt.search.racing import race, race_schedule
@@ -390,7 +390,7 @@ def _generations(cache: EvaluationCache, space: JointSpace, population: list[np.
     population looks further out instead of leaving budget unspent. Ends early only when, ``patience`` stale
     generations into the widest step, a generation breeds no plan that was not scored already."""
     first = step = default_step(space.counts)
-    widest = max(first, int(np.max(space.counts.upper - space.counts.lower)))
+    widest = widest_step(space.counts, first)
     stale = 0
     while not cache.exhausted:
         ranked = sorted(((tuple(x), v) for x, v in cache.history if np.isfinite(v) and space.contains(x)),
@@ -406,13 +406,13 @@ def _generations(cache: EvaluationCache, space: JointSpace, population: list[np.
             else:
                 cache(np.array(fresh))
         if cache.best()[1] > before:
-            stale, step = 0, first
+            stale, step = 0, next_step(step, first, widest, improved=True)
             continue
         stale += 1
         if stale >= options.patience:
             if step == widest and not fresh:
                 return                               # nothing new at the widest step: the neighbourhood is exhausted
-            stale, step = 0, min(2 * step, widest)
+            stale, step = 0, next_step(step, first, widest, improved=False)
 
 
 def joint_front(evaluate: Callable[[np.ndarray], np.ndarray], space: JointSpace, max_evals: int, seed: int,

@@ -16,6 +16,17 @@ def default_step(space) -> int:
     return max(defaults.MUTATION_MAX_DELTA, int(round(float(np.mean(space.num_experts)) / 8)))
 
 
+def widest_step(space, first: int) -> int:
+    """The largest move worth making: one layer's whole range of kept counts (never below ``first``)."""
+    return max(first, int(np.max(space.upper - space.lower)))
+
+
+def next_step(step: int, first: int, widest: int, improved: bool) -> int:
+    """The move step after a stretch of generations: back to ``first`` once the best improved, else doubled up to
+    ``widest``, so a converged population looks further out instead of stopping (both GAs' rule)."""
+    return first if improved else min(2 * step, widest)
+
+
 def level_switch(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, rng: np.random.Generator,
                  tmax: int = defaults.MUTATION_MAX_MOVES, dmax: int = defaults.MUTATION_MAX_DELTA,
                  attempts: int = defaults.MUTATION_ATTEMPTS,

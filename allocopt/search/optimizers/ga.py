@@ -29,7 +29,7 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
-from allocopt.search.mutation import LevelSwitchMutation, default_step
+from allocopt.search.mutation import LevelSwitchMutation, default_step, next_step, widest_step
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.dp import MIN_PROBES, SensitivityAllocation, probe_budget, search_options
 from allocopt.search.optimizers.options import option
@@ -69,6 +69,7 @@ class GeneticSearch(Optimizer):
         schedule = self.schedule(ctx, opts)
         offspring = opts.offspring or (defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
         step = dmax = opts.mutation_max_delta or default_step(space)
+        widest = widest_step(space, dmax)
         cache = ctx.cache(probes=True)
         uniform = space.uniform()
         with cache.phase("uniform"):
@@ -95,7 +96,7 @@ class GeneticSearch(Optimizer):
             if cache.spent == spent:                     # nothing new around this centre at any step: converged
                 break
             best, after = cache.best(space.budget)
-            step = dmax if after > before else min(2 * step, int(np.max(space.upper - space.lower)))
+            step = next_step(step, dmax, widest, improved=after > before)
             centres, restart = [best], restart + 1
             if opts.restart == "dp" and after <= before:
                 with cache.phase("dp restarts"):
