@@ -12,8 +12,9 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
   first rows of the search set and promotes only the best to all rows, so a generation costs a fraction of its
   plans: more candidates per evaluation budget;
 * when the best has not improved for ``patience`` generations the population has converged: the GA restarts
-  from the best plan with its neighbours at twice the step (reset after an improvement), so it keeps improving;
-  with ``restart=dp`` a restart after a fruitless epoch also re-linearises the DP around the best.
+  from the best plan with its neighbours at twice the step, up to a layer's whole range, and back to the first
+  step after an improvement (``mutation.next_step``), so it keeps improving; with ``restart=dp`` a restart after a
+  fruitless epoch also re-linearises the DP around the best.
 
 Options (``--option KEY=VALUE``; ``GeneticSearch.Options``, defaults in ``allocopt.defaults``): ``racing`` (bool),
 ``offspring``, ``elites``, ``crossover_prob``, ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool:
