@@ -25,20 +25,20 @@ def info(model_spec: str, as_json: bool, **loading) -> None:
                f"{len(desc.layers)} MoE layers, {desc.dtype}, fingerprint {desc.fingerprint[:12]}")
     width = max(11, *(len(l.router_rule) for l in desc.layers))
     header = (f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'shared':>6}  {'groups':>6}  {'min kept':>8}  "
-              f"{'router rule':<{width}} {'storage':<10} {'MB/expert':>9}")
+              f"{'router rule':<{width}} {'storage':<10} {'MiB/expert':>10}")
     click.echo(header)
     for l in desc.layers:
         click.echo(f"{l.index:>5}  {l.num_experts:>7}  {l.top_k:>5}  {l.num_shared_experts:>6}  {l.groups:>6}  "
-                   f"{max(l.min_kept, l.top_k):>8}  {l.router_rule:<{width}} {l.storage:<10} {l.bytes_per_expert / 2**20:>9.3f}")
+                   f"{max(l.min_kept, l.top_k):>8}  {l.router_rule:<{width}} {l.storage:<10} {l.bytes_per_expert / 2**20:>10.3f}")
     for note in dict.fromkeys(l.routing_note for l in desc.layers if l.routing_note):
         which = [l.index for l in desc.layers if l.routing_note == note]
         click.echo(f"note: {'layer' if len(which) == 1 else 'layers'} {', '.join(map(str, which))}: {note}")
     total_experts = sum(l.num_experts for l in desc.layers)
-    click.echo(f"total: {total_experts} routed experts, {desc.expert_bytes / 2**20:.2f} MB of experts "
-               f"of {desc.total_bytes / 2**20:.2f} MB")
+    click.echo(f"total: {total_experts} routed experts, {desc.expert_bytes / 2**20:.2f} MiB of experts "
+               f"of {desc.total_bytes / 2**20:.2f} MiB")
     stored = _stored(model_spec)
     if stored:
-        click.echo(f"stored: {stored['stored_bytes'] / 2**20:.2f} MB of tensors on disk ({stored['stored_format']}); "
+        click.echo(f"stored: {stored['stored_bytes'] / 2**20:.2f} MiB of tensors on disk ({stored['stored_format']}); "
                    f"the sizes above are of the weights as loaded, {desc.dtype}")
     if as_json:
         click.echo(json.dumps({**desc.to_json(), **stored}))

@@ -6,7 +6,7 @@ from allocopt.plan import Plan
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MB"
+    return f"{n / 2**20:.2f} MiB"
 
 
 def render_card(plan: Plan, before: ModelInfo, after: ModelInfo, source: str, compact_expert_bytes: int | None = None) -> str:
