@@ -10,6 +10,7 @@ optimizer / objective names are refused with one line that lists what is accepte
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
-from allocopt.plan import check_allowed_counts, check_bits, require_compressed_tensors
+from allocopt.plan import PLAN_FILE, check_allowed_counts, check_bits, require_compressed_tensors
 from allocopt.search.space import Budget, check_density
 
 
@@ -87,6 +88,9 @@ class RunConfig:
             layer = _expand(raw, source)
             options = {**values.get("options", {}), **layer.pop("options", {})}   # merged key by key
             values.update(layer, options=options)
+        model = values.get("model", D.MODEL)
+        values.setdefault("calib_data", default_data(model, D.CALIBRATION_DATA))
+        values.setdefault("search_data", default_data(model, D.SEARCH_DATA))
         return cls(**values).validate()
 
     # ---- derived --------------------------------------------------------------------------------
@@ -177,7 +181,8 @@ class RunConfig:
                          ("workers", 1), ("count_multiple", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
-                raise AllocoptError(f"{key} must be >= {low}, got {value}; raise it")
+                flag = f"{FLAGS[key]} ({key})" if key in FLAGS else key
+                raise AllocoptError(f"{flag} must be >= {low}, got {value}; raise it")
         if self.allowed_counts is not None:
             check_allowed_counts(self.allowed_counts)
         if self.bits is not None:
@@ -193,13 +198,18 @@ class RunConfig:
                                     f"front); {self.optimizer} searches counts only: drop --optimizer or --bits")
         if self.dtype is not None:
             check_dtype(self.dtype)
-        if self.tolerance < 0:
-            raise AllocoptError(f"tolerance must be >= 0, got {self.tolerance}; use e.g. {D.ESAP_TOLERANCE}")
+        if not 0 <= self.tolerance <= D.MAX_ESAP_TOLERANCE:        # also objectives.teacher, for library callers
+            raise AllocoptError(f"--tolerance {self.tolerance:g} is not a bound width in [0, {D.MAX_ESAP_TOLERANCE:g}] "
+                                f"(a wider bound cannot tell plans apart); use e.g. {D.ESAP_TOLERANCE:g}, or 0 for exact")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
             raise AllocoptError(f"run name {self.run_name!r} must be non-empty and contain no '/'; pick a plain name")
         _check_names(self)
         return self
 
+
+# The command-line flags of fields whose names differ (messages name both).
+FLAGS = {"calib_seq_len": "--seq-len", "search_seq_len": "--seq-len", "calib_num_seqs": "--calib-num-seqs",
+         "search_num_seqs": "--num-seqs", "calib_batch_size": "--calib-batch-size", "count_multiple": "--count-multiple"}
 
 # The ways to give the budget of a search: exactly one of them is set.
 BUDGET_KEYS = ("sparsity", "keep", "memory", "memory_ratio")
@@ -211,6 +221,26 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "name": ("run_name",),
 }
 FIELDS: dict[str, Any] = typing.get_type_hints(RunConfig)
+
+
+def shipped_corpus(model: str | Path) -> str | None:
+    """The corpus of the shipped testbed ``model`` names (``D.SHIPPED_CORPORA``), or of the one an allocopt export was
+    pruned from (its plan.json's ``model``); None for any other model."""
+    spec = str(model)
+    if spec in D.SHIPPED_CORPORA:
+        return D.SHIPPED_CORPORA[spec]
+    try:                                                  # an export: plan.json beside its weights names its source
+        source = json.loads((Path(spec).expanduser() / PLAN_FILE).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return D.SHIPPED_CORPORA.get(source) if isinstance(source, str) else None
+
+
+def default_data(model: str | Path, fallback: str) -> str:
+    """Data a run on ``model`` uses unless told: a shipped testbed's own mix (``deep:mix`` for ``testbed-deep`` and
+    its exports), else ``fallback`` (``D.CALIBRATION_DATA`` / ``D.SEARCH_DATA``)."""
+    corpus = shipped_corpus(model)
+    return f"{corpus}:mix" if corpus else fallback
 
 
 def read_problem(path: str | Path) -> dict[str, Any]:
@@ -276,7 +306,7 @@ def check_dtype(name: str) -> str:
 
 def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Resolve aliases, reject unknown keys and wrong types; a budget given here (sparsity, keep, memory or
-    memory_ratio) clears the others."""
+    memory_ratio) clears the others, and so does a search budget (evals or generations; both are refused)."""
     unknown = [k for k in raw if k not in FIELDS and k not in ALIASES]
     if unknown:
         valid = ", ".join(sorted([*FIELDS, *ALIASES]))
@@ -293,6 +323,11 @@ def _expand(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     given = [k for k in BUDGET_KEYS if k in out]
     if given:                                             # one budget here replaces another source's; two are refused
         out.update({k: None for k in BUDGET_KEYS if k not in given})
+    if out.get("evals") is not None and out.get("generations") is not None:
+        raise AllocoptError(f"{source} gives both evals ({out['evals']}) and generations ({out['generations']}); give "
+                            "one search budget (generations counts generations x population evaluations)")
+    if "evals" in out:                                    # evals here replaces another source's generations
+        out.setdefault("generations", None)
     return out
 
 

@@ -7,6 +7,10 @@ SEED = 42
 MODEL = "testbed"
 CALIBRATION_DATA = "testbed:mix"
 SEARCH_DATA = "testbed:mix"
+# The shipped testbeds (--model NAME) -> their own corpus CORPUS: a run, esap or eval on one of them (or on an export
+# pruned from one) defaults to its data CORPUS:mix and its held-out tasks (--tasks-from CORPUS); other models get the
+# defaults above.
+SHIPPED_CORPORA = {"testbed": "testbed", "testbed-deep": "deep"}
 
 # Calibration (observer) set size.
 CALIBRATION_SEQS = 64
@@ -19,6 +23,7 @@ SEARCH_SEQ_LEN = 256
 # Objective.
 OBJECTIVE = "esap"
 ESAP_TOLERANCE = 1e-4          # certified bound width of the sparse teacher cache
+MAX_ESAP_TOLERANCE = 0.1       # wider bounds cannot tell plans apart (ESAP differences between plans are smaller)
 
 # Allocation problem.
 SPARSITY = 0.5

@@ -48,3 +48,13 @@ def test_observe_cli_reports_user_errors_on_one_line(checkpoint, tmp_path):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: data spec") and "none.txt" in last
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("flag, value, rule", [("--similarity-tokens", "-5", "x>=0"), ("--num-seqs", "0", "x>=1"),
+                                               ("--batch-size", "0", "x>=1"), ("--seq-len", "1", "x>=2")])
+def test_observe_refuses_sizes_below_their_range_before_loading(checkpoint, tmp_path, flag, value, rule):
+    out = tmp_path / "stats.safetensors"
+    result = CliRunner().invoke(cli, ["observe", "--model", str(checkpoint / "model"), "--data", str(checkpoint / "calib.txt"),
+                                      "--out", str(out), flag, value, "--no-progress"])
+    assert result.exit_code == 2 and f"{value} is not in the range {rule}" in result.output, result.output
+    assert not out.exists()

@@ -143,6 +143,35 @@ CASES = [
     Case("storage URL naming a driver that is not installed",
          lambda r: _run(r, "--storage", "postgresql+pg8000://nobody@127.0.0.1/nodb"),
          ("needs a database driver that is not installed", "pg8000", "allocopt[postgres]")),
+    Case("storage URL of a database SQLAlchemy does not know (run)", lambda r: _run(r, "--storage", "foo://bar"),
+         ("'foo' is not a database SQLAlchemy knows", "sqlite:///")),
+    Case("storage URL of a database SQLAlchemy does not know (worker)",
+         lambda r: ["worker", "--study", "base", "--storage", "foo://bar", "--idle-timeout", "1"],
+         ("'foo' is not a database SQLAlchemy knows",)),
+    Case("--resume of a study that never ran", lambda r: _run(r, "--resume"),
+         ("no study 'x'", "x.db does not exist", "drop --resume")),
+    Case("worker on a study database that does not exist",
+         lambda r: ["worker", "--study", "nope", "--storage", f"sqlite:///{r / 'nothere.db'}", "--idle-timeout", "1"],
+         ("no study 'nope'", "nothere.db does not exist", "allocopt run --workers N")),
+    Case("worker on a study searched in one process",
+         lambda r: ["worker", "--study", "base", "--storage", f"sqlite:///{r / 'runs' / 'base.db'}", "--idle-timeout", "1"],
+         ("study 'base' hands out no work", "without --workers", "allocopt run --workers N"), watch=("runs/base.db",)),
+    Case("--evals and --generations together", lambda r: _run(r, "--evals", "4", "--generations", "2"),
+         ("gives both evals (4) and generations (2)", "give one search budget")),
+    *(Case(f"--evals {n} pays for no search ({name})", lambda r, n=n, name=name: _run(r, "--optimizer", name, "--evals", str(n)),
+           (f"{name} needs at least 2 evaluations", f"got --evals {n}", "raise --evals"))
+      for n, name in ((1, "ga"), (1, "evoesap"), (1, "cmaes"))),
+    Case("--tolerance too wide to tell plans apart", lambda r: _run(r, "--tolerance", "5"),
+         ("--tolerance 5 is not a bound width in [0, 0.1]", "use e.g. 0.0001")),
+    Case("--out holding another run's plan (run)", lambda r: _run(r, out="runs/base"),
+         ("holds the plan.json of run 'base'", "this run ('x') would replace", "pass another --out"), watch=("runs/base",)),
+    Case("a run its study refuses (another model) leaves the run directory as it was",
+         lambda r: [*run_args(r, "base", "--evals", "4", "--population", "4")[:2], str(r / "other"),
+                    *run_args(r, "base", "--evals", "4", "--population", "4")[3:]],
+         ("study 'base'", "was searched with another model_fingerprint", "pass a new --name"), watch=("runs/base",)),
+    Case("esap of an export against another full model (--pruned)",
+         lambda r: ["esap", "--model", str(r / "other"), "--pruned", str(r / "export"), "--data", str(r / "data.txt"), *SHORT],
+         ("the export", "made for another model", "fingerprint")),
     Case("empty calibration data (.txt)", lambda r: _run(r, data="empty.txt"),
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
@@ -230,6 +259,8 @@ def root(tmp_path_factory) -> Path:
     export = runner.invoke(cli, ["prune", "--plan", str(root / "runs/base/plan.json"), "--out", str(root / "export"), "--quiet"])
     assert export.exit_code == 0, export.output
     shutil.copytree(root / "runs" / "base", root / "runs" / "full")      # a finished run the disk-full case reruns
+    finished = json.loads((root / "runs" / "full" / "plan.json").read_text())
+    (root / "runs" / "full" / "plan.json").write_text(json.dumps({**finished, "run_name": "full"}))
 
     plan = json.loads((root / "runs/base/plan.json").read_text())
     summary = {k: v for k, v in plan.items() if k != "counts"}        # a user who deletes a layer, not its summary too

@@ -143,5 +143,5 @@ def test_a_plan_that_breaks_the_constraint_is_refused_in_one_line_before_loading
 
 
 def test_a_multiple_below_one_is_refused():
-    with pytest.raises(AllocoptError, match="count_multiple must be >= 1"):
+    with pytest.raises(AllocoptError, match=r"--count-multiple \(count_multiple\) must be >= 1"):
         RunConfig.from_sources(None, {"count_multiple": 0})

@@ -101,19 +101,41 @@ def test_the_shipped_deep_testbed_is_in_the_regime_the_issue_asks_for():
 
 
 def test_the_deep_testbed_runs_the_main_job_end_to_end(tmp_path):
-    """observe, rank, a few plans searched and the plan exported, on the deep testbed and its own data."""
+    """observe, rank, a few plans searched and the plan exported, on the deep testbed and its own data (the default
+    for --model testbed-deep, recorded in plan.json, and what `esap --plan` scores the plan on unless told)."""
+    from allocopt.config import shipped_corpus
     from allocopt.models import describe, load_pruned
 
     out = tmp_path / "run"
-    problem = Path(__file__).resolve().parent.parent / "problems" / "testbed-deep-50.toml"
-    result = CliRunner().invoke(cli, ["run", "--problem", str(problem), "--evals", "6", "--calib-num-seqs", "4",
-                                      "--num-seqs", "2", "--out", str(out), "--optimizer", "uniform", "--quiet"])
+    result = CliRunner().invoke(cli, ["run", "--model", "testbed-deep", "--sparsity", "0.5", "--evals", "6",
+                                      "--calib-num-seqs", "4", "--num-seqs", "2", "--out", str(out),
+                                      "--optimizer", "uniform", "--quiet"])
     assert result.exit_code == 0, result.output
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["calib_data"] == plan["search_data"] == "deep:mix" and plan["search_num_seqs"] == 2
+    scored = CliRunner().invoke(cli, ["esap", "--model", "testbed-deep", "--plan", str(out / "plan.json"), "--json"])
+    assert scored.exit_code == 0, scored.output
+    again = json.loads(scored.output.strip().splitlines()[-1])
+    assert again["data"] == "deep:mix" and again["esap"] == pytest.approx(plan["esap"], abs=1e-9)
     exported = CliRunner().invoke(cli, ["prune", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "pruned")])
     assert exported.exit_code == 0, exported.output
     counts = describe(load_pruned(tmp_path / "pruned")).num_experts
     assert sum(counts.values()) == sum(len(l["kept"]) for l in plan["layers"]) == 12 * 32
+    assert shipped_corpus(tmp_path / "pruned") == "deep"         # eval's tasks and run's data follow the source model
+
+
+def test_a_shipped_testbed_defaults_to_its_own_corpus_and_other_models_to_the_first():
+    from allocopt import defaults
+    from allocopt.config import RunConfig
+
+    deep = RunConfig.from_sources(None, {"model": "testbed-deep"})
+    assert (deep.calib_data, deep.search_data) == ("deep:mix", "deep:mix")
+    first = RunConfig.from_sources(None, {"model": "testbed"})
+    assert (first.calib_data, first.search_data) == (defaults.CALIBRATION_DATA, defaults.SEARCH_DATA)
+    mine = RunConfig.from_sources(None, {"model": "/some/checkpoint", "search_data": "mine.txt"})
+    assert (mine.calib_data, mine.search_data) == (defaults.CALIBRATION_DATA, "mine.txt")
+    problem = Path(__file__).resolve().parent.parent / "problems" / "testbed-deep-50.toml"
+    assert RunConfig.from_sources(problem, {"data": "testbed:code"}).search_data == "testbed:code"   # a given one wins
 
 
 def test_the_training_manifest_pins_which_documents_train_and_refuses_a_changed_one(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from allocopt import defaults
-from allocopt.cli.options import loading_options, loading_overrides
+from allocopt.cli.options import loading_options, loading_overrides, opt
 from allocopt.errors import AllocoptError
 
 
@@ -16,32 +16,42 @@ from allocopt.errors import AllocoptError
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="plan.json to score (masked on --model).")
 @click.option("--pruned", "pruned_dir", type=click.Path(path_type=Path),
               help="Or an exported pruned checkpoint to score against --model (the full model it was pruned from).")
-@click.option("--data", default=defaults.SEARCH_DATA, show_default=True, help="Data spec (.txt/.jsonl file, dataset dir, or testbed:NAME).")
-@click.option("--seq-len", default=defaults.SEARCH_SEQ_LEN, show_default=True, type=int, help="Tokens per row.")
-@click.option("--num-seqs", default=defaults.SEARCH_SEQS, show_default=True, type=int, help="Rows of the search set.")
-@click.option("--objective", default=defaults.OBJECTIVE, show_default=True, help="esap, kl_pq, kl_qp or nll.")
-@click.option("--tolerance", default=defaults.ESAP_TOLERANCE, show_default=True, type=float, help="Certified ESAP bound width of the sparse teacher cache.")
+@opt("--data", help="Data spec (.txt/.jsonl file, dataset dir, or testbed:NAME) [default: with --plan the data it was "
+                     "searched on (plan.json), else the model's own for a shipped testbed (deep:mix for testbed-deep), "
+                     f"else {defaults.SEARCH_DATA}].")
+@opt("--seq-len", default=defaults.SEARCH_SEQ_LEN, type=int, help="Tokens per row (with --plan: as searched).")
+@opt("--num-seqs", default=defaults.SEARCH_SEQS, type=int, help="Rows of the search set (with --plan: as searched).")
+@opt("--objective", default=defaults.OBJECTIVE, help="esap, kl_pq, kl_qp or nll.")
+@opt("--tolerance", default=defaults.ESAP_TOLERANCE, type=float,
+     help="Certified ESAP bound width of the sparse teacher cache (with --plan: as searched).")
 @click.option("--exact", is_flag=True, help="Keep the full-vocabulary teacher distribution (bound width 0).")
 @click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @loading_options
-def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data: str, seq_len: int, num_seqs: int,
-         objective: str, tolerance: float, exact: bool, allow_long_context: bool, as_json: bool, **loading) -> None:
+def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data: str | None, seq_len: int | None,
+         num_seqs: int | None, objective: str | None, tolerance: float | None, exact: bool, allow_long_context: bool,
+         as_json: bool, **loading) -> None:
     """Teacher-forced agreement of a pruned model with the full model on a fixed token set: a plan's experts
-    masked on the full model (--plan), or an exported checkpoint (--pruned)."""
+    masked on the full model (--plan; scored on the data, rows and tolerance it was searched with, as plan.json
+    records them, unless given), or an exported checkpoint (--pruned)."""
     from allocopt.config import RunConfig
     from allocopt.runtime import load_model
     from allocopt.runtime.loading import open_model
     from allocopt.pipeline import prepare
-    from allocopt.plan import Plan
+    from allocopt.pipeline.run import SCORING_FIELDS
+    from allocopt.plan import PLAN_FILE, Plan
 
     if (plan_path is None) == (pruned_dir is None):
         raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
     plan = Plan.load(plan_path) if plan_path is not None else None
-    config = RunConfig.from_sources(None, {
-        "model": model_spec, "search_data": data, "seq_len": seq_len, "search_num_seqs": num_seqs,
-        "objective": objective, "tolerance": tolerance, "allow_long_context": allow_long_context,
-        **loading_overrides(loading)})
+    given = {"search_data": data, "search_seq_len": seq_len, "search_num_seqs": num_seqs, "objective": objective,
+             "tolerance": tolerance}
+    if plan is not None:                     # as the search scored it, where the plan records it and nothing is given
+        given.update({k: plan.extra.get(k) for k in (*SCORING_FIELDS, "objective") if given[k] is None})
+    given["seq_len"] = given.pop("search_seq_len")        # one length: the context check reads calibration's too
+    config = RunConfig.from_sources(None, {"model": model_spec, **given, "allow_long_context": allow_long_context,
+                                           **loading_overrides(loading)})
+    data, objective = config.search_data, config.objective
     options = config.load_options()
     source = open_model(config.model, config.trust_remote_code)
     config.check_context(source)
@@ -51,10 +61,14 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
         plan.validate_for(prepared.info, source=f"plan file {plan_path}")
         [v] = ev.evaluate([plan])                 # its bits too, where it has them
     else:
+        exported = Path(pruned_dir) / PLAN_FILE      # an allocopt export names the model it was pruned from
+        if exported.is_file():
+            Plan.load(exported).validate_for(prepared.info, source=f"the export {pruned_dir} (its {PLAN_FILE})")
         v = ev.score_model(load_model(str(pruned_dir), options)[0])
     if not v.ok:
         raise AllocoptError(f"the pruned model failed on {data}: {v.failed}; check the checkpoint's weights")
-    click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens "
-               f"({ev.direction}; teacher cache {ev.teacher.nbytes / 2**20:.2f} MB, {ev.teacher.mode})")
+    click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens of {data} "
+               f"({ev.direction}; teacher cache {ev.teacher.nbytes / 2**20:.2f} MiB, {ev.teacher.mode})")
     if as_json:
-        click.echo(json.dumps({"objective": objective, objective: v.value, "bound": [v.lo, v.hi], "tokens": v.tokens}))
+        click.echo(json.dumps({"objective": objective, objective: v.value, "bound": [v.lo, v.hi], "tokens": v.tokens,
+                               "data": data}))

@@ -9,6 +9,7 @@ import click
 
 from allocopt import defaults
 from allocopt.cli.options import load_options, loading_options
+from allocopt.config import shipped_corpus
 from allocopt.errors import AllocoptError
 
 
@@ -32,7 +33,7 @@ from allocopt.errors import AllocoptError
                    "not accelerate's --device-map, --max-memory or --offload-dir.")
 @click.option("--tasks-from", "corpus", type=click.Choice(["testbed", "deep"]), default=None,
               help="Whose held-out split the testbed tasks use: the first testbed's corpus, or the deep testbed's "
-                   "(the default for --model testbed-deep).")
+                   "(the default for --model testbed-deep and the checkpoints pruned from it).")
 @loading_options
 def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | None, limit: int | None, lm_eval_tasks: str | None,
              lm_eval_include: str | None, allow_long_context: bool, backend: str, corpus: str | None, **loading) -> None:
@@ -47,7 +48,7 @@ def evaluate(model_spec: str, plan_path: str | None, as_json: bool, out: str | N
     if lm_eval_include is not None and lm_eval_tasks is None:
         raise AllocoptError("--lm-eval-include needs --lm-eval-tasks; name the tasks to run from that folder")
     options = load_options(loading)
-    corpus = corpus or ("deep" if model_spec == "testbed-deep" else "testbed")
+    corpus = corpus or shipped_corpus(model_spec) or "testbed"
     if backend == "vllm":                   # an option vLLM cannot honour is refused before anything loads
         from allocopt.serving.vllm_engine import engine_kwargs
 

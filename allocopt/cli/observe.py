@@ -8,22 +8,27 @@ import click
 
 from allocopt import defaults
 from allocopt.cli.options import load_options, loading_options
+from allocopt.config import default_data
 
 
 @click.command("observe")
 @click.option("--model", "model_spec", default=defaults.MODEL, show_default=True, help="Checkpoint directory or `testbed`.")
-@click.option("--data", default=defaults.CALIBRATION_DATA, show_default=True,
-              help="Calibration data spec: testbed:NAME, a .txt/.jsonl file or a dataset directory.")
+@click.option("--data", default=None,
+              help="Calibration data spec: testbed:NAME, a .txt/.jsonl file or a dataset directory [default: a shipped "
+                   f"testbed's own mix (deep:mix for testbed-deep), else {defaults.CALIBRATION_DATA}].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Statistics file to write (.safetensors).")
-@click.option("--seq-len", default=defaults.CALIBRATION_SEQ_LEN, show_default=True, type=int, help="Tokens per row.")
-@click.option("--num-seqs", default=defaults.CALIBRATION_SEQS, show_default=True, type=int, help="Rows of calibration data.")
-@click.option("--batch-size", default=defaults.CALIBRATION_BATCH_SIZE, show_default=True, type=int, help="Rows per forward pass.")
-@click.option("--similarity-tokens", default=defaults.SIMILARITY_TOKENS, show_default=True, type=int,
+@click.option("--seq-len", default=defaults.CALIBRATION_SEQ_LEN, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per row.")
+@click.option("--num-seqs", default=defaults.CALIBRATION_SEQS, show_default=True, type=click.IntRange(min=1),
+              help="Rows of calibration data.")
+@click.option("--batch-size", default=defaults.CALIBRATION_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="Rows per forward pass.")
+@click.option("--similarity-tokens", default=defaults.SIMILARITY_TOKENS, show_default=True, type=click.IntRange(min=0),
               help="Real tokens per batch on which every expert runs once (expert similarity); 0 turns it off.")
 @click.option("--allow-long-context", is_flag=True, help="Allow --seq-len beyond the model's context (max_position_embeddings).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @loading_options
-def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, batch_size: int, similarity_tokens: int,
+def observe(model_spec: str, data: str | None, out: str, seq_len: int, num_seqs: int, batch_size: int, similarity_tokens: int,
             allow_long_context: bool, progress: bool, **loading) -> None:
     """Collect per-expert routing statistics (counts, gate and output-norm sums, expert similarity)."""
     from allocopt.calibration import observe as run_observer
@@ -34,6 +39,7 @@ def observe(model_spec: str, data: str, out: str, seq_len: int, num_seqs: int, b
     from allocopt.runtime import load_model
 
     options = load_options(loading)
+    data = data or default_data(model_spec, defaults.CALIBRATION_DATA)
     check_context(model_spec, seq_len, allow=allow_long_context, trust_remote_code=options.trust_remote_code)
     with output_dir(Path(out).parent):             # fail before the pass, not after it; a failed pass leaves no new folder
         model, tokenizer = load_model(model_spec, options)

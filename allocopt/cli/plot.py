@@ -32,7 +32,7 @@ def plot() -> None:
 @_storage
 @_study
 @_out
-@click.option("--ref-memory-gb", type=float, default=None,
+@click.option("--ref-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Hypervolume reference memory [default: unpruned expert memory, from the run's plan.json].")
 def pareto(target: str | None, storage: str | None, study_name: str | None, out: Path | None,
            ref_memory_gb: float | None) -> None:

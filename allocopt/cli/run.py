@@ -35,8 +35,9 @@ from allocopt.cli.options import (json_option, loading_options, loading_override
 @opt("--bits", metavar="LIST",
      help="Bit-widths the routed experts may also be stored at, e.g. 8,4 (int weight-only, group-wise, the "
           "compressed-tensors W8A16/W4A16 schemes): each layer's (count, bit-width) is searched under --memory/--memory-ratio.")
-@opt("--data", metavar="SPEC", default=D.SEARCH_DATA,
-     help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset dir.")
+@opt("--data", metavar="SPEC",
+     help="Data for calibration and search (split calibration/search): testbed:NAME, FILE.txt, FILE.jsonl or a dataset "
+          f"dir [default: a shipped testbed's own mix (deep:mix for testbed-deep), else {D.SEARCH_DATA}].")
 @opt("--calib-data", metavar="SPEC", help="Calibration data only (overrides --data).")
 @opt("--search-data", metavar="SPEC", help="Search (objective) data only (overrides --data).")
 @opt("--seq-len", type=int, default=D.SEARCH_SEQ_LEN, help="Tokens per row, calibration and search.")

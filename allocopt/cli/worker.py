@@ -15,7 +15,7 @@ from allocopt.cli.options import loading_options, loading_overrides
 @click.option("--storage", required=True, metavar="URL", help="Optuna storage URL of that search (e.g. postgresql://...).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Plans taken and evaluated together in one batched pass (more: faster per plan, less sharing).")
-@click.option("--idle-timeout", type=float, default=None,
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Exit after this many seconds without work [default: wait until the search is done].")
 @click.option("--exit-with-parent", type=int, default=None, hidden=True,
               help="Exit when the process with this id (the coordinator that started us) is gone.")

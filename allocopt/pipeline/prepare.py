@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from allocopt.config import RunConfig
 from allocopt.errors import AllocoptError
@@ -40,6 +40,14 @@ class Prepared:
     ranking: dict[int, list[int]] | None = None  # expert ids per layer, best first
     threads: Any = None                          # runtime.threads.ThreadGovernor (None where the user fixed threads)
 
+    def save_statistics(self) -> None:
+        """Store the routing statistics as the run directory's ``calibration.safetensors`` (the cache sibling runs
+        reuse), unless it holds them already. ``run_search`` calls this once the study accepted the run, so a refused
+        run leaves the directory as it was."""
+        target = self.config.run_dir / STATS_FILE
+        if _stats_fingerprints(target) != (self.stats.model_fingerprint, self.stats.data_fingerprint):
+            self.stats.save(target)
+
     def kept_for(self, counts: Sequence[int]) -> dict[int, list[int]]:
         """Expert counts in ``space.layers`` order -> each layer's kept ids: the first counts[l] of its ranking."""
         return {l: self.ranking[l][: int(c)] for l, c in zip(self.space.layers, counts)}
@@ -62,9 +70,12 @@ def check_request(config: RunConfig):
 
 
 def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, exact: bool = False, source: Any = None,
-            expect: Mapping[str, Any] | None = None) -> Prepared:
+            expect: Mapping[str, Any] | None = None, save_statistics: bool = True,
+            check_model: Callable[[Any, Any], None] | None = None) -> Prepared:
     """Load ``config.model`` once and build the search tokens and the evaluator; with ``search`` also the allocation
-    space, the routing statistics (cached in the run directory), the criterion's scores and the ranking.
+    space, the routing statistics (cached in the run directory, or later by ``Prepared.save_statistics`` when
+    ``save_statistics`` is False), the criterion's scores and the ranking. ``check_model(info, model)`` runs as soon
+    as the model is loaded, before calibration (a run refuses a study of other weights there).
 
     ``expect`` holds a study's ``model_fingerprint``/``search_fingerprint``: a model or search set that differs is
     refused (a worker on other weights would poison the study). ``exact`` keeps the full teacher distribution.
@@ -92,6 +103,8 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
                                 "with `allocopt run --name NEW`")
         raise AllocoptError(f"model {config.model} here differs from the one the study was scored with; "
                             "give the worker the same checkpoint")
+    if check_model is not None:
+        check_model(info, model)
     prepared = Prepared(config, model, tokenizer, info, tokens=None, evaluator=None, threads=threads)
     if search:
         from allocopt.criteria import ranking_from_scores
@@ -99,6 +112,8 @@ def prepare(config: RunConfig, *, search: bool = True, progress: bool = True, ex
         prepared.space, prepared.size = space_for(config, info, model)
         prepared.joint = joint_space_for(config, prepared.space, prepared.size)
         prepared.stats, prepared.calibration_reused = calibration_stats(model, tokenizer, info.fingerprint, config, progress)
+        if save_statistics:
+            prepared.save_statistics()
         prepared.scores = config.criterion_function()(prepared.stats)
         prepared.ranking = ranking_from_scores(prepared.scores, prepared.stats.layers,
                                                {l.index: l.groups for l in info.layers}, config.criterion)
@@ -207,7 +222,8 @@ def calibration_stats(model, tokenizer, model_fp: str, config: RunConfig, progre
     """Routing statistics for (model, calibration data): from a cache when the fingerprints match, else observed.
 
     Returns ``(stats, reused)``. The cache is this run's ``calibration.safetensors`` or a sibling run's, so
-    trying another criterion or budget on the same model and data never observes again.
+    trying another criterion or budget on the same model and data never observes again; nothing is written here
+    (``Prepared.save_statistics`` stores them in the run directory).
     """
     from allocopt.calibration import RoutingStats, observe
     from allocopt.data import load_tokens
@@ -217,17 +233,12 @@ def calibration_stats(model, tokenizer, model_fp: str, config: RunConfig, progre
     target = config.run_dir / STATS_FILE
     for candidate in [target, *sorted(config.run_dir.parent.glob(f"*/{STATS_FILE}"))]:
         if _stats_fingerprints(candidate) == (model_fp, data_fp):
-            stats = RoutingStats.load(candidate)
-            if candidate != target:
-                stats.save(target)
-            return stats, True
+            return RoutingStats.load(candidate), True
     found = _stats_fingerprints(target)
     if found is not None and found[0] != model_fp:
         log.warning(f"{target} holds statistics observed on another model (fingerprint {str(found[0])[:12]}, this one "
                     f"{model_fp[:12]}; or with an earlier allocopt): observing again")
-    stats = observe(model, tokens, batch_size=config.calib_batch_size, progress=progress)
-    stats.save(target)
-    return stats, False
+    return observe(model, tokens, batch_size=config.calib_batch_size, progress=progress), False
 
 
 def _stats_fingerprints(path: Path) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ weights load. Every evaluated plan is an Optuna trial, so re-running the same co
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -48,6 +49,7 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
 
     start = time.perf_counter()
     source, _ = check_request(config)
+    check_run_dir(config)
     with output_dir(config.run_dir) as run_dir, contextlib.ExitStack() as held:
         held.enter_context(exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", "an allocopt run writing there",
                                      "wait for it to finish, or pass another --out"))
@@ -60,11 +62,30 @@ def run_search(config: RunConfig, progress: bool = True) -> RunResult:
         return _search(config, source, run_dir, progress, start)
 
 
+def check_run_dir(config: RunConfig) -> None:
+    """Refuse a run directory that holds another run's plan.json (another ``run_name``): the run would replace it.
+    The same run again (a resumed or repeated search) writes its plan there as before."""
+    path = config.run_dir / PLAN_FILE
+    if not path.is_file():
+        return
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8")).get("run_name")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner != config.name:
+        held = f"run {owner!r}" if isinstance(owner, str) else "a run allocopt cannot name"
+        raise AllocoptError(f"--out {config.run_dir} holds the plan.json of {held}, which this run ({config.name!r}) "
+                            "would replace; pass another --out, or delete that plan.json first")
+
+
 def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: float) -> RunResult:
     from allocopt.models.adapter import legacy_fingerprint
     from allocopt.search.optimizers import SearchContext, get_optimizer
 
-    prepared = prepare(config, progress=progress, source=source)
+    def same_model(info, model) -> None:                 # before calibration: a study of other weights is refused
+        check_resumable(config, {"model_fingerprint": info.fingerprint}, None, legacy=lambda: legacy_fingerprint(model))
+
+    prepared = prepare(config, progress=progress, source=source, save_statistics=False, check_model=same_model)
     if prepared.joint is not None:
         return _joint_search(config, prepared, run_dir, progress, start)
     info, space, evaluator, ranking = prepared.info, prepared.space, prepared.evaluator, prepared.ranking
@@ -87,6 +108,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     if optimizer.memory_objective:                 # the dashboard's Pareto view: objective vs expert memory
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
     check_resumable(config, attrs, directions, legacy=lambda: legacy_fingerprint(prepared.model))
+    prepared.save_statistics()
     recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0     # optimizers maximise; the study keeps true values
@@ -139,6 +161,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
         "bound": _bound(values, recorder, best),
         "seed": config.seed,
         "model": config.model,
+        **scoring_fields(config),
         "sparsity": 1.0 - int(best.sum()) / total,
         "counts": [int(c) for c in best],
         "count_multiple": config.count_multiple,
@@ -224,6 +247,7 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
     if front_search:
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
     check_resumable(config, attrs, directions)
+    prepared.save_statistics()
     recorder = recorder_for(config, directions, attrs, metrics, space=joint, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
     sign = 1.0 if evaluator.direction == "maximize" else -1.0
@@ -262,7 +286,7 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
         "search_phases": {k: {m: round(v, 4) for m, v in row.items()} for k, row in cache.phases.items()} or None,
         "optimizer": config.optimizer, "criterion": config.criterion,
         "racing": _racing_note(racing, fidelity),
-        "bound": _bound(values, recorder, best), "seed": config.seed, "model": config.model,
+        "bound": _bound(values, recorder, best), "seed": config.seed, "model": config.model, **scoring_fields(config),
         "sparsity": 1.0 - sum(plan.counts) / total, "counts": plan.counts,
         "bits": [lp.bits for lp in plan.layers], "bit_options": list(joint.bits),
         "quantization": {"format": "compressed-tensors pack-quantized", "type": "int", "symmetric": True,
@@ -287,6 +311,16 @@ def _joint_search(config: RunConfig, prepared, run_dir: Path, progress: bool, st
                         "value": sign * float(v), "memory_bytes": int(b)} for x, v, b in front]})
     return RunResult(config, summary, plan_path, front_path, summary["new_evaluations"], prepared.calibration_reused,
                      trace, total_experts=total)
+
+
+def scoring_fields(config: RunConfig) -> dict[str, Any]:
+    """plan.json's record of the data a plan was searched on: what `allocopt esap --plan` reads back to score it as
+    the search did (``SCORING_FIELDS``), and the calibration data its ranking came from."""
+    return {key: getattr(config, key) for key in (*SCORING_FIELDS, "calib_data")}
+
+
+# RunConfig fields besides the objective that a plan's stored value depends on (recorded in plan.json).
+SCORING_FIELDS = ("search_data", "search_seq_len", "search_num_seqs", "tolerance")
 
 
 def objective_fields(objective: str, value: float, uniform_value: float) -> dict[str, Any]:
@@ -359,7 +393,7 @@ class CallClock:
         return {"wall_time_s": round(sum(calls.values()), 3), "wall_time_call_s": mine}
 
 
-def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[str],
+def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[str] | None,
                     legacy: Callable[[], str] | None = None) -> None:
     """Refuse to reuse a study whose trials were scored on another model, data, criterion, objective, budget or
     space (bit-widths included: a count-only study and a ``--bits`` one are different spaces), or that has another
@@ -367,15 +401,24 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[s
 
     ``legacy`` gives this model's fingerprint in the scheme before ``allocopt.models.identity`` (routers only): a
     study stored with it is refused too (that scheme could not tell apart models that differ only in their experts,
-    so a match proves nothing), with a message that says why rather than "another model"."""
+    so a match proves nothing), with a message that says why rather than "another model".
+
+    ``directions`` None is the early check, as soon as the model is loaded and before calibration: only the keys in
+    ``attrs`` (the model fingerprint) are compared, so a run on other weights is refused before it observes."""
     import optuna
 
+    from allocopt.search.study import sqlite_file
+
+    database = sqlite_file(config.storage_url)
+    if database is not None and not database.is_file():  # no study yet (and opening would create its file)
+        return
     try:
         study = optuna.load_study(study_name=config.name, storage=config.storage_url)
     except KeyError:
         return
-    differ = [k for k in _SAME_FOR_RESUME if k in study.user_attrs and study.user_attrs[k] != attrs.get(k)]
-    if study.user_attrs.get(BITS_ATTR) != attrs.get(BITS_ATTR):       # None: a count-only study (and older ones)
+    keys = [k for k in _SAME_FOR_RESUME if directions is not None or k in attrs]
+    differ = [k for k in keys if k in study.user_attrs and study.user_attrs[k] != attrs.get(k)]
+    if directions is not None and study.user_attrs.get(BITS_ATTR) != attrs.get(BITS_ATTR):   # None: count-only study
         differ.append("--bits")
     if "model_fingerprint" in differ and legacy is not None and study.user_attrs["model_fingerprint"] == legacy():
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} was made with allocopt's earlier model "
@@ -384,7 +427,7 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[s
     if differ:
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} was searched with another {', '.join(differ)}; "
                             "pass a new --name (or --storage) for this search")
-    if len(study.directions) != len(directions):
+    if directions is not None and len(study.directions) != len(directions):
         raise AllocoptError(f"study {config.name!r} in {config.storage_url} has {len(study.directions)} objective(s) and "
                             f"{config.optimizer} searches {len(directions)} (nsga2 adds memory to the objective); pass a "
                             "new --name (or --storage) for this search")

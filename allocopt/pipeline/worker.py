@@ -40,7 +40,9 @@ def serve(storage: str, study_name: str, batch: int = 1, idle_timeout: float | N
     deadline = time.monotonic() + (idle_timeout if idle_timeout is not None else math.inf)
     while RUN_CONFIG not in study.user_attrs:                # the coordinator may still be starting
         if time.monotonic() > deadline:
-            raise AllocoptError(f"study {study_name!r} has no run configuration; start it with `allocopt run --storage ...` first")
+            raise AllocoptError(f"study {study_name!r} hands out no work: it was searched in one process (without "
+                                "--workers), or its coordinator has not started yet; start the search with `allocopt run "
+                                "--workers N --storage URL`, then workers on that storage")
         time.sleep(POLL_S * 10)
     attrs = study.user_attrs
     config = RunConfig(**{**attrs[RUN_CONFIG], **{k: v for k, v in (loading or {}).items() if v not in (None, {})}})

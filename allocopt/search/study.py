@@ -114,6 +114,9 @@ def _check_server(parsed) -> None:
     shown = parsed.render_as_string(hide_password=True)
     try:
         engine = sqlalchemy.create_engine(parsed)
+    except sqlalchemy.exc.NoSuchModuleError as exc:
+        raise AllocoptError(f"storage {shown}: {parsed.drivername!r} is not a database SQLAlchemy knows; pass e.g. "
+                            "sqlite:///studies/run.db or postgresql://user@host/db") from exc
     except ImportError as exc:
         raise AllocoptError(f"storage {shown} needs a database driver that is not installed ({exc}); install it "
                             "(PostgreSQL: pip install 'allocopt[postgres]') or name an installed one in the URL") from exc

@@ -157,22 +157,29 @@ def fail_orphans(queue: StudyQueue) -> int:
     return failed
 
 
+RESUME_FIX = "drop --resume to start it, or pass the --name/--storage of the earlier run"
+WORKER_FIX = "pass the --storage and --study of a search started with `allocopt run --workers N --storage URL`"
+
+
 def require_study(storage: str, study_name: str) -> optuna.Study:
-    """The existing study (``--resume`` / ``allocopt worker``); a one-line error when there is none."""
-    return join_study(storage, study_name).study
+    """The existing study of ``--resume``; a one-line error when there is none (and no database is created)."""
+    return join_study(storage, study_name, fix=RESUME_FIX).study
 
 
-def join_study(url: str, study_name: str) -> StudyQueue:
+def join_study(url: str, study_name: str, fix: str = WORKER_FIX) -> StudyQueue:
     """A worker's handle on an existing study (its evaluations beat at the default interval until ``work`` reads
-    the coordinator's from the study); AllocoptError when there is no such study."""
+    the coordinator's from the study); AllocoptError naming ``fix`` when there is no such study. A missing SQLite
+    file is refused before Optuna opens it (opening would leave an empty study database behind)."""
     check_storage(url)
+    database = sqlite_file(url)
+    if database is not None and not database.is_file():
+        raise AllocoptError(f"no study {study_name!r}: the study database {database} does not exist; {fix}")
     storage = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise AllocoptError(f"no study {study_name!r} in {url} to resume; drop --resume to start it, "
-                            "or pass the --name/--storage of the earlier run") from None
+        raise AllocoptError(f"no study {study_name!r} in {url}; {fix}") from None
     return StudyQueue(study, storage, defaults.HEARTBEAT_INTERVAL_S)
 
 

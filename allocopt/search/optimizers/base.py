@@ -111,13 +111,18 @@ class Optimizer(ABC):
         return False
 
     def check(self, space: AllocationSpace | None, max_evals: int, options: Mapping[str, Any]) -> None:
-        """One AllocoptError line for options that do not parse (and, where an optimizer adds it, a budget too
-        small for ``space``), before any weights load."""
+        """One AllocoptError line for options that do not parse, or a budget that pays for no search (the uniform
+        plan alone; where an optimizer adds it, a budget too small for ``space``), before any weights load."""
         self.parse(options)
+        if not self.fixed_allocation and max_evals < MIN_SEARCH_EVALS:
+            raise AllocoptError(f"{self.name} needs at least {MIN_SEARCH_EVALS} evaluations (the uniform plan and one "
+                                f"other), got --evals {max_evals}; raise --evals (or use --optimizer uniform)")
 
     @abstractmethod
     def run(self, ctx: SearchContext) -> SearchResult: ...
 
+
+MIN_SEARCH_EVALS = 2       # a search evaluates the uniform plan and at least one other
 
 _CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "races", "check", "parse", "run")
 
