@@ -263,7 +263,8 @@ class StudyRecorder:
     def trial_system_attrs(self, plan: tuple[int, ...]) -> dict[str, Any]:
         """Optuna's own ``constraints`` of a trial: a plan off the run's budget (a sensitivity probe keeps more or
         fewer experts than the budget to measure a layer) is infeasible, so ``study.best_trial`` and
-        optuna-dashboard's best trial are the best plan on the budget, the one plan.json holds. Not for studies of
+        optuna-dashboard's best trial are the best plan on the budget, the one plan.json holds (for a search; a fixed
+        allocation's plan.json holds its own plan even where the uniform one scores higher). Not for studies of
         several objectives (NSGA-II's front spans budgets on purpose)."""
         if self.space is None or len(self.study.directions) > 1:
             return {}
