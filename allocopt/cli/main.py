@@ -43,6 +43,9 @@ class LazyGroup(click.Group):
         except AllocoptError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:             # outputs are written atomically: nothing half-written stays behind
+            click.echo(f"interrupted: allocopt {ctx.invoked_subcommand or ''} stopped".rstrip(), err=True)
+            sys.exit(130)
 
 
 class _StderrLines(logging.Handler):
