@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from allocopt.config import shipped_corpus
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_json, atomic_write_text
@@ -286,7 +287,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer = load_model(args.model)
     t = time.perf_counter()
-    corpus = args.tasks_from or ("deep" if args.model == "testbed-deep" else "testbed")
+    corpus = args.tasks_from or shipped_corpus(args.model) or "testbed"
     full = heldout(model, tokenizer, None, args.limit, runs_dir / "full-heldout.json", corpus)
     log(f"[full model] math EM {100 * full['math_em']:.1f}  MC {100 * full['mc_acc']:.1f}  ({time.perf_counter() - t:.0f} s)")
     runs = []

@@ -35,13 +35,14 @@ def main() -> None:
     import transformers
 
     from allocopt.calibration import observe
+    from allocopt.config import shipped_corpus
     from allocopt.criteria import rank
     from allocopt.data import load_tokens
     from allocopt.evaluation import evaluate
     from allocopt.models import describe, mask_experts
     from allocopt.runtime import load_model
 
-    corpus = args.corpus or ("deep" if args.model == "testbed-deep" else "testbed")
+    corpus = args.corpus or shipped_corpus(args.model) or "testbed"
     source = "deep" if corpus == "deep" else "testbed"
     start = time.time()
     model, tokenizer = load_model(args.model)

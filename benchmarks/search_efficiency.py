@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from allocopt import defaults as D
+from allocopt.config import default_data
 from allocopt.io import atomic_write_json, atomic_write_text
 
 METHODS = {                      # row -> (optimizer, options)
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", default="not recorded",
                     help="what else ran on the machine during the runs; the report says it (timings depend on it)")
     args = ap.parse_args(argv)
-    data = args.data or ("deep:mix" if args.model == "testbed-deep" else D.SEARCH_DATA)
+    data = args.data or default_data(args.model, D.SEARCH_DATA)
     stem = "search_efficiency" if args.model == D.MODEL else f"search_efficiency_{Path(args.model).name}"
     args.methods = [m for m in args.methods.split(",") if m]
     problems = []

@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from allocopt.config import shipped_corpus
 from allocopt.data.tokens import documents_to_tokens
 from allocopt.evaluation import evaluate
 from allocopt.models import describe, find_moe_blocks, mask_experts
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="items per evaluation task")
     parser.add_argument("--tasks-from", dest="corpus", default=None, help="testbed or deep [default: by --model]")
     args = parser.parse_args()
-    corpus = args.corpus or ("deep" if args.model == "testbed-deep" else "testbed")
+    corpus = args.corpus or shipped_corpus(args.model) or "testbed"
     model, tokenizer = load_model(args.model)
     log_path = resolve(args.model) / "train_log.json"
     trained = json.loads(log_path.read_text()) if log_path.is_file() else {}
