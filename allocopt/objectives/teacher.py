@@ -21,6 +21,7 @@ from typing import Callable, Literal
 import torch
 from safetensors.torch import load_file, save
 
+from allocopt import defaults
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_bytes
@@ -126,8 +127,9 @@ def build_teacher(logits_fn: Callable[[int, TokenSet], torch.Tensor], batches: l
     """``logits_fn(i, batch)`` -> the full model's logits [b, T, V] for micro-batch i. Sparse mode calls it twice
     per batch (one pass to choose the threshold from a mass histogram, one to store), which keeps peak
     memory at one micro-batch of logits instead of the whole set."""
-    if tolerance < 0:
-        raise AllocoptError(f"ESAP tolerance must be >= 0 (got {tolerance}); pass e.g. 1e-4")
+    if not 0 <= tolerance <= defaults.MAX_ESAP_TOLERANCE:        # RunConfig.validate checks it before loading
+        raise AllocoptError(f"ESAP tolerance {tolerance:g} is not a bound width in [0, {defaults.MAX_ESAP_TOLERANCE:g}] "
+                            f"(a wider bound cannot tell plans apart); pass e.g. {defaults.ESAP_TOLERANCE:g}")
     located = [scored_positions(b) for b in batches]
     logits_fn = _finite_logits(logits_fn, located)
     cut = _NUM_BINS
