@@ -407,10 +407,9 @@ def check_resumable(config: RunConfig, attrs: dict[str, Any], directions: list[s
     ``attrs`` (the model fingerprint) are compared, so a run on other weights is refused before it observes."""
     import optuna
 
-    from allocopt.search.study import sqlite_file
+    from allocopt.search.study import missing_database
 
-    database = sqlite_file(config.storage_url)
-    if database is not None and not database.is_file():  # no study yet (and opening would create its file)
+    if missing_database(config.storage_url) is not None:    # no study yet (and opening would create its file)
         return
     try:
         study = optuna.load_study(study_name=config.name, storage=config.storage_url)

@@ -65,6 +65,13 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database).resolve()
 
 
+def missing_database(url: str) -> Path | None:
+    """The SQLite file of ``url`` when it does not exist yet (None for one that exists, a server or memory): there is
+    no study to load, and opening the URL would create the file."""
+    database = sqlite_file(url)
+    return database if database is not None and not database.is_file() else None
+
+
 def check_storage(url: str) -> None:
     """Refuse a study database that is corrupt or belongs to another program before Optuna opens it.
 

@@ -47,6 +47,7 @@ from allocopt.search.study import (
     MEMORY_BYTES,
     StudyRecorder,
     check_storage,
+    missing_database,
     open_storage,
     outcome,
     sqlite_file,
@@ -171,8 +172,8 @@ def join_study(url: str, study_name: str, fix: str = WORKER_FIX) -> StudyQueue:
     the coordinator's from the study); AllocoptError naming ``fix`` when there is no such study. A missing SQLite
     file is refused before Optuna opens it (opening would leave an empty study database behind)."""
     check_storage(url)
-    database = sqlite_file(url)
-    if database is not None and not database.is_file():
+    database = missing_database(url)
+    if database is not None:
         raise AllocoptError(f"no study {study_name!r}: the study database {database} does not exist; {fix}")
     storage = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
