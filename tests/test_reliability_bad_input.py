@@ -172,6 +172,11 @@ CASES = [
     Case("esap of an export against another full model (--pruned)",
          lambda r: ["esap", "--model", str(r / "other"), "--pruned", str(r / "export"), "--data", str(r / "data.txt"), *SHORT],
          ("the export", "made for another model", "fingerprint")),
+    Case("esap of another tool's export (no plan.json) against a model it was not pruned from (--pruned)",
+         lambda r: ["esap", "--model", str(r / "deeper"), "--pruned", str(r / "foreign_export"), "--data",
+                    str(r / "data.txt"), *SHORT],
+         ("not a pruned copy of the full model", "num_hidden_layers is 3, the full model's 4",
+          "the model it was pruned from (--model)")),
     Case("empty calibration data (.txt)", lambda r: _run(r, data="empty.txt"),
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
@@ -258,6 +263,9 @@ def root(tmp_path_factory) -> Path:
     assert base.exit_code == 0, base.output
     export = runner.invoke(cli, ["prune", "--plan", str(root / "runs/base/plan.json"), "--out", str(root / "export"), "--quiet"])
     assert export.exit_code == 0, export.output
+    shutil.copytree(root / "export", root / "foreign_export")            # as another tool writes it: no plan.json
+    (root / "foreign_export" / "plan.json").unlink()
+    save_tiny_model(root / "deeper", seed=4, num_hidden_layers=4)
     shutil.copytree(root / "runs" / "base", root / "runs" / "full")      # a finished run the disk-full case reruns
     finished = json.loads((root / "runs" / "full" / "plan.json").read_text())
     (root / "runs" / "full" / "plan.json").write_text(json.dumps({**finished, "run_name": "full"}))

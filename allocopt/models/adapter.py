@@ -176,6 +176,20 @@ def text_config(model: nn.Module) -> Any:
     return getter() if callable(getter) else config
 
 
+PRUNING_KEEPS = ("vocab_size", "hidden_size", "num_hidden_layers")    # what expert pruning never changes
+
+
+def pruning_mismatch(full: nn.Module, pruned: nn.Module) -> str | None:
+    """Why ``pruned`` cannot be a pruned copy of ``full`` (a differing vocabulary, hidden size or layer count, the
+    shapes expert pruning keeps), or None where their configs agree on them (or do not state them)."""
+    a, b = text_config(full), text_config(pruned)
+    for name in PRUNING_KEEPS:
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        if x is not None and y is not None and x != y:
+            return f"its {name} is {y}, the full model's {x}"
+    return None
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES

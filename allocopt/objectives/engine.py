@@ -38,6 +38,7 @@ from allocopt import defaults
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.models import describe, mask_experts
+from allocopt.models.adapter import pruning_mismatch
 from allocopt.models.hooks import input_device
 from allocopt.models.quantization import WeightScheme, quantize_experts
 from allocopt.runtime.offload import is_offloaded
@@ -333,7 +334,12 @@ class Evaluator:
     @torch.no_grad()
     def score_model(self, other: nn.Module) -> ObjectiveValue:
         """The objective of another model on the same tokens against this teacher, e.g. an exported checkpoint,
-        which should score exactly what its plan scored under masking."""
+        which should score exactly what its plan scored under masking. Raises AllocoptError when ``other`` cannot be
+        a pruned copy of this model (another vocabulary, hidden size or layer count)."""
+        why = pruning_mismatch(self.model, other)
+        if why is not None:
+            raise AllocoptError(f"the pruned model is not a pruned copy of the full model ({why}); score it against "
+                                "the model it was pruned from (--model)")
         device = input_device(other)
         lo = hi = 0.0
         for batch, chunk in zip(self.batches, self.teacher.chunks):
