@@ -95,6 +95,7 @@ def test_killed_search_resumes_to_the_uninterrupted_plan(root, optimizer, record
 
 
 def test_resume_without_a_study_is_refused(root):
+    (root / "runs").mkdir(exist_ok=True)        # the study's folder exists (else its own refusal comes first)
     out = allocopt(*run_args(root, "never-ran", "--resume", *EVALS))
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "no study 'never-ran'" in out.stderr
