@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from allocopt import defaults as D
 from allocopt.errors import AllocoptError
+from allocopt.objectives.tolerance import check_tolerance
 from allocopt.plan import PLAN_FILE, check_allowed_counts, check_bits, require_compressed_tensors
 from allocopt.search.space import Budget, check_density
 
@@ -198,9 +199,7 @@ class RunConfig:
                                     f"front); {self.optimizer} searches counts only: drop --optimizer or --bits")
         if self.dtype is not None:
             check_dtype(self.dtype)
-        if not 0 <= self.tolerance <= D.MAX_ESAP_TOLERANCE:        # also objectives.teacher, for library callers
-            raise AllocoptError(f"--tolerance {self.tolerance:g} is not a bound width in [0, {D.MAX_ESAP_TOLERANCE:g}] "
-                                f"(a wider bound cannot tell plans apart); use e.g. {D.ESAP_TOLERANCE:g}, or 0 for exact")
+        check_tolerance(self.tolerance, "--tolerance")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
             raise AllocoptError(f"run name {self.run_name!r} must be non-empty and contain no '/'; pick a plain name")
         _check_names(self)

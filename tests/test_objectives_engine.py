@@ -53,6 +53,16 @@ def test_sparse_bound_contains_exact_esap_for_random_plans():
             assert abs(s.value - e.value) <= tol / 2 + 1e-5
 
 
+@pytest.mark.parametrize("tol", [-1e-4, 0.5, 5.0])
+def test_a_library_caller_meets_the_command_lines_tolerance_rule(tol):
+    """Evaluator built in Python (no RunConfig in front) refuses a bound too wide to rank plans, with the words the
+    command line uses."""
+    from allocopt.errors import AllocoptError
+
+    with pytest.raises(AllocoptError, match=rf"ESAP tolerance {tol:g} is not a bound width in \[0, 0.1\]"):
+        Evaluator(build_tiny_model("olmoe", seed=0), _tokens(), tolerance=tol)
+
+
 def _plain_esap(full, pruned, tokens: TokenSet) -> float:
     """Two plain forward passes, softmax in fp64, min, sum, mean over scored positions."""
     with torch.no_grad():

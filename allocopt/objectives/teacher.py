@@ -21,10 +21,10 @@ from typing import Callable, Literal
 import torch
 from safetensors.torch import load_file, save
 
-from allocopt import defaults
 from allocopt.data.tokens import TokenSet
 from allocopt.errors import AllocoptError
 from allocopt.io import atomic_write_bytes
+from allocopt.objectives.tolerance import check_tolerance
 
 Mode = Literal["sparse", "exact", "targets"]
 _BINS_PER_OCTAVE = 8           # threshold resolution: 2^(1/8) steps in p
@@ -127,9 +127,7 @@ def build_teacher(logits_fn: Callable[[int, TokenSet], torch.Tensor], batches: l
     """``logits_fn(i, batch)`` -> the full model's logits [b, T, V] for micro-batch i. Sparse mode calls it twice
     per batch (one pass to choose the threshold from a mass histogram, one to store), which keeps peak
     memory at one micro-batch of logits instead of the whole set."""
-    if not 0 <= tolerance <= defaults.MAX_ESAP_TOLERANCE:        # RunConfig.validate checks it before loading
-        raise AllocoptError(f"ESAP tolerance {tolerance:g} is not a bound width in [0, {defaults.MAX_ESAP_TOLERANCE:g}] "
-                            f"(a wider bound cannot tell plans apart); pass e.g. {defaults.ESAP_TOLERANCE:g}")
+    check_tolerance(tolerance)                          # RunConfig.validate checks it before loading
     located = [scored_positions(b) for b in batches]
     logits_fn = _finite_logits(logits_fn, located)
     cut = _NUM_BINS
