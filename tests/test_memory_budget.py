@@ -2,8 +2,6 @@
 bytes, counted by the code that writes the export, so what lands on disk is what the budget counted."""
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from allocopt.pipeline import run_search
 from allocopt.plan import Plan
 from allocopt.runtime import load_model
 from allocopt.runtime.loading import LoadOptions
+from allocopt.runtime.offload import tensor_bytes
 from reliability_kit import TEXT, save_tiny_model
 
 # per-expert tensors (olmoe, qwen2_moe with a shared expert, mixtral), group-limited routing with a selection bias
@@ -29,16 +28,6 @@ FAMILIES = {
     "deepseek_v3": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
     "gpt_oss": {},
 }
-
-
-def tensor_bytes(directory: Path) -> int:
-    """Bytes of every tensor in a checkpoint's safetensors files, read from their headers."""
-    total = 0
-    for path in sorted(directory.glob("*.safetensors")):
-        with open(path, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
