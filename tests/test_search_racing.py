@@ -285,3 +285,44 @@ def test_additive_model_recovers_a_separable_objective(space):
     cache(base[None])
     plan = sensitivity_search(cache, space, base, 6, rounds=4, radius=2)                   # the defaults
     assert tuple(plan) == brute
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 6), st.integers(0, 10_000))
+def test_pair_moves_are_the_level_switch_neighbourhood(n, step, seed):
+    from allocopt.search.mutation import pair_moves
+
+    rng = np.random.default_rng(seed)
+    lower = rng.integers(0, 3, n)
+    upper = lower + rng.integers(0, 6, n)
+    x = np.array([int(rng.integers(lo, hi + 1)) for lo, hi in zip(lower, upper)])
+    moves = pair_moves(x, lower, upper, step)
+    movable = [(i, j) for i in range(n) for j in range(n) if i != j and x[i] > lower[i] and x[j] < upper[j]]
+    assert len(moves) == len(movable) == len({tuple(m) for m in moves})
+    for (i, j), m in zip(movable, moves):
+        d = x[i] - m[i]
+        assert 1 <= d <= step and m[j] - x[j] == d and m.sum() == x.sum()
+        assert np.all(np.delete(m, [i, j]) == np.delete(x, [i, j])) and np.all((lower <= m) & (m <= upper))
+        assert d == min(step, x[i] - lower[i], upper[j] - x[j])          # a full step unless a bound stops it
+
+
+def test_the_sweep_finds_a_move_that_pays_only_for_two_layers_together(space):
+    """A plan gains only when layer 1 gives up a step of experts *and* layer 4 takes them: no one-layer probe sees
+    it (the additive model cannot), the sweep's single race over all L(L-1) moves does, and pays about a quarter of
+    an evaluation per move plus its few promotions."""
+    rows = ToyRows(space, rows=16, step=4, noise=0.002)
+    smooth = rows.f
+    rows.f = lambda X: smooth(X) + 0.1 * ((np.atleast_2d(X)[:, 1] <= 4) & (np.atleast_2d(X)[:, 4] >= 12))
+    ctx = SearchContext(space, rows.full, 0, 100, 8, {}, {}, None, options={"sweep": True}, fidelity=rows)
+    optimizer = get_optimizer("ga")
+    opts = optimizer.parse(ctx.options)
+    cache = ctx.cache(probes=True)
+    uniform = space.uniform()
+    cache(uniform[None])
+    found = optimizer._sweep(cache, space, uniform, 4, optimizer.schedule(ctx, opts), opts)
+    assert found is not None and found[1] == 4 and found[4] == 12 and space.contains(found)
+    moves = len(space.lower) * (len(space.lower) - 1)
+    assert cache.spent - 1 == pytest.approx(moves * 4 / 16 + opts.elites * 4 / 16 + 2 * 8 / 16)
+    result = optimizer.run(SearchContext(space, rows.full, 0, 100, 8, {}, {}, None, options={"sweep": True},
+                                         fidelity=rows))
+    assert result.best[1] <= 4 and result.best[4] >= 12 and result.phases["pair sweep"]["equivalents"] > 0
