@@ -91,7 +91,6 @@ RACE_Z = None
 GA_PATIENCE = 6
 GA_RESTART = "step"            # "dp": a restart after a fruitless one also re-linearises the DP around the best
 GA_DP_BUDGET_SHARE = 1 / 3
-GA_SWEEP = False                # after the warm start, race every single level-switch move of one step (L(L-1) plans)
 GA_WARM_START = True           # generation 0 also holds the sensitivity DP plan (its probes count toward --evals)
 
 # Sensitivity allocation (`dp`, and `ga`'s warm start; allocopt.search.sensitivity): at most this many counts probed

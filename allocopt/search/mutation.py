@@ -58,23 +58,6 @@ def level_switch(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, rng: np.ra
     return x
 
 
-def pair_moves(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, step: int) -> np.ndarray:
-    """[M, L]: the level-switch neighbourhood of ``x``: for every ordered pair of layers (i, j), i != j, ``x`` with
-    ``step`` experts moved from layer i to layer j (fewer where a bound stops them, none where it stops all), in
-    (i, j) order. A GA draws from this set at random; a sweep scores all of it (``ga``'s ``sweep`` option)."""
-    x = np.asarray(x, dtype=np.int64)
-    rows = []
-    for i in range(len(x)):
-        for j in range(len(x)):
-            d = min(int(step), int(x[i] - lower[i]), int(upper[j] - x[j]))
-            if i != j and d >= 1:
-                y = x.copy()
-                y[i] -= d
-                y[j] += d
-                rows.append(y)
-    return np.array(rows, dtype=np.int64).reshape(-1, len(x))
-
-
 class LevelSwitchMutation(Mutation):
     """pymoo wrapper of :func:`level_switch`; always applied (prob=1), bounds from the problem."""
 

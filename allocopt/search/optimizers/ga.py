@@ -19,8 +19,7 @@ Why these choices (measured with benchmarks/search_efficiency.py on the testbed,
 Options (``--option KEY=VALUE``; ``GeneticSearch.Options``, defaults in ``allocopt.defaults``): ``racing`` (bool),
 ``offspring``, ``elites``, ``crossover_prob``, ``mutation_max_delta``, ``mutation_max_moves``, ``warm_start`` (bool:
 the DP probes), ``dp_probes``, ``dp_rows``, ``dp_rounds``, ``dp_radius``, ``patience``, ``race_first_rows``,
-``race_z``, ``restart`` (``step`` or ``dp``), ``sweep`` (bool: after the warm start, race every single level-switch
-move of one step from its plan, L(L-1) plans). ``ctx.population`` is not used.
+``race_z``, ``restart`` (``step`` or ``dp``). ``ctx.population`` is not used.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
-from allocopt.search.mutation import LevelSwitchMutation, default_step, next_step, pair_moves, widest_step
+from allocopt.search.mutation import LevelSwitchMutation, default_step, next_step, widest_step
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.dp import MIN_PROBES, SensitivityAllocation, probe_budget, search_options
 from allocopt.search.optimizers.options import option
@@ -58,7 +57,6 @@ class GeneticSearch(Optimizer):
         race_first_rows: int | None = option(None, at_least=1)      # None: one micro-batch (the fidelity's step)
         race_z: float | None = option(defaults.RACE_Z)
         restart: str = option(defaults.GA_RESTART, choices=("step", "dp"))
-        sweep: bool = option(defaults.GA_SWEEP)
 
     def races(self, options) -> bool:
         return self.parse(options).racing
@@ -83,11 +81,6 @@ class GeneticSearch(Optimizer):
         if warm is not None and tuple(warm) != tuple(uniform):
             centres.append(warm)
         evaluate = (lambda X: race(cache, X, schedule, opts.race_z)) if schedule else cache
-        if opts.sweep and schedule is not None:
-            with cache.phase("pair sweep"):
-                swept = self._sweep(cache, space, centres[-1], step, schedule, opts)
-            if swept is not None:
-                centres.append(swept)
         problem = AllocationProblem(space, cache, evaluate=evaluate)
         restart = 0
         while not cache.exhausted:
@@ -124,21 +117,6 @@ class GeneticSearch(Optimizer):
             return None
         return sensitivity_search(cache, ctx.space, uniform, budget.probes, rows=budget.rows,
                                   allowance=defaults.GA_DP_BUDGET_SHARE * ctx.max_evals, **search_options(opts))
-
-    def _sweep(self, cache: EvaluationCache, space, centre: np.ndarray, step: int, schedule: RaceSchedule,
-               opts: Options) -> np.ndarray | None:
-        """Race every plan one level-switch move of ``step`` experts from ``centre`` (:func:`pair_moves`), keeping
-        about ``elites`` of them after the first stage; the best plan evaluated when one beats ``centre``, else
-        None. The additive model cannot see a move whose value comes from two layers together (a layer that only
-        pays once another gives up experts); the GA finds such moves by chance, the sweep in one race."""
-        moves = pair_moves(centre, space.lower, space.upper, step)
-        if not len(moves):
-            return None
-        keep = (min(1.0, opts.elites / len(moves)), *schedule.keep[1:]) if schedule.keep else ()
-        race(cache, moves, RaceSchedule(schedule.rows, keep), opts.race_z)
-        best, value = cache.best(space.budget)
-        centre_value = cache.values.get(tuple(int(c) for c in centre), -np.inf)
-        return best if value > centre_value else None
 
     def _relinearise(self, ctx: SearchContext, opts: Options, cache: EvaluationCache, best: np.ndarray
                      ) -> np.ndarray | None:
