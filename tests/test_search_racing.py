@@ -285,3 +285,20 @@ def test_additive_model_recovers_a_separable_objective(space):
     cache(base[None])
     plan = sensitivity_search(cache, space, base, 6, rounds=4, radius=2)                   # the defaults
     assert tuple(plan) == brute
+
+
+def test_dp_budget_check_prices_probes_on_the_rows_they_are_scored_on(space):
+    """Two probes per layer on 4 of 16 rows cost 6 x 2 x 1/4 = 3 evaluations besides the uniform and DP plans, so 8
+    pays for them; on all rows they need 14, which the check before loading (and the run) refuses in one line."""
+    rows = ToyRows(space, rows=16, step=4, noise=0.002)
+    optimizer = get_optimizer("dp")
+    optimizer.check(space, 8, {"dp_rows": 4, "dp_probes": 2})
+    result = optimizer.run(SearchContext(space, rows.full, 0, 8, 8, {}, {}, None,
+                                         options={"dp_rows": 4, "dp_probes": 2}, fidelity=rows))
+    assert result.spent <= 8 + 1e-9 and result.pruned >= 2 * space.size
+    assert result.best_value >= rows.full(space.uniform()[None])[0] and space.contains(result.best)
+    with pytest.raises(AllocoptError, match=r"dp needs at least 14 evaluations .*2 probes per layer"):
+        optimizer.check(space, 8, {"dp_probes": 2})
+    with pytest.raises(AllocoptError, match=r"dp needs at least 5 evaluations .*2 probes per layer .* on 4 rows"):
+        optimizer.run(SearchContext(space, rows.full, 0, 4, 8, {}, {}, None, options={"dp_rows": 4, "dp_probes": 2},
+                                    fidelity=rows))

@@ -11,6 +11,7 @@ count toward ``--evals`` like any evaluation, a probe on partial rows as its fra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from allocopt import defaults
@@ -60,19 +61,24 @@ class SensitivityAllocation(Optimizer):
         dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
 
     def check(self, space, max_evals: int, options) -> None:
-        self._check_budget(space, max_evals, self.parse(options))
+        opts = self.parse(options)
+        if opts.dp_rows is None:            # a probe on partial rows is priced by the search set, known only at run
+            self._check_budget(space, max_evals, opts, per_probe=1.0)
 
-    def _check_budget(self, space, max_evals: int, opts: Options) -> None:
+    def _check_budget(self, space, max_evals: int, opts: Options, per_probe: float) -> None:
+        """Refuse a budget below the uniform plan, the DP plan and the fewest probes (``per_probe`` evaluations
+        each: 1 on all rows, a fraction on ``dp_rows``)."""
         probes = opts.dp_probes
-        need = (probes or MIN_PROBES) * space.size + 2 if space is not None else 0
+        need = math.ceil((probes or MIN_PROBES) * space.size * per_probe + 2 - 1e-9) if space is not None else 0
         if max_evals < need:
             per_layer = f"{probes} probes per layer (--option dp_probes)" if probes else "two probes per layer"
-            raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer} and the DP "
+            rows = f" on {opts.dp_rows} rows" if opts.dp_rows is not None and per_probe < 1 else ""
+            raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer}{rows} and the DP "
                                 f"plan), got --evals {max_evals}; raise --evals" + (" or lower dp_probes" if probes else ""))
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opts = self.parse(ctx.options)
-        self._check_budget(ctx.space, ctx.max_evals, opts)
+        self._check_budget(ctx.space, ctx.max_evals, opts, per_probe=probe_cost(ctx.fidelity, opts.dp_rows))
         space, cache = ctx.space, ctx.cache(probes=True)
         base = space.uniform()
         cache(base[None])
