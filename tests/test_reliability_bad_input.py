@@ -177,6 +177,14 @@ CASES = [
                     str(r / "data.txt"), *SHORT],
          ("not a pruned copy of the full model", "num_hidden_layers is 3, the full model's 4",
           "the model it was pruned from (--model)")),
+    *(Case(f"esap of a checkpoint that cannot be pruned from --model: {label} (--pruned)",
+           lambda r, name=name: ["esap", "--model", str(r / "model"), "--pruned", str(r / name), "--data",
+                                 str(r / "data.txt"), *SHORT], ("not a pruned copy of the full model", *words))
+      for label, name, words in (
+          ("more experts per layer", "wider", ("its layer 0 holds 16 routed experts, more than the full model's 8",)),
+          ("another family of the same sizes", "alien", ("its model_type is qwen2_moe, the full model's olmoe",)),
+          ("an export whose plan.json keeps more than its weights hold", "export_wrong_plan",
+           ("its layer 0 holds", "fewer than the 8 its plan keeps", "export its plan again (allocopt prune)")))),
     Case("empty calibration data (.txt)", lambda r: _run(r, data="empty.txt"),
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
@@ -266,6 +274,13 @@ def root(tmp_path_factory) -> Path:
     shutil.copytree(root / "export", root / "foreign_export")            # as another tool writes it: no plan.json
     (root / "foreign_export" / "plan.json").unlink()
     save_tiny_model(root / "deeper", seed=4, num_hidden_layers=4)
+    save_tiny_model(root / "wider", seed=4, num_experts=16)
+    save_tiny_model(root / "alien", seed=4, family="qwen2_moe")
+    shutil.copytree(root / "export", root / "export_wrong_plan")           # weights of one plan, plan.json of another
+    wrong = json.loads((root / "export" / "plan.json").read_text())
+    wrong["layers"][0]["kept"] = list(range(wrong["layers"][0]["num_experts"]))
+    wrong.pop("counts", None)                                             # its summary would disagree first
+    (root / "export_wrong_plan" / "plan.json").write_text(json.dumps(wrong))
     shutil.copytree(root / "runs" / "base", root / "runs" / "full")      # a finished run the disk-full case reruns
     finished = json.loads((root / "runs" / "full" / "plan.json").read_text())
     (root / "runs" / "full" / "plan.json").write_text(json.dumps({**finished, "run_name": "full"}))

@@ -62,9 +62,12 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
         [v] = ev.evaluate([plan])                 # its bits too, where it has them
     else:
         exported = Path(pruned_dir) / PLAN_FILE      # an allocopt export names the model it was pruned from
+        planned = None
         if exported.is_file():
-            Plan.load(exported).validate_for(prepared.info, source=f"the export {pruned_dir} (its {PLAN_FILE})")
-        v = ev.score_model(load_model(str(pruned_dir), options)[0])
+            own = Plan.load(exported)
+            own.validate_for(prepared.info, source=f"the export {pruned_dir} (its {PLAN_FILE})")
+            planned = {lp.index: len(lp.kept) for lp in own.layers}
+        v = ev.score_model(load_model(str(pruned_dir), options)[0], planned)
     if not v.ok:
         raise AllocoptError(f"the pruned model failed on {data}: {v.failed}; check the checkpoint's weights")
     click.echo(f"{objective} {v.value:.6f}  bound [{v.lo:.6f}, {v.hi:.6f}]  over {v.tokens} scored tokens of {data} "

@@ -17,7 +17,7 @@ import hashlib
 import json
 import weakref
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -176,17 +176,28 @@ def text_config(model: nn.Module) -> Any:
     return getter() if callable(getter) else config
 
 
-PRUNING_KEEPS = ("vocab_size", "hidden_size", "num_hidden_layers")    # what expert pruning never changes
+PRUNING_KEEPS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")   # what expert pruning never changes
 
 
-def pruning_mismatch(full: nn.Module, pruned: nn.Module) -> str | None:
-    """Why ``pruned`` cannot be a pruned copy of ``full`` (a differing vocabulary, hidden size or layer count, the
-    shapes expert pruning keeps), or None where their configs agree on them (or do not state them)."""
+def pruning_mismatch(full: nn.Module, pruned: nn.Module, planned: Mapping[int, int] | None = None) -> str | None:
+    """Why ``pruned`` cannot be a pruned copy of ``full``, in words, or None where it can be: another model type,
+    vocabulary, hidden size or layer count (what expert pruning keeps), other MoE layers, a layer holding more routed
+    experts than ``full``'s, or fewer than ``planned`` (decoder-layer index -> experts its plan keeps: a compact export
+    holds exactly those, a padded one more). Config fields a model does not state are not compared."""
     a, b = text_config(full), text_config(pruned)
     for name in PRUNING_KEEPS:
         x, y = getattr(a, name, None), getattr(b, name, None)
         if x is not None and y is not None and x != y:
             return f"its {name} is {y}, the full model's {x}"
+    have = {blk.info.index: blk.info.num_experts for blk in find_moe_blocks(pruned)}
+    full_counts = {blk.info.index: blk.info.num_experts for blk in find_moe_blocks(full)}
+    if sorted(have) != sorted(full_counts):
+        return f"its MoE layers are {sorted(have)}, the full model's {sorted(full_counts)}"
+    for layer, n in have.items():
+        if n > full_counts[layer]:
+            return f"its layer {layer} holds {n} routed experts, more than the full model's {full_counts[layer]}"
+        if planned is not None and layer in planned and n < planned[layer]:
+            return f"its layer {layer} holds {n} routed experts, fewer than the {planned[layer]} its plan keeps"
     return None
 
 

@@ -332,14 +332,14 @@ class Evaluator:
                               row_tokens=tuple(int(t) for t in row_tokens), layer_tokens=s.layer_tokens)
 
     @torch.no_grad()
-    def score_model(self, other: nn.Module) -> ObjectiveValue:
+    def score_model(self, other: nn.Module, planned: Mapping[int, int] | None = None) -> ObjectiveValue:
         """The objective of another model on the same tokens against this teacher, e.g. an exported checkpoint,
         which should score exactly what its plan scored under masking. Raises AllocoptError when ``other`` cannot be
-        a pruned copy of this model (another vocabulary, hidden size or layer count)."""
-        why = pruning_mismatch(self.model, other)
+        a pruned copy of this model, or hold ``planned`` (layer -> experts its plan keeps): ``pruning_mismatch``."""
+        why = pruning_mismatch(self.model, other, planned)
         if why is not None:
             raise AllocoptError(f"the pruned model is not a pruned copy of the full model ({why}); score it against "
-                                "the model it was pruned from (--model)")
+                                "the model it was pruned from (--model), or export its plan again (allocopt prune)")
         device = input_device(other)
         lo = hi = 0.0
         for batch, chunk in zip(self.batches, self.teacher.chunks):
