@@ -80,6 +80,7 @@ def check_run_dir(config: RunConfig) -> None:
 
 def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: float) -> RunResult:
     from allocopt.models.adapter import legacy_fingerprint
+    from allocopt.search.fidelity import RowGrid
     from allocopt.search.optimizers import SearchContext, get_optimizer
 
     def same_model(info, model) -> None:                 # before calibration: a study of other weights is refused
@@ -108,6 +109,8 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
     if optimizer.memory_objective:                 # the dashboard's Pareto view: objective vs expert memory
         directions, metrics = directions + ["minimize"], metrics + ["memory_bytes"]
     check_resumable(config, attrs, directions, legacy=lambda: legacy_fingerprint(prepared.model))
+    rows = None if uses_queue(config) else RowGrid(evaluator.num_rows, evaluator.rows_for(1))
+    optimizer.check_budget(search_space, config.max_evals, dict(config.options), rows)    # before anything is written
     prepared.save_statistics()
     recorder = recorder_for(config, directions, attrs, metrics, space=space, ranking=ranking)
     recorded = recorder.wrap(evaluate_plans, optimizer=config.optimizer)
@@ -126,8 +129,7 @@ def _search(config: RunConfig, source, run_dir: Path, progress: bool, start: flo
 
     # Racing scores plans on the first rows of the search set; the queue of a multi-process search (workers.py)
     # hands out whole evaluations only, so there every plan is scored on all rows.
-    fidelity = None if uses_queue(config) else StudyFidelity(recorded, space.expand, sign, evaluator.num_rows,
-                                                               evaluator.rows_for(1))
+    fidelity = None if rows is None else StudyFidelity(recorded, space.expand, sign, rows.rows, rows.step)
     uniform = search_space.uniform()
     uniform_value = float(evaluate(uniform[None, :])[0])
     trace = [{"equivalents": 0.0, "layer_tokens": evaluator.counters["layer_tokens"],

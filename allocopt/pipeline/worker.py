@@ -65,7 +65,15 @@ class WorkerPool:
         self.recorder, self.extra, self.procs = recorder, extra, []
 
     def __enter__(self) -> Self:
-        self.procs = [subprocess.Popen(self.args, stdin=subprocess.DEVNULL) for _ in range(self.extra)]
+        from transformers.utils import logging as hf_logging
+
+        # The run reports the search: a worker's own count line would add to it (and to an error's one line), and a
+        # quiet run's workers show no loading bars either.
+        env = dict(os.environ)
+        if not hf_logging.is_progress_bar_enabled():
+            env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        self.procs = [subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+                      for _ in range(self.extra)]
         self._wait_until_ready()
         return self
 

@@ -59,6 +59,15 @@ class Score:
         return cls(len(tokens), sign * np.asarray(row_sums, dtype=float), tokens)
 
 
+@dataclass(frozen=True)
+class RowGrid:
+    """The rows a partial score can use: ``rows`` in the search set, scored in micro-batches of ``step`` rows. What a
+    budget check prices partial-row work by before the search (``Optimizer.check_budget``)."""
+
+    rows: int
+    step: int
+
+
 class Fidelity(Protocol):
     """Partial scoring for an optimizer (``SearchContext.fidelity``); counts are in the optimizer's space."""
 

@@ -13,7 +13,7 @@ from allocopt.errors import AllocoptError
 from allocopt.search.optimizers.options import NoOptions, check_options_class, parse_options
 
 if TYPE_CHECKING:                 # the registry imports this module; pymoo (via problem) loads with an optimizer
-    from allocopt.search.fidelity import Fidelity
+    from allocopt.search.fidelity import Fidelity, RowGrid
     from allocopt.search.problem import EvaluationCache
     from allocopt.search.space import AllocationSpace
 
@@ -118,13 +118,21 @@ class Optimizer(ABC):
             raise AllocoptError(f"{self.name} needs at least {MIN_SEARCH_EVALS} evaluations (the uniform plan and one "
                                 f"other), got --evals {max_evals}; raise --evals (or use --optimizer uniform)")
 
+    def check_budget(self, space: AllocationSpace, max_evals: int, options: Mapping[str, Any],
+                     fidelity: RowGrid | None) -> None:
+        """One AllocoptError line for a budget that cannot pay for the search once its search set is known
+        (``fidelity``: its rows and micro-batch step; None where every plan is scored on all rows), called by the
+        runner before the study is written. Default: nothing more than :meth:`check`."""
+        return None
+
     @abstractmethod
     def run(self, ctx: SearchContext) -> SearchResult: ...
 
 
 MIN_SEARCH_EVALS = 2       # a search evaluates the uniform plan and at least one other
 
-_CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "races", "check", "parse", "run")
+_CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "races", "check", "check_budget", "parse",
+                 "run")
 
 
 def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int]] | None = None,

@@ -60,12 +60,20 @@ class SensitivityAllocation(Optimizer):
         dp_rounds: int = option(defaults.DP_ROUNDS, at_least=1)
         dp_radius: int = option(defaults.DP_RADIUS, at_least=1)
 
+    def races(self, options) -> bool:
+        return self.parse(options).dp_rows is not None      # probes on partial rows need the runner's fidelity
+
     def check(self, space, max_evals: int, options) -> None:
         opts = self.parse(options)
         if opts.dp_rows is None:            # a probe on partial rows is priced by the search set, known only at run
             self._check_budget(space, max_evals, opts, per_probe=1.0)
 
-    def _check_budget(self, space, max_evals: int, opts: Options, per_probe: float) -> None:
+    def check_budget(self, space, max_evals: int, options, fidelity) -> None:
+        opts = self.parse(options)
+        self._check_budget(space, max_evals, opts, per_probe=probe_cost(fidelity, opts.dp_rows),
+                           partial=fidelity is not None)
+
+    def _check_budget(self, space, max_evals: int, opts: Options, per_probe: float, partial: bool = True) -> None:
         """Refuse a budget below the uniform plan, the DP plan and the fewest probes (``per_probe`` evaluations
         each: 1 on all rows, a fraction on ``dp_rows``)."""
         probes = opts.dp_probes
@@ -73,12 +81,14 @@ class SensitivityAllocation(Optimizer):
         if max_evals < need:
             per_layer = f"{probes} probes per layer (--option dp_probes)" if probes else "two probes per layer"
             rows = f" on {opts.dp_rows} rows" if opts.dp_rows is not None and per_probe < 1 else ""
+            whole = (" (dp_rows needs partial scoring, which a search over --workers > 1 or a server storage does "
+                     "not have: it scores every plan on all rows)" if opts.dp_rows is not None and not partial else "")
             raise AllocoptError(f"dp needs at least {need} evaluations (the uniform plan, {per_layer}{rows} and the DP "
-                                f"plan), got --evals {max_evals}; raise --evals" + (" or lower dp_probes" if probes else ""))
+                                f"plan), got --evals {max_evals}{whole}; raise --evals" + (" or lower dp_probes" if probes else ""))
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opts = self.parse(ctx.options)
-        self._check_budget(ctx.space, ctx.max_evals, opts, per_probe=probe_cost(ctx.fidelity, opts.dp_rows))
+        self.check_budget(ctx.space, ctx.max_evals, ctx.options, ctx.fidelity)
         space, cache = ctx.space, ctx.cache(probes=True)
         base = space.uniform()
         cache(base[None])

@@ -59,7 +59,8 @@ class GeneticSearch(Optimizer):
         restart: str = option(defaults.GA_RESTART, choices=("step", "dp"))
 
     def races(self, options) -> bool:
-        return self.parse(options).racing
+        opts = self.parse(options)
+        return opts.racing or opts.dp_rows is not None        # the warm start's probes on partial rows too
 
     def schedule(self, ctx: SearchContext, opts: Options) -> RaceSchedule | None:
         """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
