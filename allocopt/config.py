@@ -77,22 +77,39 @@ class RunConfig:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_sources(cls, problem: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
-        """Merge defaults, the problem file and ``overrides`` (None values mean "not given"), then validate."""
+    def from_sources(cls, problem: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                     recorded: tuple[str, Mapping[str, Any]] | None = None) -> "RunConfig":
+        """Merge defaults, the problem file, ``recorded`` (a source's words and the values it recorded, e.g. a plan
+        file's scoring settings) and ``overrides`` (the command line), later over earlier (None values mean "not
+        given"), then validate; an error about a value names the source that gave it."""
         layers: list[tuple[str, Mapping[str, Any]]] = []
         if problem is not None:
             layers.append((f"problem file {problem}", read_problem(problem)))
+        if recorded is not None:
+            layers.append((recorded[0], {k: v for k, v in recorded[1].items() if v is not None}))
         if overrides:
             layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for source, raw in layers:
             layer = _expand(raw, source)
             options = {**values.get("options", {}), **layer.pop("options", {})}   # merged key by key
             values.update(layer, options=options)
+            sources.update(dict.fromkeys(layer, source))
         model = values.get("model", D.MODEL)
         values.setdefault("calib_data", default_data(model, D.CALIBRATION_DATA))
         values.setdefault("search_data", default_data(model, D.SEARCH_DATA))
-        return cls(**values).validate()
+        config = cls(**values)
+        object.__setattr__(config, "_sources", sources)       # not a field: a problem file cannot set it
+        return config.validate()
+
+    def _named(self, key: str, flag: str | None = None) -> str:
+        """How an error names field ``key``: its flag (and the key, where they differ) when the command line or
+        nothing gave it, else the source and the key (``problem file p.toml: tolerance``)."""
+        source = getattr(self, "_sources", {}).get(key, "command line")
+        if source != "command line":
+            return f"{source}: {key}"
+        return flag if flag is not None else f"{FLAGS[key]} ({key})" if key in FLAGS else key
 
     # ---- derived --------------------------------------------------------------------------------
     @property
@@ -182,8 +199,7 @@ class RunConfig:
                          ("workers", 1), ("count_multiple", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
-                flag = f"{FLAGS[key]} ({key})" if key in FLAGS else key
-                raise AllocoptError(f"{flag} must be >= {low}, got {value}; raise it")
+                raise AllocoptError(f"{self._named(key)} must be >= {low}, got {value}; raise it")
         if self.allowed_counts is not None:
             check_allowed_counts(self.allowed_counts)
         if self.bits is not None:
@@ -199,7 +215,7 @@ class RunConfig:
                                     f"front); {self.optimizer} searches counts only: drop --optimizer or --bits")
         if self.dtype is not None:
             check_dtype(self.dtype)
-        check_tolerance(self.tolerance, "--tolerance")
+        check_tolerance(self.tolerance, self._named("tolerance", "--tolerance"))
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
             raise AllocoptError(f"run name {self.run_name!r} must be non-empty and contain no '/'; pick a plain name")
         _check_names(self)

@@ -53,14 +53,21 @@ def test_sparse_bound_contains_exact_esap_for_random_plans():
             assert abs(s.value - e.value) <= tol / 2 + 1e-5
 
 
-@pytest.mark.parametrize("tol", [-1e-4, 0.5, 5.0])
-def test_a_library_caller_meets_the_command_lines_tolerance_rule(tol):
-    """Evaluator built in Python (no RunConfig in front) refuses a bound too wide to rank plans, with the words the
-    command line uses."""
+@pytest.mark.parametrize("tol, words", [(-1e-4, "ESAP tolerance -0.0001 is not a bound width in [0, 0.1]"),
+                                        (5, "ESAP tolerance 5.0 is not a bound width in [0, 0.1]"),
+                                        (0.10000001, "ESAP tolerance 0.10000001 is not"),      # not printed as 0.1
+                                        (float("nan"), "ESAP tolerance nan is not"),
+                                        ("abc", "ESAP tolerance must be a number, got str 'abc'"),
+                                        (None, "ESAP tolerance must be a number, got NoneType None"),
+                                        (True, "ESAP tolerance must be a number, got bool True")])
+def test_a_library_caller_meets_the_command_lines_tolerance_rule(tol, words):
+    """Evaluator built in Python (no RunConfig in front) refuses a bound too wide to rank plans, or not a number,
+    in one AllocoptError line with the words the command line uses."""
     from allocopt.errors import AllocoptError
 
-    with pytest.raises(AllocoptError, match=rf"ESAP tolerance {tol:g} is not a bound width in \[0, 0.1\]"):
+    with pytest.raises(AllocoptError) as refused:
         Evaluator(build_tiny_model("olmoe", seed=0), _tokens(), tolerance=tol)
+    assert words in str(refused.value) and "\n" not in str(refused.value)
 
 
 def _plain_esap(full, pruned, tokens: TokenSet) -> float:

@@ -166,7 +166,20 @@ CASES = [
            (f"{name} needs at least 2 evaluations", f"got --evals {n}", "raise --evals"))
       for n, name in ((1, "ga"), (1, "evoesap"), (1, "cmaes"))),
     Case("--tolerance too wide to tell plans apart", lambda r: _run(r, "--tolerance", "5"),
-         ("--tolerance 5 is not a bound width in [0, 0.1]", "use e.g. 0.0001")),
+         ("--tolerance 5.0 is not a bound width in [0, 0.1]", "use e.g. 0.0001")),
+    Case("--tolerance just above the range (printed as given, not rounded to it)",
+         lambda r: _run(r, "--tolerance", "0.10000001"), ("--tolerance 0.10000001 is not a bound width in [0, 0.1]",)),
+    Case("tolerance too wide in a problem file (named as the file's, not --tolerance)",
+         lambda r: ["run", "--problem", str(r / "wide_tolerance.toml")],
+         ("wide_tolerance.toml: tolerance 0.5 is not a bound width in [0, 0.1]",)),
+    Case("tolerance too wide in the plan esap --plan rescores (named as the plan file's)",
+         lambda r: ["esap", "--model", str(r / "model"), "--plan", str(r / "plan_wide_tolerance.json"),
+                    "--data", str(r / "data.txt"), *SHORT],
+         ("plan file", "plan_wide_tolerance.json: tolerance 5.0 is not a bound width",)),
+    Case("tolerance of the wrong type in the plan esap --plan rescores",
+         lambda r: ["esap", "--model", str(r / "model"), "--plan", str(r / "plan_text_tolerance.json"),
+                    "--data", str(r / "data.txt"), *SHORT],
+         ("plan file", "plan_text_tolerance.json: tolerance must be float, got str 'abc'",)),
     Case("--out holding another run's plan (run)", lambda r: _run(r, out="runs/base"),
          ("holds the plan.json of run 'base'", "this run ('x') would replace", "pass another --out"), watch=("runs/base",)),
     Case("a run its study refuses (another model) leaves the run directory as it was",
@@ -317,6 +330,9 @@ def root(tmp_path_factory) -> Path:
     (root / "long.toml").write_text(f'model = "{root / "model"}"\ndata = "{root / "data.txt"}"\ncalib_seq_len = 300\n'
                                     f'out = "{root / "runs" / "long"}"\n')
     (root / "unknown_key.toml").write_text("sparsity = 0.5\npopulaton = 8\n")
+    (root / "wide_tolerance.toml").write_text(f'model = "{root / "model"}"\ndata = "{root / "data.txt"}"\ntolerance = 0.5\n')
+    for name, tolerance in (("wide", 5), ("text", "abc")):
+        (root / f"plan_{name}_tolerance.json").write_text(json.dumps({**plan, "tolerance": tolerance}))
     (root / "wrong_type.toml").write_text('evals = "many"\n')
     (root / "blocker").write_text("a regular file where a directory is expected\n")
     return root

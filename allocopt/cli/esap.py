@@ -46,11 +46,15 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     plan = Plan.load(plan_path) if plan_path is not None else None
     given = {"search_data": data, "search_seq_len": seq_len, "search_num_seqs": num_seqs, "objective": objective,
              "tolerance": tolerance}
-    if plan is not None:                     # as the search scored it, where the plan records it and nothing is given
-        given.update({k: plan.extra.get(k) for k in (*SCORING_FIELDS, "objective") if given[k] is None})
-    given["seq_len"] = given.pop("search_seq_len")        # one length: the context check reads calibration's too
+    recorded = {}                            # as the search scored it, where the plan records it and nothing is given
+    if plan is not None:
+        recorded = {k: plan.extra.get(k) for k in (*SCORING_FIELDS, "objective") if given[k] is None}
+    for layer in (given, recorded):          # one length: the context check reads calibration's too
+        if "search_seq_len" in layer:
+            layer["seq_len"] = layer.pop("search_seq_len")
     config = RunConfig.from_sources(None, {"model": model_spec, **given, "allow_long_context": allow_long_context,
-                                           **loading_overrides(loading)})
+                                           **loading_overrides(loading)},
+                                    recorded=(f"plan file {plan_path}", recorded) if recorded else None)
     data, objective = config.search_data, config.objective
     options = config.load_options()
     source = open_model(config.model, config.trust_remote_code)
