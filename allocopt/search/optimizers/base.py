@@ -83,7 +83,8 @@ class Optimizer(ABC):
     memory_bytes), as NSGA-II's front needs; ``races(options)`` says the optimizer races candidates on partial
     fidelity when ``ctx.fidelity`` allows (the runner reports when it cannot); ``check(space, max_evals, options)``
     refuses bad options or a budget too small with one AllocoptError before the model loads (``space`` may be None
-    when only the loaded model tells it)."""
+    when only the loaded model tells it), and ``check_budget(space, max_evals, options, fidelity)`` once the search
+    set's rows are known, before anything is written."""
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
