@@ -104,8 +104,9 @@ class RunConfig:
         return config.validate()
 
     def _named(self, key: str, flag: str | None = None) -> str:
-        """How an error names field ``key``: its flag (and the key, where they differ) when the command line or
-        nothing gave it, else the source and the key (``problem file p.toml: tolerance``)."""
+        """How an error names field ``key``: ``flag`` when given, else its flag and key for a field in ``FLAGS``
+        (``--seq-len (calib_seq_len)``), else the key, when the command line or nothing gave it; the source and the
+        key where a file gave it (``problem file p.toml: tolerance``)."""
         source = getattr(self, "_sources", {}).get(key, "command line")
         if source != "command line":
             return f"{source}: {key}"
