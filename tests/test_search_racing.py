@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.search.fidelity import RowGrid
 from allocopt.search.optimizers import SearchContext, get_optimizer
 from allocopt.search.optimizers.dp import ProbeBudget, probe_budget
 from allocopt.search.problem import EvaluationCache
@@ -302,3 +303,16 @@ def test_dp_budget_check_prices_probes_on_the_rows_they_are_scored_on(space):
     with pytest.raises(AllocoptError, match=r"dp needs at least 5 evaluations .*2 probes per layer .* on 4 rows"):
         optimizer.run(SearchContext(space, rows.full, 0, 4, 8, {}, {}, None, options={"dp_rows": 4, "dp_probes": 2},
                                     fidelity=rows))
+
+
+@pytest.mark.parametrize("name, options", [("dp", {"dp_rows": 17}), ("ga", {"dp_rows": 17}),
+                                           ("ga", {"race_first_rows": 20})])
+def test_row_options_above_the_search_set_are_refused_not_read_as_all_rows(space, name, options):
+    """``dp_rows`` or ``race_first_rows`` above the 16 search rows would silently score every plan on all rows (no
+    partial scoring); the library refuses them at the run as the runner does before writing, and accepts 16."""
+    rows = ToyRows(space, rows=16, step=4, noise=0.002)
+    optimizer = get_optimizer(name)
+    (option, value), = options.items()
+    with pytest.raises(AllocoptError, match=rf"--option {option}={value} is more than the search set's 16 rows"):
+        optimizer.run(SearchContext(space, rows.full, 0, 40, 8, {}, {}, None, options=options, fidelity=rows))
+    optimizer.check_budget(space, 40, {option: 16}, RowGrid(16, 4))

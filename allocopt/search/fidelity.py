@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from allocopt.errors import AllocoptError
 from allocopt.objectives.rowstats import cluster_se, paired, pooled
 
 
@@ -66,6 +67,15 @@ class RowGrid:
 
     rows: int
     step: int
+
+
+def check_rows(grid: RowGrid | Fidelity | None, option: str, rows: int | None) -> None:
+    """One AllocoptError line when the row-count option ``option`` (``dp_rows``, ``race_first_rows``) asks for more
+    rows than ``grid``'s search set has: it would silently mean all of them, no partial scoring at all. Nothing to
+    check without partial scoring (``grid`` None: every plan is scored on all rows)."""
+    if grid is not None and rows is not None and rows > grid.rows:
+        raise AllocoptError(f"--option {option}={rows} is more than the search set's {grid.rows} rows; use at most "
+                            f"{grid.rows} (or leave {option} out)")
 
 
 class Fidelity(Protocol):

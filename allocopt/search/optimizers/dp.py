@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from allocopt import defaults
 from allocopt.errors import AllocoptError
+from allocopt.search.fidelity import check_rows
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.options import option
 from allocopt.search.sensitivity import probe_cost, sensitivity_search
@@ -69,7 +70,11 @@ class SensitivityAllocation(Optimizer):
             self._check_budget(space, max_evals, opts, per_probe=1.0)
 
     def check_budget(self, space, max_evals: int, options, fidelity) -> None:
-        opts = self.parse(options)
+        self._check_search(space, max_evals, self.parse(options), fidelity)
+
+    def _check_search(self, space, max_evals: int, opts: Options, fidelity) -> None:
+        """``check_budget`` on parsed options (``run`` checks with those it parsed)."""
+        check_rows(fidelity, "dp_rows", opts.dp_rows)
         self._check_budget(space, max_evals, opts, per_probe=probe_cost(fidelity, opts.dp_rows),
                            partial=fidelity is not None)
 
@@ -88,7 +93,7 @@ class SensitivityAllocation(Optimizer):
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opts = self.parse(ctx.options)
-        self.check_budget(ctx.space, ctx.max_evals, ctx.options, ctx.fidelity)
+        self._check_search(ctx.space, ctx.max_evals, opts, ctx.fidelity)
         space, cache = ctx.space, ctx.cache(probes=True)
         base = space.uniform()
         cache(base[None])

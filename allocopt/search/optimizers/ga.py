@@ -30,6 +30,7 @@ from pymoo.algorithms.soo.nonconvex.ga import GA
 from pymoo.operators.crossover.pntx import TwoPointCrossover
 
 from allocopt import defaults
+from allocopt.search.fidelity import check_rows
 from allocopt.search.mutation import LevelSwitchMutation, default_step, next_step, widest_step
 from allocopt.search.optimizers.base import Optimizer, SearchContext, SearchResult, result_from
 from allocopt.search.optimizers.dp import MIN_PROBES, SensitivityAllocation, probe_budget, search_options
@@ -62,12 +63,21 @@ class GeneticSearch(Optimizer):
         opts = self.parse(options)
         return opts.racing or opts.dp_rows is not None        # the warm start's probes on partial rows too
 
+    def check_budget(self, space, max_evals: int, options, fidelity) -> None:
+        self._check_rows(self.parse(options), fidelity)
+
+    @staticmethod
+    def _check_rows(opts: Options, fidelity) -> None:
+        check_rows(fidelity, "dp_rows", opts.dp_rows)
+        check_rows(fidelity, "race_first_rows", opts.race_first_rows)
+
     def schedule(self, ctx: SearchContext, opts: Options) -> RaceSchedule | None:
         """The race of one generation, or None when racing is off or impossible (no fidelity, one micro-batch)."""
         return race_schedule(ctx.fidelity, opts.race_first_rows) if opts.racing else None
 
     def run(self, ctx: SearchContext) -> SearchResult:
         opts, space = self.parse(ctx.options), ctx.space
+        self._check_rows(opts, ctx.fidelity)
         schedule = self.schedule(ctx, opts)
         offspring = opts.offspring or (defaults.GA_RACE_OFFSPRING if schedule else defaults.GA_OFFSPRING)
         step = dmax = opts.mutation_max_delta or default_step(space)
