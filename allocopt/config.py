@@ -268,6 +268,8 @@ def read_problem(path: str | Path) -> dict[str, Any]:
         raise AllocoptError(f"problem file {path} does not exist; pass one of problems/*.toml or your own TOML file") from exc
     except OSError as exc:
         raise AllocoptError(f"cannot read problem file {path} ({exc.strerror}); check the path and permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise AllocoptError(f"problem file {path} is not UTF-8 text (byte {exc.start}); pass a TOML file") from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

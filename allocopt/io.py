@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: an interrupted or failed write never leaves a half-written output."""
+"""Atomic file and directory writes (an interrupted or failed write never leaves a half-written output), and JSON
+reads that fail in one line."""
 from __future__ import annotations
 
 import contextlib
@@ -105,6 +106,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:                               # someone else's process: alive
         return True
     return True
+
+
+def read_json(path: str | os.PathLike, source: str, remedy: str) -> Any:
+    """The JSON value in ``path``; a file that is not UTF-8 text or not JSON is one AllocoptError line "``source`` is
+    not valid JSON (why); ``remedy``". OSErrors (a missing file) pass through for the caller's own message."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AllocoptError(f"{source} is not valid JSON (not UTF-8 text, byte {exc.start}); {remedy}") from exc
+    except json.JSONDecodeError as exc:
+        raise AllocoptError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}); {remedy}") from exc
 
 
 def _write_error(path: Path, exc: BaseException) -> AllocoptError:

@@ -136,6 +136,22 @@ CASES = [
     Case("plan whose summary disagrees with its layers (prune)",
          lambda r: ["prune", "--plan", str(r / "stale_counts.json"), "--model", str(r / "model"), "--out", str(r / "pruned"),
                     "--quiet"], ('"counts"', "disagrees with its layers", 'remove "counts"')),
+    *(Case(f"{what} that is not text", args, words) for what, args, words in (
+        ("plan file (prune)", lambda r: ["prune", "--plan", str(r / "binary.json"), "--model", str(r / "model"), "--out",
+                                         str(r / "pruned"), "--quiet"],
+         ("plan file", "binary.json is not valid JSON (not UTF-8 text, byte 0)", "regenerate it with `allocopt run`")),
+        ("plan whose JSON is cut short (prune)", lambda r: ["prune", "--plan", str(r / "cut_short.json"), "--model",
+                                                            str(r / "model"), "--out", str(r / "pruned"), "--quiet"],
+         ("cut_short.json is not valid JSON", "at line 1", "regenerate it")),
+        ("problem file (run)", lambda r: ["run", "--problem", str(r / "binary.json"), "--out", str(r / "runs/x")],
+         ("problem file", "binary.json is not UTF-8 text (byte 0)", "pass a TOML file")),
+        ("front file (plot pareto)", lambda r: ["plot", "pareto", str(r / "binary_front" / "front.json"), "--out",
+                                                str(r / "plots")],
+         ("front.json is not valid JSON (not UTF-8 text, byte 0)", "{counts, esap, memory_bytes}")),
+        ("study pointer (plot convergence)", lambda r: ["plot", "convergence", str(r / "binary_run"), "--out",
+                                                        str(r / "plots")],
+         ("study.json is not valid JSON (not UTF-8 text, byte 0)", '{"storage", "study_name"}')),
+    )),
     Case("--out holding the plan being exported (prune)",
          lambda r: ["prune", "--plan", str(r / "runs/base/plan.json"), "--model", str(r / "model"), "--out", str(r / "runs"),
                     "--overwrite", "--quiet"], ("--out", "holds the plan", "pass another --out"), watch=("runs",)),
@@ -206,6 +222,11 @@ CASES = [
           ("another family of the same sizes", "alien", ("its model_type is qwen2_moe, the full model's olmoe",)),
           ("an export whose plan.json keeps more than its weights hold", "export_wrong_plan",
            ("its layer 0 holds", "fewer than the 8 its plan keeps", "export its plan again (allocopt prune)")))),
+    Case("esap of an export whose plan.json is not JSON (--pruned)",
+         lambda r: ["esap", "--model", str(r / "model"), "--pruned", str(r / "export_corrupt_plan"), "--data",
+                    str(r / "data.txt"), *SHORT],
+         ("the export", "export_corrupt_plan (its plan.json) is not valid JSON", "allocopt prune",
+          "delete", "to score the weights alone")),
     Case("empty calibration data (.txt)", lambda r: _run(r, data="empty.txt"),
          ("empty.txt is empty", "provide calibration/search text")),
     Case("too-short calibration data (.txt)", lambda r: _run(r, data="short.txt"),
@@ -285,6 +306,11 @@ def root(tmp_path_factory) -> Path:
     (root / "future").mkdir()
     (root / "future" / "config.json").write_text(json.dumps({"model_type": "moe_from_the_future",
                                                              "architectures": ["FutureMoeForCausalLM"]}))
+    (root / "binary.json").write_bytes(bytes(range(255, 0, -1)))           # e.g. a weights file passed by mistake
+    (root / "cut_short.json").write_text('{"format": 1, "layers": [')
+    for run, name in (("binary_front", "front.json"), ("binary_run", "study.json")):    # a run's file that is not text
+        (root / run).mkdir()
+        shutil.copy(root / "binary.json", root / run / name)
     transformers.T5Config(vocab_size=256, d_model=32, d_ff=64, num_layers=1, num_heads=2).save_pretrained(root / "t5")
 
     runner = CliRunner()
@@ -302,6 +328,9 @@ def root(tmp_path_factory) -> Path:
     wrong["layers"][0]["kept"] = list(range(wrong["layers"][0]["num_experts"]))
     wrong.pop("counts", None)                                             # its summary would disagree first
     (root / "export_wrong_plan" / "plan.json").write_text(json.dumps(wrong))
+    shutil.copytree(root / "export", root / "export_corrupt_plan")         # a plan.json cut short (a full disk)
+    text = (root / "export" / "plan.json").read_text()
+    (root / "export_corrupt_plan" / "plan.json").write_text(text[: len(text) // 2])
     shutil.copytree(root / "runs" / "base", root / "runs" / "full")      # a finished run the disk-full case reruns
     finished = json.loads((root / "runs" / "full" / "plan.json").read_text())
     (root / "runs" / "full" / "plan.json").write_text(json.dumps({**finished, "run_name": "full"}))

@@ -68,8 +68,10 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
         exported = Path(pruned_dir) / PLAN_FILE      # an allocopt export names the model it was pruned from
         planned = None
         if exported.is_file():
-            own = Plan.load(exported)
-            own.validate_for(prepared.info, source=f"the export {pruned_dir} (its {PLAN_FILE})")
+            where = f"the export {pruned_dir} (its {PLAN_FILE})"
+            own = Plan.load(exported, source=where, remedy=f"export the plan again with `allocopt prune`, or delete "
+                                                           f"{exported} to score the weights alone")
+            own.validate_for(prepared.info, source=where)
             planned = {lp.index: len(lp.kept) for lp in own.layers}
         v = ev.score_model(load_model(str(pruned_dir), options)[0], planned)
     if not v.ok:

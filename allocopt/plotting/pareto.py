@@ -11,7 +11,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from allocopt.errors import AllocoptError
+from allocopt.io import read_json
 from allocopt.plotting.output import counts_field, default_out_dir, new_figure, save_csv, save_figure, save_json
 from allocopt.plotting.sources import Evaluation, Source, resolve_sources
 
@@ -110,13 +110,14 @@ def reference_memory_bytes(source: Source, points: list[Evaluation], override_gb
 
 def _front_file_points(path: Path) -> list[Evaluation]:
     """front.json: a list of {counts, esap|value, memory_bytes}, or an object holding that list as "points"."""
+    fix = "it must list {counts, esap, memory_bytes} points"
+    obj = read_json(path, str(path), fix)
     try:
-        obj = json.loads(path.read_text())
         rows = obj["points"] if isinstance(obj, dict) else obj
         return [Evaluation(-1, float(r["esap"] if "esap" in r else r["value"]), float(r["memory_bytes"]),
                            tuple(int(c) for c in r["counts"]), "nsga2", False) for r in rows]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise AllocoptError(f"{path} is malformed ({exc!r}); it must list {{counts, esap, memory_bytes}} points") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AllocoptError(f"{path} is malformed ({exc!r}); {fix}") from exc
 
 
 def _points(source: Source) -> tuple[list[Evaluation], str]:

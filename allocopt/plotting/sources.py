@@ -11,7 +11,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from allocopt.errors import AllocoptError
+from allocopt.io import read_json
 from allocopt.pipeline.run import FRONT_FILE
 from allocopt.plan import PLAN_FILE, Plan
 from allocopt.search.study import (
@@ -174,11 +174,12 @@ def _run_dir_study(run_dir: Path) -> StudyRef | None:
     `allocopt run` records), else the sibling ``<run>.db`` named after the run."""
     pointer = run_dir / STUDY_POINTER
     if pointer.is_file():
+        fix = 'it must hold {"storage", "study_name"}'
+        obj = read_json(pointer, str(pointer), fix)
         try:
-            obj = json.loads(pointer.read_text())
             return StudyRef(_check_storage(str(obj["storage"])), str(obj["study_name"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise AllocoptError(f"{pointer} is malformed ({exc!r}); it must hold {{\"storage\", \"study_name\"}}") from exc
+        except (KeyError, TypeError) as exc:
+            raise AllocoptError(f"{pointer} is malformed ({exc!r}); {fix}") from exc
     plan_path = run_dir / PLAN_FILE
     if plan_path.is_file():
         extra = Plan.load(plan_path).extra
