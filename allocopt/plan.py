@@ -136,6 +136,9 @@ class Plan:
             obj = read_json(path, source, remedy)
         except FileNotFoundError as exc:
             raise AllocoptError(f"plan file {path} does not exist; pass the plan.json written by `allocopt run`") from exc
+        except OSError as exc:                       # a directory, no read permission, ...
+            raise AllocoptError(f"cannot read plan file {path} ({exc.strerror}); pass the plan.json written by "
+                                "`allocopt run`") from exc
         return cls.from_json(obj, source=source)
 
     # ---- validation --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     records them, unless given), or an exported checkpoint (--pruned)."""
     from allocopt.config import RunConfig
     from allocopt.runtime import load_model
-    from allocopt.runtime.loading import open_model
+    from allocopt.runtime.loading import open_model, resolve
     from allocopt.pipeline import prepare
     from allocopt.pipeline.run import SCORING_FIELDS
     from allocopt.plan import PLAN_FILE, Plan
@@ -44,6 +44,9 @@ def esap(model_spec: str, plan_path: Path | None, pruned_dir: Path | None, data:
     if (plan_path is None) == (pruned_dir is None):
         raise AllocoptError("give exactly one of --plan PLAN.json or --pruned EXPORT_DIR")
     plan = Plan.load(plan_path) if plan_path is not None else None
+    if pruned_dir is not None:                   # before the full model loads, in the words of this option
+        resolve(pruned_dir, what="--pruned", fix="pass the checkpoint directory that `allocopt prune --out` (or "
+                                                 "another pruning tool) wrote")
     given = {"search_data": data, "search_seq_len": seq_len, "search_num_seqs": num_seqs, "objective": objective,
              "tolerance": tolerance}
     recorded = {}                            # as the search scored it, where the plan records it and nothing is given

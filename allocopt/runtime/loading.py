@@ -222,19 +222,22 @@ def _shipped_models() -> dict[str, Any]:
     return {"testbed": first, "testbed-deep": deep}
 
 
-def resolve(spec: str | Path) -> Path:
-    """The checkpoint directory a model spec names, checked to hold a config.json."""
+def resolve(spec: str | Path, what: str = "model", fix: str | None = None) -> Path:
+    """The checkpoint directory a model spec names, checked to hold a config.json. Errors call it ``what`` (the
+    option that gave it, e.g. ``--pruned``) and advise ``fix`` instead of the defaults for a ``--model``."""
     shipped = _shipped_models()
     path = shipped[str(spec)]() if str(spec) in shipped else Path(spec).expanduser()
     if not path.exists() and str(spec) in shipped:
         raise AllocoptError(f"the {spec} checkpoint {path} is missing; reinstall allocopt or pass --model PATH")
     if not path.exists():
-        raise AllocoptError(f"model path {path} does not exist; pass a local checkpoint directory or one of "
-                            f"{', '.join(sorted(shipped))} (no hub downloads)")
+        raise AllocoptError(f"{what} path {path} does not exist; " + (fix or "pass a local checkpoint directory or "
+                            f"one of {', '.join(sorted(shipped))} (no hub downloads)"))
     if not path.is_dir():
-        raise AllocoptError(f"model path {path} is a file, not a directory; pass the checkpoint directory that holds config.json")
+        raise AllocoptError(f"{what} path {path} is a file, not a directory; "
+                            + (fix or "pass the checkpoint directory that holds config.json"))
     if not (path / "config.json").is_file():
-        raise AllocoptError(f"model directory {path} has no config.json; pass a transformers checkpoint directory")
+        raise AllocoptError(f"{what} directory {path} has no config.json; "
+                            + (fix or "pass a transformers checkpoint directory"))
     return path
 
 
