@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers
 
 import allocopt.testbed
@@ -225,11 +226,27 @@ def test_saved_dataset_splits_are_all_used_and_calibration_and_search_share_no_r
     second = [tokenizer.decode(row[mask.bool()]).split(":")[0] for row, mask in zip(search.input_ids, search.attention_mask)]
     assert first == ["math document 0", "code document 0", "math document 2", "code document 2", "math document 4"]
     assert second == ["math document 1", "code document 1", "math document 3", "code document 3", "math document 5"]
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{saved_dataset} has no calibration/search splits, so {split} gets rows {rows} (5 rows) of 'math' (6 rows), "
-        f"'code' (4 rows) and {other} gets rows {other_rows}"
-        for split, rows, other, other_rows in (("calibration", "0, 2, 4, ...", "search", "1, 3, 5, ..."),
-                                               ("search", "1, 3, 5, ...", "calibration", "0, 2, 4, ..."))]
+    assert [r.getMessage() for r in caplog.records] == [note for split, rows, other, other_rows in (
+        ("calibration", "0, 2, 4, ...", "search", "1, 3, 5, ..."), ("search", "1, 3, 5, ...", "calibration", "0, 2, 4, ..."))
+        for note in (f"{saved_dataset} has no calibration/search splits, so {split} gets rows {rows} (5 rows) of 'math' "
+                     f"(6 rows), 'code' (4 rows) and {other} gets rows {other_rows}",
+                     f"{saved_dataset} gives 5 {split} rows of up to 512 tokens, fewer than the 100 asked; all 5 are "
+                     "used (more text or a lower row count silences this)")]
+
+
+def test_data_with_fewer_rows_than_asked_is_used_whole_with_a_note(tokenizer, tmp_path, caplog):
+    """A text file of 3 windows asked for 50 rows gives its 3 and says so; asked for 3 (or fewer) it says nothing."""
+    path = tmp_path / "short.txt"
+    ids = tokenizer("the router picks experts. " * 200, add_special_tokens=False)["input_ids"]
+    path.write_text(tokenizer.decode(ids[:3 * 64 + 10]), encoding="utf-8")
+    with caplog.at_level("INFO", logger="allocopt"):
+        whole = load_tokens(str(path), tokenizer, seq_len=64, num_seqs=50)
+        rows = len(whole.input_ids)
+        exact = load_tokens(str(path), tokenizer, seq_len=64, num_seqs=rows)
+    assert rows >= 2 and len(exact.input_ids) == rows and torch.equal(whole.input_ids, exact.input_ids)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("allocopt")] == [
+        f"{path} gives {rows} search rows of up to 64 tokens, fewer than the 50 asked; all {rows} are used (more text "
+        "or a lower row count silences this)"]
 
 
 def test_observe_cli_says_which_rows_calibration_got(saved_dataset, tmp_path):

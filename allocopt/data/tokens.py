@@ -361,9 +361,19 @@ def documents_to_tokens(docs: Sequence[Document], tokenizer, seq_len: int, num_s
 
 
 def load_tokens(spec: str, tokenizer, seq_len: int, num_seqs: int, split: str = "search") -> TokenSet:
-    """Load ``num_seqs`` rows of ``seq_len`` tokens from a data spec (see module docstring)."""
+    """Load ``num_seqs`` rows of ``seq_len`` tokens from a data spec (see module docstring); data that gives fewer
+    rows is used whole, with a note saying so (a plan records the row count asked, not the one scored)."""
     if seq_len < 2 or num_seqs < 1:
         raise AllocoptError(f"seq_len must be >= 2 and num_seqs >= 1 (got {seq_len}, {num_seqs}); raise them")
+    tokens = _read_tokens(spec, tokenizer, seq_len, num_seqs, split)
+    rows = len(tokens.input_ids)
+    if rows < num_seqs:
+        log.info(f"{spec} gives {rows} {split} rows of up to {seq_len} tokens, fewer than the {num_seqs} asked; all "
+                 f"{rows} are used (more text or a lower row count silences this)")
+    return tokens
+
+
+def _read_tokens(spec: str, tokenizer, seq_len: int, num_seqs: int, split: str) -> TokenSet:
     prefix, _, name = spec.partition(":")
     source = _source(prefix) if name else None
     if source is not None:
