@@ -103,11 +103,16 @@ class RunConfig:
         object.__setattr__(config, "_sources", sources)       # not a field: a problem file cannot set it
         return config.validate()
 
+    def source_of(self, key: str) -> str | None:
+        """Which source set field ``key``: "command line", "problem file P", a recorded source's words; None where
+        the default (or a config built without :meth:`from_sources`) gave it."""
+        return getattr(self, "_sources", {}).get(key)
+
     def _named(self, key: str, flag: str | None = None) -> str:
         """How an error names field ``key``: ``flag`` when given, else its flag and key for a field in ``FLAGS``
         (``--seq-len (calib_seq_len)``), else the key, when the command line or nothing gave it; the source and the
         key where a file gave it (``problem file p.toml: tolerance``)."""
-        source = getattr(self, "_sources", {}).get(key, "command line")
+        source = self.source_of(key) or "command line"
         if source != "command line":
             return f"{source}: {key}"
         return flag if flag is not None else f"{FLAGS[key]} ({key})" if key in FLAGS else key

@@ -9,6 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from allocopt.config import RunConfig
 from allocopt import criteria
 from allocopt.cli.main import cli
 from allocopt.objectives import engine
@@ -61,3 +62,37 @@ def test_esap_reads_config_once_and_scores_the_plan_the_run_wrote(root, config_r
     assert len(config_reads) == 1
     value = json.loads(result.output.strip().splitlines()[-1])["esap"]
     assert value == pytest.approx(json.loads(plan.read_text())["value"], abs=1e-9)
+
+
+@pytest.mark.parametrize("optimizer, given, noted", [
+    ("ga", {"population": 8}, True),                     # ga's generations are its offspring option: ignored
+    ("dp", {"population": 8}, True),
+    ("evoesap", {"population": 8}, False),               # EvoESAP's generation is --population plans
+    ("nsga2", {"population": 8}, False),
+    ("ga", {"population": 8, "generations": 3}, False),  # the budget is 3 x 8 evaluations: it counts
+    ("ga", {}, False),                                   # the default, not given
+])
+def test_a_population_the_optimizer_does_not_use_is_noted(optimizer, given, noted, caplog, tmp_path):
+    """``--population`` on the command line for an optimizer that does not size generations by it changed nothing,
+    silently; now a note says so (a problem file's population, written for several optimizers, is not noted)."""
+    from allocopt.pipeline.prepare import check_options
+
+    config = RunConfig.from_sources(None, {"optimizer": optimizer, **given, "out": str(tmp_path)})
+    with caplog.at_level("INFO", logger="allocopt"):
+        check_options(config, None)
+    notes = [r.getMessage() for r in caplog.records if "does not use --population" in r.getMessage()]
+    assert notes == ([f"{optimizer} does not use --population 8 (its generations are sized by its own options; "
+                      "--population counts only with --generations, as generations x population evaluations): it "
+                      "changes nothing in this run"] if noted else [])
+
+
+def test_a_problem_files_population_is_not_noted(caplog, tmp_path):
+    from allocopt.pipeline.prepare import check_options
+
+    problem = tmp_path / "p.toml"
+    problem.write_text('optimizer = "ga"\npopulation = 32\nevals = 100\n')
+    config = RunConfig.from_sources(problem, {"out": str(tmp_path)})
+    with caplog.at_level("INFO", logger="allocopt"):
+        check_options(config, None)
+    assert config.population == 32 and config.source_of("population") == f"problem file {problem}"
+    assert not [r for r in caplog.records if "--population" in r.getMessage()]

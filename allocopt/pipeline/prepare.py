@@ -204,7 +204,8 @@ def peek_space(config: RunConfig, source):
 
 def check_options(config: RunConfig, space) -> None:
     """The optimizer's own check of ``--option`` values and the budget, before any weights load; ``space`` is in
-    experts (None: known only after loading). With ``--bits`` the joint search's options are checked instead."""
+    experts (None: known only after loading). With ``--bits`` the joint search's options are checked instead. A
+    ``--population`` the optimizer does not use is noted (it would change nothing, silently)."""
     from allocopt.search.optimizers import get_optimizer
 
     if config.bits:
@@ -212,8 +213,12 @@ def check_options(config: RunConfig, space) -> None:
 
         joint_options(config.optimizer, dict(config.options))
         return
-    get_optimizer(config.optimizer).check(None if space is None else space.lattice(), config.max_evals,
-                                          dict(config.options))
+    optimizer = get_optimizer(config.optimizer)
+    optimizer.check(None if space is None else space.lattice(), config.max_evals, dict(config.options))
+    if config.source_of("population") == "command line" and config.generations is None and not optimizer.uses_population:
+        log.info(f"{config.optimizer} does not use --population {config.population} (its generations are sized by its "
+                 "own options; --population counts only with --generations, as generations x population "
+                 "evaluations): it changes nothing in this run")
 
 
 # ---- calibration -----------------------------------------------------------------------------------

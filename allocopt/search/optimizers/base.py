@@ -80,7 +80,8 @@ class Optimizer(ABC):
 
     Capabilities: ``fixed_allocation`` marks a search-free allocation (uniform, global, grape), reported as it is
     instead of falling back to uniform; ``memory_objective`` makes the study two-objective (objective,
-    memory_bytes), as NSGA-II's front needs; ``races(options)`` says the optimizer races candidates on partial
+    memory_bytes), as NSGA-II's front needs; ``uses_population`` says ``ctx.population`` sizes its generations (a
+    ``--population`` given to any other is reported as changing nothing); ``races(options)`` says the optimizer races candidates on partial
     fidelity when ``ctx.fidelity`` allows (the runner reports when it cannot); ``check(space, max_evals, options)``
     refuses bad options or a budget too small with one AllocoptError before the model loads (``space`` may be None
     when only the loaded model tells it), and ``check_budget(space, max_evals, options, fidelity)`` once the search
@@ -90,11 +91,12 @@ class Optimizer(ABC):
     Options: ClassVar[type] = NoOptions
     fixed_allocation: ClassVar[bool] = False
     memory_objective: ClassVar[bool] = False
+    uses_population: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         check_options_class(cls.Options)
-        for attr in ("fixed_allocation", "memory_objective"):
+        for attr in ("fixed_allocation", "memory_objective", "uses_population"):
             if not isinstance(getattr(cls, attr), bool):
                 raise TypeError(f"{cls.__qualname__}.{attr} must be True or False")
         declared = set(dir(Optimizer))
@@ -132,8 +134,8 @@ class Optimizer(ABC):
 
 MIN_SEARCH_EVALS = 2       # a search evaluates the uniform plan and at least one other
 
-_CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "races", "check", "check_budget", "parse",
-                 "run")
+_CAPABILITIES = ("name", "Options", "fixed_allocation", "memory_objective", "uses_population", "races", "check",
+                 "check_budget", "parse", "run")
 
 
 def result_from(cache: EvaluationCache, front: list[tuple[np.ndarray, float, int]] | None = None,

@@ -25,6 +25,7 @@ from allocopt.search.selection import TopMRandomSelection
 
 class EvoESAPSearch(Optimizer):
     name = "evoesap"
+    uses_population = True           # its generations (batches) are --population plans
 
     @dataclass(frozen=True)
     class Options:

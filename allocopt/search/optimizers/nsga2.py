@@ -39,6 +39,7 @@ def budget_range(space: AllocationSpace, sparsity_range: tuple[float, float]) ->
 
 class NSGA2Search(Optimizer):
     name = "nsga2"
+    uses_population = True           # its generations (batches) are --population plans
     memory_objective = True          # its study records (objective, memory_bytes): a Pareto front, not one value
 
     @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from allocopt.search.sampling import random_composition
 
 class RandomSearch(Optimizer):
     name = "random"
+    uses_population = True           # its generations (batches) are --population plans
 
     def run(self, ctx: SearchContext) -> SearchResult:
         self.parse(ctx.options)      # it takes none: refuse any
