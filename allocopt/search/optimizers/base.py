@@ -81,11 +81,11 @@ class Optimizer(ABC):
     Capabilities: ``fixed_allocation`` marks a search-free allocation (uniform, global, grape), reported as it is
     instead of falling back to uniform; ``memory_objective`` makes the study two-objective (objective,
     memory_bytes), as NSGA-II's front needs; ``uses_population`` says ``ctx.population`` sizes its generations (a
-    ``--population`` given to any other is reported as changing nothing); ``races(options)`` says the optimizer races candidates on partial
-    fidelity when ``ctx.fidelity`` allows (the runner reports when it cannot); ``check(space, max_evals, options)``
-    refuses bad options or a budget too small with one AllocoptError before the model loads (``space`` may be None
-    when only the loaded model tells it), and ``check_budget(space, max_evals, options, fidelity)`` once the search
-    set's rows are known, before anything is written."""
+    ``--population`` given to any other is reported as changing nothing); ``races(options)`` says the optimizer
+    races candidates on partial fidelity when ``ctx.fidelity`` allows (the runner reports when it cannot);
+    ``check(space, max_evals, options)`` refuses bad options or a budget too small with one AllocoptError before
+    the model loads (``space`` may be None when only the loaded model tells it), and ``check_budget(space,
+    max_evals, options, fidelity)`` once the search set's rows are known, before anything is written."""
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
