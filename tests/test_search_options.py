@@ -319,3 +319,18 @@ def test_a_plugin_leaves_with_its_distribution(install, monkeypatch):
     assert "walk" in available_optimizers()
     monkeypatch.undo()
     assert available_optimizers() == NAMES
+
+
+@pytest.mark.parametrize("options, idle", [
+    ({"racing": "false", "race_z": "3", "race_first_rows": "8"}, "race_first_rows (racing=false), race_z (racing=false)"),
+    ({"warm_start": "false", "dp_probes": "4", "dp_rounds": "2"}, "dp_probes (warm_start=false), dp_rounds (warm_start=false)"),
+    ({"warm_start": "false", "restart": "dp", "dp_probes": "4", "dp_rounds": "2"}, "dp_rounds (warm_start=false)"),
+    ({"racing": "true", "race_z": "3", "dp_probes": "4"}, None),              # each acts
+])
+def test_ga_notes_options_another_option_turns_off(options, idle, caplog):
+    """``race_z`` with ``racing=false`` or ``dp_rounds`` with ``warm_start=false`` changed nothing, silently; the
+    check before loading names them (``restart=dp`` still probes with ``dp_probes``, so that one is not named)."""
+    with caplog.at_level("INFO", logger="allocopt"):
+        get_optimizer("ga").check(None, 300, options)
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("allocopt")]
+    assert notes == ([f"ga: --option {idle} changes nothing in this search"] if idle else [])

@@ -23,6 +23,7 @@ the DP probes), ``dp_probes``, ``dp_rows``, ``dp_rounds``, ``dp_radius``, ``pati
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,8 @@ from allocopt.search.racing import RaceSchedule, race, race_schedule
 from allocopt.search.repair import BudgetRepair
 from allocopt.search.sampling import NeighbourhoodSampling
 from allocopt.search.sensitivity import probe_grid, sensitivity_search, sensitivity_step
+
+log = logging.getLogger(__name__)
 
 
 class GeneticSearch(Optimizer):
@@ -62,6 +65,20 @@ class GeneticSearch(Optimizer):
     def races(self, options) -> bool:
         opts = self.parse(options)
         return opts.racing or opts.dp_rows is not None        # the warm start's probes on partial rows too
+
+    def check(self, space, max_evals: int, options) -> None:
+        """The base checks, and a note naming given options that another option turns off (they would change
+        nothing, silently): the race's with ``racing=false``, the DP's with ``warm_start=false`` (``dp_probes``,
+        ``dp_rows`` and ``dp_radius`` still act with ``restart=dp``)."""
+        super().check(space, max_evals, options)
+        opts = self.parse(options)
+        idle = [f"{k} (racing=false)" for k in ("race_first_rows", "race_z") if k in options and not opts.racing]
+        if not opts.warm_start:
+            used = ("dp_probes", "dp_rows", "dp_radius") if opts.restart == "dp" else ()
+            idle += [f"{k} (warm_start=false)" for k in ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
+                     if k in options and k not in used]
+        if idle:
+            log.info(f"ga: --option {', '.join(idle)} changes nothing in this search")
 
     def check_budget(self, space, max_evals: int, options, fidelity) -> None:
         self._check_rows(self.parse(options), fidelity)
