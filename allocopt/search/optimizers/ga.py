@@ -71,7 +71,7 @@ class GeneticSearch(Optimizer):
         nothing, silently): the race's with ``racing=false``, the DP's with ``warm_start=false`` (``dp_probes``,
         ``dp_rows`` and ``dp_radius`` still act with ``restart=dp``)."""
         super().check(space, max_evals, options)
-        opts = self.parse(options)
+        opts, options = self.parse(options), options or {}
         idle = [f"{k} (racing=false)" for k in ("race_first_rows", "race_z") if k in options and not opts.racing]
         if not opts.warm_start:
             used = ("dp_probes", "dp_rows", "dp_radius") if opts.restart == "dp" else ()
