@@ -162,6 +162,9 @@ def test_racing_is_read_from_the_typed_option():
     ga = get_optimizer("ga")
     assert ga.races({}) is defaults.GA_RACING
     assert ga.races({"racing": "false"}) is False and get_optimizer("dp").races({}) is False
+    assert ga.races({"racing": "false", "dp_rows": "4"}) is True                 # the warm start's probes race
+    assert ga.races({"racing": "false", "dp_rows": "4", "warm_start": "false"}) is False   # nothing probes on them
+    assert ga.races({"racing": "false", "dp_rows": "4", "warm_start": "false", "restart": "dp"}) is True
 
 
 def test_similarity_is_statistics_not_an_option():

@@ -64,7 +64,8 @@ class GeneticSearch(Optimizer):
 
     def races(self, options) -> bool:
         opts = self.parse(options)
-        return opts.racing or opts.dp_rows is not None        # the warm start's probes on partial rows too
+        probes = opts.warm_start or opts.restart == "dp"     # the DP's probes, on dp_rows rows when given
+        return opts.racing or (opts.dp_rows is not None and probes)
 
     def check(self, space, max_evals: int, options) -> None:
         """The base checks, and a note naming given options that another option turns off (they would change
