@@ -64,8 +64,12 @@ class GeneticSearch(Optimizer):
 
     def races(self, options) -> bool:
         opts = self.parse(options)
-        probes = opts.warm_start or opts.restart == "dp"     # the DP's probes, on dp_rows rows when given
-        return opts.racing or (opts.dp_rows is not None and probes)
+        return opts.racing or (opts.dp_rows is not None and self._probes(opts))   # DP probes on dp_rows rows
+
+    @staticmethod
+    def _probes(opts: Options) -> bool:
+        """Whether the search probes layers at all: the warm start, or the DP re-linearised at a restart."""
+        return opts.warm_start or opts.restart == "dp"
 
     def check(self, space, max_evals: int, options) -> None:
         """The base checks, and a note naming given options that another option turns off (they would change
@@ -74,10 +78,9 @@ class GeneticSearch(Optimizer):
         super().check(space, max_evals, options)
         opts, options = self.parse(options), options or {}
         idle = [f"{k} (racing=false)" for k in ("race_first_rows", "race_z") if k in options and not opts.racing]
-        if not opts.warm_start:
-            used = ("dp_probes", "dp_rows", "dp_radius") if opts.restart == "dp" else ()
-            idle += [f"{k} (warm_start=false)" for k in ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
-                     if k in options and k not in used]
+        if not opts.warm_start:                  # a restart's probes use all but dp_rounds (the warm start's)
+            dp = ("dp_rounds",) if self._probes(opts) else ("dp_probes", "dp_rows", "dp_rounds", "dp_radius")
+            idle += [f"{k} (warm_start=false)" for k in dp if k in options]
         if idle:
             log.info(f"ga: --option {', '.join(idle)} changes nothing in this search")
 
